@@ -1,0 +1,38 @@
+# gradserve: `make demo` and `make test` are all a fresh machine needs (Python 3.10+).
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+# pip finds this CPU build locally where it is cached; a bare `torch` would pull a multi-GB CUDA build.
+TORCH_CPU := torch==2.13.0
+
+.PHONY: venv demo test proto bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: client/pyproject.toml server/pyproject.toml worker/pyproject.toml tests/requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_CPU)
+	# Compat mode puts each package's folder on sys.path, so modules added later need no reinstall.
+	$(PY) -m pip install -q --config-settings editable_mode=compat \
+	  -e ./client -e './server[dev]' -e ./worker -r tests/requirements.txt
+	touch $@
+
+demo: venv
+	@echo "gradserve demo: a private stack trains a character LSTM on the Python standard library's docstrings."
+	@echo "Watch the perplexity (ppl) fall from about 28, the vocabulary size, toward 5."
+	@$(VENV)/bin/gradserve-server dev --workers 1 --listen 127.0.0.1:0 --run \
+	  '$(CURDIR)/$(VENV)/bin/gradserve submit --dataset builtin:pydocs --preprocess d2l --model lstm \
+	   --hidden-size 128 --max-steps 3000 --log-every 200 --checkpoint-every 1000 --follow'
+
+test: venv
+	$(PY) -m pytest tests
+
+proto: venv
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=client --pyi_out=client --grpc_python_out=client \
+	  proto/gradserve/v1/jobs.proto
+
+bench: venv
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

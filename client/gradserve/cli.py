@@ -1,0 +1,673 @@
+"""`gradserve`: submit, follow and manage training jobs on a gradserve server from a shell.
+
+    gradserve upload book.txt                          # prints the dataset id
+    gradserve submit --dataset builtin:pydocs --model gru --hidden-size 128 --follow
+    gradserve watch JOB [--cursor C]                   # live progress until the job ends
+    gradserve status JOB
+    gradserve list [--state RUNNING] [--limit 20]
+    gradserve cancel JOB
+    gradserve download JOB -o model.pt
+    gradserve workers
+
+Global options go before or after the command: --server HOST:PORT (env
+GRADSERVE_SERVER, default 127.0.0.1:50051) and --json, which prints JSON
+instead of text: one object per line for event streams, otherwise one object
+or array.
+
+On a terminal `watch` draws a live progress bar; piped, it prints one plain
+line per event, with every number labelled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from google.protobuf import descriptor, json_format
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+
+from gradserve import spec as specs
+from gradserve.client import DEFAULT_SERVER, TERMINAL_STATES, Client, state_name
+from gradserve.errors import GradserveError, InvalidArgument, Unavailable
+from gradserve.v1 import jobs_pb2
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # the job FAILED, or a command could not do its work
+EXIT_USAGE = 2  # argparse's own code for a bad command line
+EXIT_CANCELLED = 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
+EXIT_BY_STATE = {"SUCCEEDED": EXIT_OK, "FAILED": EXIT_FAILED, "CANCELLED": EXIT_CANCELLED}
+
+EXIT_CODES_HELP = f"""\
+  {EXIT_OK}    done; for watch and submit --follow: the job SUCCEEDED
+  {EXIT_FAILED}    the job FAILED, or an error (spec refused by the server, unknown job, server unreachable)
+  {EXIT_USAGE}    the command line itself is wrong (unknown flag, value out of range)
+  {EXIT_CANCELLED}    the job was CANCELLED
+  {EXIT_INTERRUPTED}  Ctrl-C: stopped watching; the job itself goes on
+"""
+
+# Piped output goes to files and grep, not a screen: rich's 80 columns would truncate tables.
+PIPED_WIDTH = 200
+DEFAULT_LIST_LIMIT = 50
+LIVE_BAR_WIDTH = 24
+DEFAULT_CHECKPOINT_FILE = "model.pt"
+# Enough of a content-hash id to tell datasets apart in a table.
+DATASET_ID_SHOWN = 11
+START_HINT = "start a local stack with `gradserve-server dev`"
+WORKER_HINT = "gradserve-worker --redis-url URL --queues cpu"
+_TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
+_FLOAT_TYPES = {descriptor.FieldDescriptor.TYPE_DOUBLE, descriptor.FieldDescriptor.TYPE_FLOAT}
+
+ClientFactory = Callable[[str], Client]
+
+
+# ------------------------------------------------------------------ formatting
+
+
+def as_dict(message) -> dict:
+    """A message as JSON-ready data, with the proto's field names and every field present."""
+    return json_format.MessageToDict(
+        message,
+        preserving_proto_field_name=True,
+        always_print_fields_with_no_presence=True,
+        unquote_int64_if_possible=True,
+    )
+
+
+def print_json(console: Console, data) -> None:
+    # `out` neither wraps nor interprets markup, so each object stays on one parseable line.
+    console.out(json.dumps(data), highlight=False)
+
+
+def human_count(x: float) -> str:
+    """41234.5 -> "41.2k": a rate readable at a glance."""
+    for limit, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= limit:
+            return f"{x / limit:.1f}{suffix}"
+    return f"{x:.1f}" if x < 100 else f"{x:.0f}"
+
+
+def human_bytes(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    size = n / 1024
+    for unit in ("KiB", "MiB"):
+        if size < 1024:
+            return f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
+
+
+def human_duration(seconds: float) -> str:
+    """75 -> "1m15s", 7300 -> "2h01m": precise where it matters, short where it does not."""
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours}h{minutes:02d}m"
+    days, hours = divmod(hours, 24)
+    return f"{days}d{hours:02d}h"
+
+
+def _seconds(ts) -> float:
+    return ts.seconds + ts.nanos / 1e9
+
+
+def _local_time(ts) -> str:
+    return datetime.fromtimestamp(_seconds(ts), timezone.utc).astimezone().strftime(_TIME_FORMAT)
+
+
+def metrics_stats(m: jobs_pb2.Metrics, *, detailed: bool = True) -> str:
+    """The numbers of one metrics event after its step, each with its unit or label.
+
+    The live bar leaves out the clip fraction and lr to fit on one line.
+    """
+    ppl = f"{m.perplexity:.2f}" if m.perplexity < 1e4 else f"{m.perplexity:.3g}"
+    grad = f"grad_norm {m.grad_norm:.3g}"
+    if m.clipped:
+        grad += " (clipped)"
+    parts = [f"loss {m.loss:.3f} nats", f"ppl {ppl}", grad]
+    if detailed:
+        if m.clip_fraction:
+            parts.append(f"clipped {m.clip_fraction:.0%} of steps")
+        parts.append(f"lr {m.lr:g}")
+    parts.append(f"tokens/s {human_count(m.tokens_per_sec)}")
+    return "  ".join(parts)
+
+
+def metrics_line(m: jobs_pb2.Metrics, max_steps: int) -> str:
+    return f"step {m.step}/{max_steps}  epoch {m.epoch}  {metrics_stats(m)}"
+
+
+def status_line(s: jobs_pb2.StatusChange) -> str:
+    parts = [f"status {state_name(s.state)}"]
+    if s.worker:
+        parts.append(f"worker {s.worker}")
+    if s.step:
+        parts.append(f"step {s.step}")
+    if s.reason:
+        parts.append(f"reason: {s.reason}")
+    return "  ".join(parts)
+
+
+def checkpoint_line(c: jobs_pb2.CheckpointSaved) -> str:
+    return f"checkpoint  step {c.step}  size {human_bytes(c.size_bytes)}"
+
+
+def event_line(event: jobs_pb2.Event, max_steps: int) -> str:
+    kind = event.WhichOneof("kind")
+    if kind == "metrics":
+        return metrics_line(event.metrics, max_steps)
+    if kind == "status":
+        return status_line(event.status)
+    if kind == "checkpoint":
+        return checkpoint_line(event.checkpoint)
+    return f"event of an unknown kind (cursor {event.cursor}); upgrade gradserve to see it"
+
+
+def spec_summary(spec: jobs_pb2.JobSpec) -> str:
+    """The effective spec as `key=value` pairs, in the order of `spec.FIELDS`."""
+    pairs = [f"dataset={spec.dataset}"]
+    for f in specs.FIELDS:
+        value = getattr(spec, f.name)
+        pairs.append(f"{f.name}={value:g}" if isinstance(value, float) else f"{f.name}={value}")
+    return " ".join(pairs)
+
+
+def short_dataset(dataset: str) -> str:
+    """A content-hash id cut short; built-in names stay whole."""
+    return dataset[:DATASET_ID_SHOWN] + "…" if specs.DATASET_ID.fullmatch(dataset) else dataset
+
+
+def _age(ts, now: float) -> str:
+    return f"{human_duration(now - _seconds(ts))} ago"
+
+
+def _step_of(job: jobs_pb2.Job) -> str:
+    return f"{job.last_step}/{job.spec.max_steps}"
+
+
+def _plain(console: Console, text: str, style: str | None = None) -> None:
+    # Server text (reasons, names) may hold brackets that rich would read as markup.
+    console.print(Text(text, style=style or ""), soft_wrap=True)
+
+
+def render_job(console: Console, job: jobs_pb2.Job, now: float | None = None) -> None:
+    """The job record as a two-column table, times with their durations."""
+    now = time.time() if now is None else now
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+
+    def row(key: str, value: str) -> None:
+        table.add_row(key, Text(value))
+
+    row("id", job.id)
+    row("state", state_name(job.state))
+    if job.reason:
+        row("reason", job.reason)
+    row("model", job.spec.model)
+    row("dataset", job.spec.dataset)
+    row("queue", job.queue or "-")
+    row("worker", job.worker or "-")
+    percent = job.last_step / job.spec.max_steps if job.spec.max_steps else 0.0
+    row("step", f"{_step_of(job)} ({percent:.0%})")
+    row("checkpoint", f"step {job.checkpoint_step}" if job.checkpoint_step else "none yet")
+    if job.HasField("created_at"):
+        row("created", f"{_local_time(job.created_at)} ({_age(job.created_at, now)})")
+    if job.HasField("started_at"):
+        waited = _seconds(job.started_at) - _seconds(job.created_at)
+        row("started", f"{_local_time(job.started_at)} (queued for {human_duration(waited)})")
+        if job.HasField("finished_at"):
+            ran = _seconds(job.finished_at) - _seconds(job.started_at)
+            row("finished", f"{_local_time(job.finished_at)} (ran for {human_duration(ran)})")
+        else:
+            row("running for", human_duration(now - _seconds(job.started_at)))
+    elif job.HasField("finished_at"):
+        row("finished", f"{_local_time(job.finished_at)} (never started)")
+    row("spec", spec_summary(job.spec))
+    console.print(table)
+
+
+def render_jobs(console: Console, jobs: Sequence[jobs_pb2.Job], now: float | None = None) -> None:
+    if not jobs:
+        console.print("no jobs")
+        return
+    now = time.time() if now is None else now
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    # Ids are for copying, so they never shrink; the other columns give way on a narrow screen.
+    table.add_column("id", no_wrap=True, min_width=max(len(j.id) for j in jobs))
+    for name in ("state", "model", "dataset", "step/max", "created", "worker"):
+        table.add_column(name, no_wrap=True)
+    for job in jobs:
+        table.add_row(
+            job.id,
+            state_name(job.state),
+            job.spec.model,
+            Text(short_dataset(job.spec.dataset)),
+            _step_of(job),
+            _age(job.created_at, now) if job.HasField("created_at") else "-",
+            Text(job.worker or "-"),
+        )
+    console.print(table)
+
+
+def render_workers(console: Console, workers: Sequence[jobs_pb2.Worker], now: float | None = None) -> None:
+    if not workers:
+        _plain(console, f"no worker is alive; start one with `{WORKER_HINT}`")
+        return
+    now = time.time() if now is None else now
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for name in ("name", "queues", "device", "host", "pid", "current job", "last seen"):
+        table.add_column(name)
+    for w in workers:
+        seen = f"{now - _seconds(w.last_seen):.1f}s ago" if w.HasField("last_seen") else "-"
+        table.add_row(
+            Text(w.name), ",".join(w.queues), Text(w.device), Text(w.hostname), str(w.pid), w.job_id or "idle", seen
+        )
+    console.print(table)
+
+
+def print_error(console: Console, error: GradserveError, server: str, hints: Iterable[str] = ()) -> None:
+    """`error: message`, then each invalid field on its own line, then what to try."""
+    violations = error.violations if isinstance(error, InvalidArgument) else []
+    # The server's message for invalid fields only strings the violations together; list them instead.
+    headline = "invalid " + ", ".join(dict.fromkeys(f for f, _ in violations)) if violations else str(error)
+    console.print(Text.assemble(("error:", "bold red"), " ", headline), soft_wrap=True)
+    for field, description in violations:
+        name = field.removeprefix("spec.")
+        flag = f" (--{name.replace('_', '-')})" if name in specs.BY_NAME else ""
+        _plain(console, f"  {field}{flag}: {description}")
+    hints = list(hints)
+    if isinstance(error, Unavailable):
+        hints.insert(0, f"is the server running at {server}? {START_HINT}")
+    for hint in hints:
+        _plain(console, f"hint: {hint}", style="dim")
+
+
+# ------------------------------------------------------------------- watching
+
+
+@dataclass
+class WatchState:
+    """What a watch has seen so far: enough to resume it, and how the job ended."""
+
+    job_id: str
+    cursor: str = ""
+    final: jobs_pb2.StatusChange | None = None
+
+    def saw(self, event: jobs_pb2.Event) -> None:
+        self.cursor = event.cursor
+        if event.WhichOneof("kind") == "status" and state_name(event.status.state) in TERMINAL_STATES:
+            self.final = event.status
+
+    def resume_command(self) -> str:
+        return f"gradserve watch {self.job_id}" + (f" --cursor {self.cursor}" if self.cursor else "")
+
+
+def stream_events(console: Console, events: Iterable[jobs_pb2.Event], state: WatchState, max_steps: int,
+                  *, json_mode: bool) -> None:
+    """Print events as they come, updating `state` after each one so an interrupt knows where it was."""
+    if json_mode or not console.is_terminal:
+        for event in events:
+            if json_mode:
+                print_json(console, as_dict(event))
+            else:
+                _plain(console, event_line(event, max_steps))
+            state.saw(event)
+        return
+    _stream_live(console, events, state, max_steps)
+
+
+def _stream_live(console: Console, events: Iterable[jobs_pb2.Event], state: WatchState, max_steps: int) -> None:
+    progress = Progress(
+        BarColumn(bar_width=LIVE_BAR_WIDTH),
+        TextColumn("step {task.completed:.0f}/{task.total:.0f}  {task.fields[stats]}"),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=console,
+    )
+    _plain(console, f"watching {state.job_id}")
+    with progress:
+        task = progress.add_task(state.job_id, total=max_steps, stats="waiting for the first metrics")
+        for event in events:
+            kind = event.WhichOneof("kind")
+            if kind == "metrics":
+                m = event.metrics
+                stats = f"epoch {m.epoch}  {metrics_stats(m, detailed=False)}"
+                progress.update(task, completed=m.step, stats=escape(stats))
+            else:
+                progress.console.print(Text(event_line(event, max_steps)), soft_wrap=True)
+                if kind == "status" and event.status.step:
+                    progress.update(task, completed=event.status.step)
+            state.saw(event)
+
+
+def follow(console: Console, err: Console, job, cursor: str, *, json_mode: bool, server: str) -> int:
+    """Watch `job` to its end; the exit code says how it ended."""
+    state = WatchState(job.id, cursor)
+    try:
+        stream_events(console, job.events(cursor or None), state, job.info.spec.max_steps, json_mode=json_mode)
+    except KeyboardInterrupt:
+        _plain(err, f"\nstopped watching; job {job.id} goes on.")
+        _plain(err, f"resume:  {state.resume_command()}")
+        _plain(err, f"cancel:  gradserve cancel {job.id}")
+        return EXIT_INTERRUPTED
+    except GradserveError as e:
+        print_error(err, e, server, [f"resume with `{state.resume_command()}`"])
+        return EXIT_FAILED
+    if state.final is not None:
+        final_state, reason, step = state_name(state.final.state), state.final.reason, state.final.step
+    else:
+        # The cursor was past the end already, so the stream held no terminal event.
+        info = job.refresh()
+        final_state, reason, step = state_name(info.state), info.reason, info.last_step
+    if not json_mode:
+        _plain(console, f"job {job.id} {final_state} at step {step}/{job.info.spec.max_steps}")
+        if reason:
+            _plain(console, f"reason: {reason}")
+        if final_state == "SUCCEEDED":
+            _plain(console, f"get the model: gradserve download {job.id} -o {DEFAULT_CHECKPOINT_FILE}")
+    return EXIT_BY_STATE.get(final_state, EXIT_FAILED)
+
+
+# ------------------------------------------------------------------- commands
+
+
+@dataclass
+class Context:
+    args: argparse.Namespace
+    client_factory: ClientFactory
+    out: Console
+    err: Console
+
+    def client(self) -> Client:
+        return self.client_factory(self.args.server)
+
+
+def resolve_dataset(ctx: Context, client: Client, dataset: str) -> str:
+    """A dataset id or built-in name as it is; a local file is uploaded first."""
+    if dataset in specs.BUILTIN_DATASETS or specs.DATASET_ID.fullmatch(dataset):
+        return dataset
+    path = Path(dataset)
+    if not path.is_file():
+        raise InvalidArgument(
+            f"no dataset {dataset!r}",
+            violations=[("dataset", f"must be a text file, an id from `gradserve upload` (ds-...) or one of "
+                                    f"{', '.join(specs.BUILTIN_DATASETS)}; {dataset!r} is none of these")],
+        )
+    dataset_id = client.upload_text(path)
+    _plain(ctx.err, f"uploaded {path} ({human_bytes(path.stat().st_size)}) as {dataset_id}")
+    return dataset_id
+
+
+def cmd_upload(ctx: Context) -> int:
+    with ctx.client() as client:
+        dataset_id = client.upload_text(ctx.args.file, ctx.args.name)
+    if ctx.args.json:
+        print_json(ctx.out, {"id": dataset_id})
+    else:
+        _plain(ctx.out, dataset_id)
+    return EXIT_OK
+
+
+def cmd_submit(ctx: Context) -> int:
+    fields = {f.name: getattr(ctx.args, f.name) for f in specs.FIELDS}
+    with ctx.client() as client:
+        dataset = resolve_dataset(ctx, client, ctx.args.dataset)
+        job = client.submit(dataset=dataset, **fields)
+        if ctx.args.json:
+            print_json(ctx.out, as_dict(job.info))
+        else:
+            _plain(ctx.out, job.id)
+            _plain(ctx.out, f"  {state_name(job.info.state)} on queue {job.info.queue}: {spec_summary(job.info.spec)}")
+        if not ctx.args.follow:
+            return EXIT_OK
+        return follow(ctx.out, ctx.err, job, "", json_mode=ctx.args.json, server=ctx.args.server)
+
+
+def cmd_watch(ctx: Context) -> int:
+    with ctx.client() as client:
+        job = client.get_job(ctx.args.job)
+        return follow(ctx.out, ctx.err, job, ctx.args.cursor, json_mode=ctx.args.json, server=ctx.args.server)
+
+
+def cmd_status(ctx: Context) -> int:
+    with ctx.client() as client:
+        info = client.get_job(ctx.args.job).info
+    if ctx.args.json:
+        print_json(ctx.out, as_dict(info))
+    else:
+        render_job(ctx.out, info)
+    return EXIT_OK
+
+
+def cmd_list(ctx: Context) -> int:
+    with ctx.client() as client:
+        jobs = [j.info for j in client.list_jobs(limit=ctx.args.limit, state=ctx.args.state)]
+    if ctx.args.json:
+        print_json(ctx.out, [as_dict(j) for j in jobs])
+    else:
+        render_jobs(ctx.out, jobs)
+    return EXIT_OK
+
+
+def cmd_cancel(ctx: Context) -> int:
+    with ctx.client() as client:
+        info = client.get_job(ctx.args.job).cancel()
+    if ctx.args.json:
+        print_json(ctx.out, as_dict(info))
+    elif info.state == jobs_pb2.RUNNING:
+        _plain(ctx.out, f"{info.id} RUNNING: cancel requested; the job stops at its next step")
+    else:
+        _plain(ctx.out, f"{info.id} {state_name(info.state)}" + (f": {info.reason}" if info.reason else ""))
+    return EXIT_OK
+
+
+def cmd_download(ctx: Context) -> int:
+    folder = ctx.args.output.parent
+    if not folder.is_dir():
+        # Checked up front: otherwise the error would name the client's temporary file.
+        raise FileNotFoundError(errno.ENOENT, "no such directory", str(folder))
+    with ctx.client() as client:
+        step = client.get_job(ctx.args.job).download_checkpoint(ctx.args.output)
+    size = os.path.getsize(ctx.args.output)
+    if ctx.args.json:
+        print_json(ctx.out, {"path": str(ctx.args.output), "size_bytes": size, "step": step})
+    else:
+        _plain(ctx.out, f"wrote {ctx.args.output} ({size} bytes, step {step})")
+    return EXIT_OK
+
+
+def cmd_workers(ctx: Context) -> int:
+    with ctx.client() as client:
+        workers = client.workers()
+    if ctx.args.json:
+        print_json(ctx.out, [as_dict(w) for w in workers])
+    else:
+        render_workers(ctx.out, workers)
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------- parser
+
+
+def _number_type(field: specs.Field) -> type:
+    """int or float, as the proto declares the field, so the table need not say it again."""
+    proto_type = jobs_pb2.JobSpec.DESCRIPTOR.fields_by_name[field.name].type
+    return float if proto_type in _FLOAT_TYPES else int
+
+
+def _spec_type(field: specs.Field, parse: type) -> Callable[[str], object]:
+    """An argparse type that parses a number and checks it against the spec's range."""
+
+    def convert(text: str):
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'a number' if parse is float else 'an integer'}, got {text!r}")
+        reason = field.check(value)
+        if reason:
+            raise argparse.ArgumentTypeError(reason)
+        return value
+
+    return convert
+
+
+def _spec_help(field: specs.Field) -> str:
+    parts = [field.help]
+    if field.default is not None:
+        parts.append(f"default {field.default:g}" if isinstance(field.default, float) else f"default {field.default}")
+    if not field.choices:
+        parts.append(field.allowed)
+    return "; ".join(parts).replace("%", "%%")
+
+
+def add_spec_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per `spec.FIELDS` row: --hidden-size for hidden_size, and so on."""
+    group = parser.add_argument_group("job spec (unset flags take the defaults shown)")
+    for f in specs.FIELDS:
+        flag = "--" + f.name.replace("_", "-")
+        if f.choices:
+            group.add_argument(flag, dest=f.name, default=f.default, choices=f.choices, help=_spec_help(f))
+        else:
+            parse = _number_type(f)
+            group.add_argument(flag, dest=f.name, default=f.default, type=_spec_type(f, parse),
+                               metavar="X" if parse is float else "N", help=_spec_help(f))
+
+
+def _add_global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
+    # Subcommands accept the global options too, but must not reset what was
+    # given before the subcommand, hence SUPPRESS there.
+    server_default = argparse.SUPPRESS if suppress else os.environ.get("GRADSERVE_SERVER") or DEFAULT_SERVER
+    parser.add_argument(
+        "--server", default=server_default, metavar="HOST:PORT",
+        help=f"the gradserve server (env GRADSERVE_SERVER, default {DEFAULT_SERVER})",
+    )
+    parser.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS if suppress else False,
+        help="print JSON: one object per line for event streams, otherwise one object or array",
+    )
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+_JOB_STATES = tuple(n for n in jobs_pb2.JobState.keys() if n != "JOB_STATE_UNSPECIFIED")
+
+
+def _job_state(text: str) -> str:
+    name = text.upper()
+    if name not in _JOB_STATES:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(_JOB_STATES)}, got {text!r}")
+    return name
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gradserve",
+        description="Train recurrent language models (RNN/GRU/LSTM) on a gradserve server.",
+        epilog="exit codes:\n" + EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_global_options(parser, suppress=False)
+    globals_ = argparse.ArgumentParser(add_help=False)
+    _add_global_options(globals_, suppress=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, handler, help: str, epilog: str | None = None) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, parents=[globals_], help=help, description=help, epilog=epilog,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    p = command("upload", cmd_upload, "upload a UTF-8 text file; prints its dataset id")
+    p.add_argument("file", type=Path, metavar="FILE")
+    p.add_argument("--name", help="a label for people (default: the file's name)")
+
+    p = command("submit", cmd_submit, "submit a training job; prints its id and effective spec",
+                epilog="exit codes (with --follow, as for watch):\n" + EXIT_CODES_HELP)
+    p.add_argument(
+        "--dataset", required=True,
+        help="an id from `gradserve upload`, a local text file (uploaded first), or "
+             + ", ".join(specs.BUILTIN_DATASETS),
+    )
+    p.add_argument("--follow", action="store_true", help="then watch the job until it ends, as `gradserve watch` does")
+    add_spec_flags(p)
+
+    p = command("watch", cmd_watch, "follow a job's progress until it ends",
+                epilog="with --json: one event object per line, the last being the job's final status.\n\n"
+                       "exit codes:\n" + EXIT_CODES_HELP)
+    p.add_argument("job", metavar="JOB")
+    p.add_argument("--cursor", default="", help="resume after this event (Ctrl-C prints the cursor to use)")
+
+    p = command("status", cmd_status, "show a job's record and effective spec")
+    p.add_argument("job", metavar="JOB")
+
+    p = command("list", cmd_list, "list jobs, newest first")
+    p.add_argument("--state", type=_job_state, metavar="STATE",
+                   help="only jobs in this state: " + ", ".join(_JOB_STATES))
+    p.add_argument("--limit", type=_positive_int, default=DEFAULT_LIST_LIMIT,
+                   help=f"at most this many (default {DEFAULT_LIST_LIMIT})")
+
+    p = command("cancel", cmd_cancel, "cancel a job: at once if queued, at its next step if running")
+    p.add_argument("job", metavar="JOB")
+
+    p = command("download", cmd_download, "write a job's latest checkpoint to a file")
+    p.add_argument("job", metavar="JOB")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="FILE", help="where to write it")
+
+    command("workers", cmd_workers, "list the workers that are alive")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, client_factory: ClientFactory = Client) -> int:
+    """Run one command and return its exit code (the console script exits with it).
+
+    `client_factory` turns the --server address into a client; tests pass a fake.
+    """
+    args = build_parser().parse_args(argv)
+    out = Console()
+    if not out.is_terminal and "COLUMNS" not in os.environ:
+        out = Console(width=PIPED_WIDTH)
+    ctx = Context(args, client_factory, out, Console(stderr=True))
+    try:
+        code = args.handler(ctx)
+    except GradserveError as e:
+        print_error(ctx.err, e, args.server)
+        code = EXIT_FAILED
+    except OSError as e:
+        # A local file that cannot be read or written, not the server's doing.
+        _plain(ctx.err, f"error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""))
+        code = EXIT_FAILED
+    except KeyboardInterrupt:
+        _plain(ctx.err, "\ninterrupted")
+        code = EXIT_INTERRUPTED
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""The Python API: a `Client` for the service and a `Job` handle for each job.
+
+    with gradserve.Client("127.0.0.1:50051") as c:
+        ds = c.upload_text("book.txt")
+        job = c.submit(dataset=ds, model="lstm", max_steps=300)
+        for ev in job.events():      # history first, then live; reconnects by itself
+            ...
+        job.wait(timeout=600)
+        job.download_checkpoint("model.pt")
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+
+from gradserve import spec as specs
+from gradserve.errors import InvalidArgument, Unavailable, from_rpc_error
+from gradserve.v1 import jobs_pb2, jobs_pb2_grpc
+
+DEFAULT_SERVER = "127.0.0.1:50051"
+DEFAULT_TIMEOUT_S = 30.0
+# How long events() keeps trying to reconnect before it gives up.
+DEFAULT_RECONNECT_S = 60.0
+UPLOAD_CHUNK_BYTES = 1024 * 1024
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+TERMINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
+_RECONNECT_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL}
+_WAIT_POLL_S = 0.5
+
+
+def state_name(state: int) -> str:
+    """"RUNNING" for jobs_pb2.RUNNING, and so on."""
+    return jobs_pb2.JobState.Name(state)
+
+
+class Client:
+    """A connection to a gradserve server. `target` defaults to $GRADSERVE_SERVER, then 127.0.0.1:50051."""
+
+    def __init__(self, target: str | None = None, *, timeout: float = DEFAULT_TIMEOUT_S,
+                 reconnect_timeout: float = DEFAULT_RECONNECT_S):
+        self.target = target or os.environ.get("GRADSERVE_SERVER") or DEFAULT_SERVER
+        self.timeout = timeout
+        self.reconnect_timeout = reconnect_timeout
+        self._channel = grpc.insecure_channel(
+            self.target,
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ],
+        )
+        self.stub = jobs_pb2_grpc.JobServiceStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _unary(self, method, request):
+        try:
+            return method(request, timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    # ---------------------------------------------------------------- data
+
+    def upload_text(self, path: str | os.PathLike, name: str | None = None) -> str:
+        """Upload a UTF-8 text file; returns its dataset id (the same id for the same content)."""
+        path = Path(path)
+        return self.upload_bytes(path.read_bytes(), name or path.name)
+
+    def upload_bytes(self, data: bytes | str, name: str = "") -> str:
+        """Upload text held in memory; returns its dataset id."""
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+
+        def requests():
+            yield jobs_pb2.UploadDatasetRequest(info=jobs_pb2.DatasetInfo(name=name))
+            for start in range(0, len(data), UPLOAD_CHUNK_BYTES):
+                yield jobs_pb2.UploadDatasetRequest(chunk=data[start : start + UPLOAD_CHUNK_BYTES])
+
+        try:
+            return self.stub.UploadDataset(requests(), timeout=max(self.timeout, len(data) / 1e6)).id
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    # ---------------------------------------------------------------- jobs
+
+    def submit(self, spec: jobs_pb2.JobSpec | None = None, **fields) -> "Job":
+        """Submit a job. Give a JobSpec, or its fields as keywords (unset ones take the server's defaults).
+
+        Field names, defaults and allowed values: `gradserve.spec.FIELDS`.
+        """
+        unknown = sorted(set(fields) - set(jobs_pb2.JobSpec.DESCRIPTOR.fields_by_name))
+        if unknown:
+            raise TypeError(f"unknown job spec field(s): {', '.join(unknown)}; see gradserve.spec.FIELDS")
+        message = jobs_pb2.JobSpec()
+        if spec is not None:
+            message.CopyFrom(spec)
+        for key, value in fields.items():
+            if value is None:
+                continue
+            try:
+                setattr(message, key, value)
+            except (TypeError, ValueError):
+                # Out of the wire type's range (a negative size, say): the server never sees it.
+                field = specs.BY_NAME.get(key)
+                allowed = f"must be {field.allowed}" if field else "has the wrong type"
+                reason = f"{allowed}, got {value!r}"
+                raise InvalidArgument(f"spec.{key} {reason}", None, [(f"spec.{key}", reason)]) from None
+        job = self._unary(self.stub.SubmitJob, jobs_pb2.SubmitJobRequest(spec=message))
+        return Job(self, job)
+
+    def get_job(self, job_id: str) -> "Job":
+        return Job(self, self._unary(self.stub.GetJob, jobs_pb2.GetJobRequest(job_id=job_id)))
+
+    def list_jobs(self, limit: int = 50, state: str | None = None) -> list["Job"]:
+        """The newest jobs first, optionally only those in `state` ("RUNNING", ...)."""
+        request = jobs_pb2.ListJobsRequest(limit=limit, state=jobs_pb2.JobState.Value(state) if state else 0)
+        return [Job(self, j) for j in self._unary(self.stub.ListJobs, request).jobs]
+
+    def workers(self) -> list[jobs_pb2.Worker]:
+        """Workers whose heartbeat is current."""
+        return list(self._unary(self.stub.ListWorkers, jobs_pb2.ListWorkersRequest()).workers)
+
+    @staticmethod
+    def defaults() -> dict:
+        """The spec's defaults, as the server fills them in."""
+        return {f.name: f.default for f in specs.FIELDS}
+
+
+class Job:
+    """A handle on one job. `info` is the record as last fetched; `refresh()` fetches it again."""
+
+    def __init__(self, client: Client, info: jobs_pb2.Job):
+        self.client = client
+        self.info = info
+
+    @property
+    def id(self) -> str:
+        return self.info.id
+
+    def __repr__(self) -> str:
+        return f"<Job {self.id} {state_name(self.info.state)}>"
+
+    def refresh(self) -> jobs_pb2.Job:
+        self.info = self.client._unary(self.client.stub.GetJob, jobs_pb2.GetJobRequest(job_id=self.id))
+        return self.info
+
+    def status(self) -> str:
+        """The job's state now: QUEUED, RUNNING, SUCCEEDED, FAILED or CANCELLED."""
+        return state_name(self.refresh().state)
+
+    def cancel(self) -> jobs_pb2.Job:
+        """Cancel the job: at once when queued, at its next step when running."""
+        self.info = self.client._unary(self.client.stub.CancelJob, jobs_pb2.CancelJobRequest(job_id=self.id))
+        return self.info
+
+    def wait(self, timeout: float | None = None) -> jobs_pb2.Job:
+        """Block until the job ends; returns its final record. Raises TimeoutError after `timeout` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while state_name(self.refresh().state) not in TERMINAL_STATES:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"job {self.id} is still {state_name(self.info.state)} after {timeout:g} s")
+            time.sleep(_WAIT_POLL_S)
+        return self.info
+
+    def events(self, cursor: str | None = None) -> Iterator[jobs_pb2.Event]:
+        """Every event after `cursor` (all of them by default), then live ones until the job ends.
+
+        If the connection drops, it reconnects from the last event it yielded, so
+        no event is missed and none comes twice. It gives up with Unavailable
+        after the client's `reconnect_timeout` without a connection.
+        """
+        cursor = cursor or ""
+        down_since = None
+        while True:
+            call = self.client.stub.StreamEvents(jobs_pb2.StreamEventsRequest(job_id=self.id, cursor=cursor))
+            try:
+                for event in call:
+                    down_since = None
+                    cursor = event.cursor
+                    yield event
+                    if event.WhichOneof("kind") == "status" and state_name(event.status.state) in TERMINAL_STATES:
+                        return
+                # The stream ended without the terminal event: either the server is
+                # going away (reconnect), or the history already ended before `cursor`.
+                if self.status() in TERMINAL_STATES and not self._has_events_after(cursor):
+                    return
+            except grpc.RpcError as e:
+                if e.code() not in _RECONNECT_CODES:
+                    raise from_rpc_error(e) from None
+            except Unavailable:
+                pass
+            finally:
+                call.cancel()
+            down_since = down_since or time.monotonic()
+            if time.monotonic() - down_since > self.client.reconnect_timeout:
+                raise Unavailable(
+                    f"lost the event stream of {self.id} and could not reconnect to {self.client.target} for "
+                    f"{self.client.reconnect_timeout:g} s; resume later with events(cursor={cursor!r})"
+                )
+            time.sleep(0.2)
+
+    def _has_events_after(self, cursor: str) -> bool:
+        call = self.client.stub.StreamEvents(jobs_pb2.StreamEventsRequest(job_id=self.id, cursor=cursor))
+        try:
+            return next(iter(call), None) is not None
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        finally:
+            call.cancel()
+
+    def download_checkpoint(self, path: str | os.PathLike) -> int:
+        """Write the job's latest checkpoint to `path` (whole or not at all); returns its step."""
+        path = Path(path)
+        if not path.parent.is_dir():
+            raise FileNotFoundError(f"cannot write {path}: the folder {path.parent} does not exist")
+        tmp = path.with_name(path.name + ".part")
+        step = 0
+        try:
+            with open(tmp, "wb") as f:
+                for chunk in self.client.stub.DownloadCheckpoint(
+                    jobs_pb2.DownloadCheckpointRequest(job_id=self.id), timeout=self.client.timeout * 10
+                ):
+                    f.write(chunk.data)
+                    step = chunk.step
+            os.replace(tmp, path)
+        except grpc.RpcError as e:
+            tmp.unlink(missing_ok=True)
+            raise from_rpc_error(e) from None
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return step
+
+

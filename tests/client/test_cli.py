@@ -1,0 +1,473 @@
+"""The `gradserve` CLI without a server: rendering, the submit flags, exit codes and error output.
+
+Commands run through `cli.main(argv, client_factory=...)` with a fake client,
+so what is asserted is what a user would see on stdout and stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+
+import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+from rich.console import Console
+
+from gradserve import cli
+from gradserve import spec as specs
+from gradserve.errors import InvalidArgument, NotFound, Unavailable
+from gradserve.v1 import jobs_pb2
+
+JOB_ID = "job-0123456789abcdef0123"
+DATASET_ID = "ds-" + "ab" * 32
+NOW = 1_700_000_000.0
+
+
+def ts(seconds: float) -> Timestamp:
+    t = Timestamp()
+    t.FromNanoseconds(int(seconds * 1e9))
+    return t
+
+
+def console() -> tuple[Console, io.StringIO]:
+    buffer = io.StringIO()
+    return Console(file=buffer, width=100), buffer
+
+
+def metrics(step=100, *, clipped=True, clip_fraction=0.4, **overrides) -> jobs_pb2.Metrics:
+    values = dict(step=step, epoch=0, loss=2.4123, perplexity=11.158, tokens_per_sec=41_234.0, lr=1.0,
+                  grad_norm=0.8312, clipped=clipped, clip_fraction=clip_fraction)
+    values.update(overrides)
+    return jobs_pb2.Metrics(**values)
+
+
+def metrics_event(step: int, cursor: str) -> jobs_pb2.Event:
+    return jobs_pb2.Event(cursor=cursor, job_id=JOB_ID, time=ts(NOW), metrics=metrics(step))
+
+
+def status_event(state: int, cursor: str, reason: str = "", step: int = 0) -> jobs_pb2.Event:
+    return jobs_pb2.Event(
+        cursor=cursor, job_id=JOB_ID, time=ts(NOW),
+        status=jobs_pb2.StatusChange(state=state, reason=reason, worker="w-0@host", step=step),
+    )
+
+
+def history(final_state: int = jobs_pb2.SUCCEEDED, reason: str = "") -> list[jobs_pb2.Event]:
+    return [
+        status_event(jobs_pb2.QUEUED, "1-0"),
+        status_event(jobs_pb2.RUNNING, "2-0"),
+        metrics_event(100, "3-0"),
+        jobs_pb2.Event(cursor="4-0", job_id=JOB_ID, checkpoint=jobs_pb2.CheckpointSaved(step=100, size_bytes=2048)),
+        metrics_event(200, "5-0"),
+        status_event(final_state, "6-0", reason=reason, step=200),
+    ]
+
+
+def job_record(state: int = jobs_pb2.RUNNING, **overrides) -> jobs_pb2.Job:
+    spec = specs.complete(jobs_pb2.JobSpec(dataset=DATASET_ID, max_steps=1500))
+    values = dict(id=JOB_ID, spec=spec, state=state, created_at=ts(NOW - 600), started_at=ts(NOW - 595),
+                  worker="w-0@host", last_step=300, queue="cpu", checkpoint_step=0)
+    values.update(overrides)
+    return jobs_pb2.Job(**values)
+
+
+class FakeJob:
+    def __init__(self, info: jobs_pb2.Job, events=(), interrupt_after: int | None = None):
+        self.info = info
+        self._events = list(events)
+        self.interrupt_after = interrupt_after
+        self.cursor_asked = "unset"
+
+    @property
+    def id(self) -> str:
+        return self.info.id
+
+    def events(self, cursor=None):
+        self.cursor_asked = cursor
+        for i, event in enumerate(self._events):
+            if i == self.interrupt_after:
+                raise KeyboardInterrupt
+            yield event
+
+    def refresh(self):
+        return self.info
+
+    def cancel(self):
+        return self.info
+
+    def download_checkpoint(self, path) -> int:
+        with open(path, "wb") as f:
+            f.write(b"x" * 1234)
+        return 500
+
+
+class FakeClient:
+    """Records what the CLI asked for; `error` makes every call raise it."""
+
+    def __init__(self, job: FakeJob | None = None, error: Exception | None = None, workers=()):
+        self.job = job or FakeJob(job_record())
+        self.error = error
+        self._workers = list(workers)
+        self.submitted: dict | None = None
+        self.uploaded: list = []
+        self.target = None
+
+    def __call__(self, target: str) -> "FakeClient":
+        self.target = target
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def _check(self):
+        if self.error is not None:
+            raise self.error
+
+    def upload_text(self, path, name=None) -> str:
+        self._check()
+        self.uploaded.append((str(path), name))
+        return DATASET_ID
+
+    def submit(self, **fields):
+        self._check()
+        self.submitted = fields
+        return self.job
+
+    def get_job(self, job_id):
+        self._check()
+        return self.job
+
+    def list_jobs(self, limit=50, state=None):
+        self._check()
+        self.listed = (limit, state)
+        return [self.job]
+
+    def workers(self):
+        self._check()
+        return self._workers
+
+
+def run(argv, fake: FakeClient, capsys) -> tuple[int, str, str]:
+    code = cli.main(argv, client_factory=fake)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+# ------------------------------------------------------------------ rendering
+
+
+def test_metrics_line_labels_every_number():
+    line = cli.metrics_line(metrics(100), 1500)
+    for part in ("step 100/1500", "epoch 0", "loss 2.412 nats", "ppl 11.16", "grad_norm 0.831 (clipped)",
+                 "clipped 40% of steps", "lr 1", "tokens/s 41.2k"):
+        assert part in line, (part, line)
+
+
+def test_metrics_line_marks_clipping_only_when_it_fired():
+    line = cli.metrics_line(metrics(100, clipped=False, clip_fraction=0.0), 1500)
+    assert "clipped" not in line
+    assert "grad_norm 0.831  " in line
+
+
+@pytest.mark.parametrize("rate, shown", [(812.0, "812"), (41_234.0, "41.2k"), (2_500_000.0, "2.5M"), (7.25, "7.2")])
+def test_token_rate_is_abbreviated(rate, shown):
+    assert f"tokens/s {shown}" in cli.metrics_stats(metrics(tokens_per_sec=rate))
+
+
+def test_status_and_checkpoint_lines():
+    failed = cli.event_line(status_event(jobs_pb2.FAILED, "9-0", reason="loss is nan", step=42), 100)
+    assert failed == "status FAILED  worker w-0@host  step 42  reason: loss is nan"
+    saved = jobs_pb2.Event(checkpoint=jobs_pb2.CheckpointSaved(step=500, size_bytes=3 * 1024 * 1024))
+    assert cli.event_line(saved, 1000) == "checkpoint  step 500  size 3.0 MiB"
+
+
+def test_plain_stream_prints_one_line_per_event_and_remembers_where_it_was():
+    out, buffer = console()
+    state = cli.WatchState(JOB_ID)
+    cli.stream_events(out, history(), state, 1500, json_mode=False)
+    lines = buffer.getvalue().splitlines()
+    assert len(lines) == 6
+    assert lines[2].startswith("step 100/1500  epoch 0  loss 2.412 nats")
+    assert lines[3] == "checkpoint  step 100  size 2.0 KiB"
+    assert lines[5].startswith("status SUCCEEDED")
+    assert state.cursor == "6-0"
+    assert state.final is not None and state.final.state == jobs_pb2.SUCCEEDED
+
+
+def test_plain_stream_keeps_server_text_literal():
+    out, buffer = console()
+    event = status_event(jobs_pb2.FAILED, "1-0", reason="bad [bold]input[/bold]")
+    cli.stream_events(out, [event], cli.WatchState(JOB_ID), 10, json_mode=False)
+    assert "reason: bad [bold]input[/bold]" in buffer.getvalue()
+
+
+def test_json_stream_is_one_object_per_line_with_proto_field_names():
+    out, buffer = console()
+    cli.stream_events(out, history(), cli.WatchState(JOB_ID), 1500, json_mode=True)
+    objects = [json.loads(line) for line in buffer.getvalue().splitlines()]
+    assert [next(k for k in ("metrics", "status", "checkpoint") if k in o) for o in objects] == [
+        "status", "status", "metrics", "checkpoint", "metrics", "status"]
+    assert objects[2]["metrics"]["tokens_per_sec"] == 41_234.0
+    assert objects[2]["metrics"]["step"] == 100
+    assert objects[5]["status"]["state"] == "SUCCEEDED"
+    assert all(o["job_id"] == JOB_ID for o in objects)
+
+
+def test_live_stream_on_a_terminal_prints_status_lines_and_metrics():
+    buffer = io.StringIO()
+    terminal = Console(file=buffer, width=160, force_terminal=True, color_system=None)
+    state = cli.WatchState(JOB_ID)
+    cli.stream_events(terminal, history(), state, 1500, json_mode=False)
+    text = buffer.getvalue()
+    assert "status RUNNING  worker w-0@host" in text
+    assert "checkpoint  step 100" in text
+    assert "step 200/1500" in text and "loss 2.412 nats" in text
+    assert state.cursor == "6-0"
+
+
+def test_job_record_shows_progress_times_and_spec():
+    out, buffer = console()
+    finished = job_record(jobs_pb2.FAILED, finished_at=ts(NOW - 475), reason="loss is nan", checkpoint_step=250)
+    cli.render_job(out, finished, now=NOW)
+    text = buffer.getvalue()
+    for part in (JOB_ID, "FAILED", "loss is nan", "lstm", DATASET_ID, "w-0@host", "300/1500 (20%)",
+                 "step 250", "10m00s ago", "queued for 5s", "ran for 2m00s", "hidden_size=256", "max_steps=1500"):
+        assert part in text, part
+
+
+def test_running_job_record_says_how_long_it_has_run():
+    out, buffer = console()
+    cli.render_job(out, job_record(), now=NOW)
+    assert "running for" in buffer.getvalue() and "9m55s" in buffer.getvalue()
+    assert "none yet" in buffer.getvalue()
+
+
+def test_job_table_shortens_datasets_but_not_job_ids():
+    out, buffer = console()
+    builtin = job_record(id="job-ffffffffffffffffffff", spec=specs.complete(jobs_pb2.JobSpec(dataset="builtin:pydocs")))
+    cli.render_jobs(out, [job_record(), builtin], now=NOW)
+    text = buffer.getvalue()
+    assert JOB_ID in text and "job-ffffffffffffffffffff" in text
+    assert DATASET_ID not in text and DATASET_ID[:11] + "…" in text
+    assert "builtin:pydocs" in text
+    assert "300/1500" in text and "10m00s ago" in text
+
+
+def test_workers_table_and_the_hint_when_there_are_none():
+    out, buffer = console()
+    cli.render_workers(out, [], now=NOW)
+    assert "no worker is alive" in buffer.getvalue()
+    assert "gradserve-worker --redis-url URL --queues cpu" in buffer.getvalue()
+
+    out, buffer = console()
+    worker = jobs_pb2.Worker(name="w-0@host", queues=["cpu", "gpu"], device="NVIDIA H100", hostname="host",
+                             pid=4242, last_seen=ts(NOW - 2.5), job_id=JOB_ID)
+    cli.render_workers(out, [worker], now=NOW)
+    text = buffer.getvalue()
+    for part in ("w-0@host", "cpu,gpu", "NVIDIA H100", "4242", JOB_ID, "2.5s ago"):
+        assert part in text, part
+
+
+@pytest.mark.parametrize("seconds, shown", [(0, "0s"), (59, "59s"), (75, "1m15s"), (7300, "2h01m"), (90_000, "1d01h")])
+def test_durations(seconds, shown):
+    assert cli.human_duration(seconds) == shown
+
+
+# ------------------------------------------------------------------- the parser
+
+
+def _submit_parser() -> argparse.ArgumentParser:
+    commands = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return commands.choices["submit"]
+
+
+def test_submit_has_one_flag_per_spec_field_with_its_default_and_choices():
+    actions = {a.dest: a for a in _submit_parser()._actions}
+    for field in specs.FIELDS:
+        action = actions[field.name]
+        assert action.option_strings == ["--" + field.name.replace("_", "-")]
+        assert action.default == field.default
+        if field.choices:
+            assert tuple(action.choices) == field.choices
+        else:
+            assert action.choices is None
+            assert field.allowed in action.help
+        if field.default is not None and not field.choices:
+            assert "default" in action.help
+
+
+def test_submit_flags_parse_the_proto_number_types():
+    args = _submit_parser().parse_args(["--dataset", "builtin:pydocs", "--hidden-size", "64", "--lr", "0.5"])
+    assert args.hidden_size == 64 and isinstance(args.hidden_size, int)
+    assert args.lr == 0.5 and isinstance(args.lr, float)
+
+
+@pytest.mark.parametrize("flag, value", [("--hidden-size", "0"), ("--lr", "0"), ("--lr", "nan"),
+                                         ("--seed", "1.5"), ("--model", "transformer")])
+def test_submit_rejects_values_outside_the_spec_before_calling_the_server(flag, value, capsys):
+    fake = FakeClient()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["submit", "--dataset", "builtin:pydocs", flag, value], client_factory=fake)
+    assert exit_info.value.code == cli.EXIT_USAGE
+    assert flag in capsys.readouterr().err
+    assert fake.submitted is None
+
+
+@pytest.mark.parametrize("argv", [["list", "--limit", "0"], ["list", "--state", "DONE"], ["frobnicate"]])
+def test_other_bad_command_lines_exit_with_usage(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv, client_factory=FakeClient())
+    assert exit_info.value.code == cli.EXIT_USAGE
+    assert "error:" in capsys.readouterr().err
+
+
+def test_global_options_work_before_and_after_the_command(capsys, monkeypatch):
+    monkeypatch.setenv("GRADSERVE_SERVER", "env-host:1")
+    for argv in (["--json", "--server", "h:9", "list"], ["list", "--json", "--server", "h:9"]):
+        fake = FakeClient()
+        code, out, _ = run(argv, fake, capsys)
+        assert code == 0 and fake.target == "h:9"
+        assert json.loads(out)[0]["id"] == JOB_ID
+    fake = FakeClient()
+    run(["list", "--state", "running", "--limit", "7"], fake, capsys)
+    assert fake.target == "env-host:1" and fake.listed == (7, "RUNNING")
+
+
+# ------------------------------------------------------------------- commands
+
+
+def test_submit_sends_the_flags_and_prints_the_id_and_spec(capsys):
+    fake = FakeClient(FakeJob(job_record(jobs_pb2.QUEUED)))
+    code, out, _ = run(["submit", "--dataset", "builtin:pydocs", "--hidden-size", "64", "--model", "gru"], fake, capsys)
+    assert code == 0
+    assert fake.submitted["dataset"] == "builtin:pydocs"
+    assert fake.submitted["hidden_size"] == 64 and fake.submitted["model"] == "gru"
+    assert fake.submitted["lr"] is None  # left to the server, which picks it by optimizer
+    assert set(fake.submitted) == {"dataset"} | {f.name for f in specs.FIELDS}
+    assert out.splitlines()[0] == JOB_ID
+    assert "QUEUED on queue cpu" in out and "max_steps=1500" in out
+
+
+def test_submit_uploads_a_local_file_first(tmp_path, capsys):
+    text = tmp_path / "book.txt"
+    text.write_text("some text " * 100)
+    fake = FakeClient()
+    code, _, err = run(["submit", "--dataset", str(text)], fake, capsys)
+    assert code == 0
+    assert fake.uploaded == [(str(text), None)]
+    assert fake.submitted["dataset"] == DATASET_ID
+    assert f"as {DATASET_ID}" in err
+
+
+def test_submit_refuses_a_dataset_that_is_neither_file_nor_id(capsys):
+    fake = FakeClient()
+    code, _, err = run(["submit", "--dataset", "missing.txt"], fake, capsys)
+    assert code == 1 and fake.submitted is None
+    assert err.startswith("error: invalid dataset")
+    assert "'missing.txt'" in err
+
+
+def test_invalid_argument_is_printed_with_every_field_and_exit_code_1(capsys):
+    error = InvalidArgument(
+        "spec.hidden_size must be in [1, 4096], got 0; spec.num_layers must be 1 for model rnn_scratch, got 2",
+        violations=[("spec.hidden_size", "must be in [1, 4096], got 0"),
+                    ("spec.num_layers", "must be 1 for model rnn_scratch, got 2")],
+    )
+    code, out, err = run(["submit", "--dataset", "builtin:pydocs"], FakeClient(error=error), capsys)
+    assert code == 1 and out == ""
+    lines = err.splitlines()
+    assert lines[0] == "error: invalid spec.hidden_size, spec.num_layers"
+    assert "  spec.hidden_size (--hidden-size): must be in [1, 4096], got 0" in lines
+    assert "  spec.num_layers (--num-layers): must be 1 for model rnn_scratch, got 2" in lines
+    assert "Traceback" not in err
+
+
+def test_unavailable_hints_at_the_server_address(capsys):
+    fake = FakeClient(error=Unavailable("connection refused"))
+    code, _, err = run(["--server", "10.0.0.1:1", "workers"], fake, capsys)
+    assert code == 1
+    assert err.startswith("error: connection refused")
+    assert "is the server running at 10.0.0.1:1?" in err and "gradserve-server dev" in err
+
+
+def test_not_found_is_an_error_line(capsys):
+    code, _, err = run(["status", JOB_ID], FakeClient(error=NotFound(f"{JOB_ID} not found")), capsys)
+    assert (code, err) == (1, f"error: {JOB_ID} not found\n")
+
+
+@pytest.mark.parametrize("state, code", [(jobs_pb2.SUCCEEDED, 0), (jobs_pb2.FAILED, 1), (jobs_pb2.CANCELLED, 3)])
+def test_watch_exit_code_and_final_line_follow_the_job_state(state, code, capsys):
+    fake = FakeClient(FakeJob(job_record(), history(state, reason="why")))
+    exit_code, out, _ = run(["watch", JOB_ID], fake, capsys)
+    assert exit_code == code
+    assert f"job {JOB_ID} {jobs_pb2.JobState.Name(state)} at step 200/1500" in out
+    assert "reason: why" in out
+
+
+def test_watch_resumes_from_the_cursor_and_asks_the_server_when_the_stream_holds_no_end(capsys):
+    job = FakeJob(job_record(jobs_pb2.FAILED, reason="diverged"), [])
+    code, out, _ = run(["watch", JOB_ID, "--cursor", "6-0"], FakeClient(job), capsys)
+    assert job.cursor_asked == "6-0"
+    assert code == 1
+    assert "FAILED at step 300/1500" in out and "reason: diverged" in out
+
+
+def test_ctrl_c_stops_watching_and_says_how_to_resume_and_cancel(capsys):
+    job = FakeJob(job_record(), history(), interrupt_after=3)
+    code, out, err = run(["watch", JOB_ID], FakeClient(job), capsys)
+    assert code == cli.EXIT_INTERRUPTED
+    assert "step 100/1500" in out
+    assert f"gradserve watch {JOB_ID} --cursor 3-0" in err
+    assert f"gradserve cancel {JOB_ID}" in err
+
+
+def test_json_watch_prints_only_json_lines(capsys):
+    fake = FakeClient(FakeJob(job_record(), history(jobs_pb2.CANCELLED)))
+    code, out, _ = run(["watch", JOB_ID, "--json"], fake, capsys)
+    assert code == 3
+    objects = [json.loads(line) for line in out.splitlines()]
+    assert len(objects) == 6 and objects[-1]["status"]["state"] == "CANCELLED"
+
+
+def test_submit_follow_with_json_prints_the_job_then_its_events(capsys):
+    fake = FakeClient(FakeJob(job_record(jobs_pb2.QUEUED), history()))
+    code, out, _ = run(["submit", "--dataset", "builtin:pydocs", "--follow", "--json"], fake, capsys)
+    objects = [json.loads(line) for line in out.splitlines()]
+    assert code == 0
+    assert objects[0]["id"] == JOB_ID and objects[0]["spec"]["max_steps"] == 1500
+    assert len(objects) == 7
+
+
+def test_cancel_of_a_running_job_says_it_stops_at_the_next_step(capsys):
+    code, out, _ = run(["cancel", JOB_ID], FakeClient(FakeJob(job_record(jobs_pb2.RUNNING))), capsys)
+    assert code == 0 and "cancel requested; the job stops at its next step" in out
+    queued = FakeJob(job_record(jobs_pb2.CANCELLED, reason="cancelled before it started"))
+    code, out, _ = run(["cancel", JOB_ID], FakeClient(queued), capsys)
+    assert out == f"{JOB_ID} CANCELLED: cancelled before it started\n"
+
+
+def test_download_reports_path_size_and_step(tmp_path, capsys):
+    target = tmp_path / "model.pt"
+    code, out, _ = run(["download", JOB_ID, "-o", str(target)], FakeClient(), capsys)
+    assert code == 0
+    assert out == f"wrote {target} (1234 bytes, step 500)\n"
+
+
+def test_download_into_a_missing_folder_is_an_error_line(tmp_path, capsys):
+    code, _, err = run(["download", JOB_ID, "-o", str(tmp_path / "no" / "model.pt")], FakeClient(), capsys)
+    assert code == 1 and err.startswith("error: no such directory") and "Traceback" not in err
+
+
+def test_upload_prints_the_dataset_id(tmp_path, capsys):
+    text = tmp_path / "book.txt"
+    text.write_text("hello")
+    fake = FakeClient()
+    code, out, _ = run(["upload", str(text), "--name", "book"], fake, capsys)
+    assert (code, out) == (0, DATASET_ID + "\n")
+    assert fake.uploaded == [(str(text), "book")]
+    code, out, _ = run(["upload", str(text), "--json"], fake, capsys)
+    assert json.loads(out) == {"id": DATASET_ID}

@@ -1,0 +1,121 @@
+"""Fixtures shared by the whole suite: the corpus, and a real running stack.
+
+`stack` starts a real redis-server, the real gRPC server and real Celery worker
+processes on free loopback ports, once per test session, and stops them by PID
+at the end. Nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+import gradserve
+from gradserve_server import dev
+
+REPO = Path(__file__).resolve().parents[1]
+CORPUS = REPO.parent / "shared" / "data" / "timemachine.txt"
+
+
+@pytest.fixture(scope="session")
+def timemachine() -> str:
+    assert CORPUS.exists(), f"the test corpus is missing: {CORPUS}"
+    return CORPUS.read_text(encoding="utf-8")
+
+
+def wait_serving(address: str, timeout: float = 20.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if (proc is not None and proc.poll() is not None) or time.monotonic() > deadline:
+                raise RuntimeError(f"server at {address} did not become healthy")
+            time.sleep(0.1)
+
+
+@dataclass
+class Stack:
+    """A running gradserve: Redis, one server, workers. Each process's output goes to a log file in `dir`."""
+
+    dir: Path
+    redis_port: int = 0
+    server_port: int = 0
+    redis: subprocess.Popen | None = None
+    server: subprocess.Popen | None = None
+    workers: list[subprocess.Popen] = field(default_factory=list)
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://127.0.0.1:{self.redis_port}/0"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.server_port}"
+
+    def _log(self, name: str):
+        return open(self.dir / f"{name}.log", "ab")
+
+    def start_redis(self) -> None:
+        self.redis_port = self.redis_port or dev.free_port()
+        with self._log("redis") as log:
+            self.redis = dev.start_redis(self.redis_port, self.dir, log_file=log)
+
+    def start_server(self, *extra: str) -> None:
+        self.server_port = self.server_port or dev.free_port()
+        args = [sys.executable, "-m", "gradserve_server.main", "--redis-url", self.redis_url,
+                "--listen", self.address, *extra]
+        with self._log("server") as log:
+            self.server = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        wait_serving(self.address, proc=self.server)
+
+    def start_worker(self, name: str, queues: str = "cpu") -> subprocess.Popen:
+        with self._log(f"worker-{name}") as log:
+            proc = dev.start_worker(self.redis_url, queues=queues, name=f"{name}@test", log_file=log)
+        self.workers.append(proc)
+        dev.wait_for_workers(self.redis_url, len([w for w in self.workers if w.poll() is None]), 60, [proc])
+        return proc
+
+    def client(self, **kwargs) -> gradserve.Client:
+        return gradserve.Client(self.address, **kwargs)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(self.dir.glob("*.log")))
+
+    def stop(self) -> None:
+        for proc in self.workers:
+            dev.stop_process(proc, 10)
+        if self.server is not None:
+            dev.stop_process(self.server)
+        if self.redis is not None:
+            dev.stop_process(self.redis)
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory) -> Stack:
+    s = Stack(tmp_path_factory.mktemp("stack"))
+    try:
+        s.start_redis()
+        s.start_server("--max-dataset-mb", "1")
+        s.start_worker("w1")
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture
+def client(stack):
+    with stack.client() as c:
+        yield c

@@ -1,0 +1,59 @@
+"""The models: the from-scratch RNN computes d2l's equations; all share one interface."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gradserve_worker.models import RNNScratch, build_model
+
+V, H, T, B = 11, 6, 5, 3
+
+
+def test_rnn_scratch_is_the_textbook_recurrence():
+    torch.manual_seed(0)
+    model = RNNScratch(V, H)
+    with torch.no_grad():  # d2l's init leaves the biases at 0, which would hide them
+        model.b_h.normal_()
+        model.b_q.normal_()
+    X = torch.randint(0, V, (T, B))
+    h0 = torch.randn(B, H)
+    logits, (h_T,) = model(X, (h0,))
+
+    # d2l's rnn(): one-hot inputs, one output matmul per step.
+    h, outputs = h0, []
+    for x in F.one_hot(X, V).float():
+        h = torch.tanh(x @ model.W_xh + h @ model.W_hh + model.b_h)
+        outputs.append(h @ model.W_hq + model.b_q)
+    assert logits.shape == (T * B, V)
+    torch.testing.assert_close(logits, torch.cat(outputs))
+    torch.testing.assert_close(h_T, h)
+
+
+def test_rnn_scratch_starts_like_d2l():
+    model = RNNScratch(V, 256)
+    assert {n for n, _ in model.named_parameters()} == {"W_xh", "W_hh", "b_h", "W_hq", "b_q"}
+    assert model.W_hh.std().item() == pytest.approx(0.01, rel=0.1)
+    assert not model.b_h.any() and not model.b_q.any()
+
+
+@pytest.mark.parametrize("kind, state_len", [("rnn_scratch", 1), ("rnn", 1), ("gru", 1), ("lstm", 2)])
+def test_every_model_maps_a_window_to_time_major_logits_and_a_state(kind, state_len):
+    layers = 1 if kind == "rnn_scratch" else 2
+    model = build_model(kind, V, H, layers)
+    state = model.begin_state(B, "cpu")
+    assert len(state) == state_len and all(not s.any() for s in state)
+    X = torch.randint(0, V, (T, B))
+    logits, new_state = model(X, state)
+    assert logits.shape == (T * B, V)
+    assert [s.shape for s in new_state] == [s.shape for s in state]
+    # Time-major: the first B rows of the logits depend on the first step's tokens only.
+    X2 = X.clone()
+    X2[1:] = (X2[1:] + 1) % V
+    torch.testing.assert_close(model(X2, state)[0][:B], logits[:B])
+
+
+def test_rnn_scratch_refuses_more_than_one_layer():
+    with pytest.raises(ValueError, match="num_layers must be 1"):
+        build_model("rnn_scratch", V, H, 2)

@@ -1,0 +1,134 @@
+"""gradserve-worker: a Celery worker that trains gradserve jobs.
+
+    gradserve-worker --redis-url redis://localhost:6379/0 --queues cpu
+    gradserve-worker --redis-url redis://localhost:6379/0 --queues gpu
+
+Each job runs in a fresh prefork child (one task per child), so a job's memory,
+threads and any CUDA context die with it. The parent process never touches
+CUDA, because a CUDA context does not survive fork. While it runs, the worker
+advertises itself in Redis with a heartbeat; the server routes `device=auto`
+jobs to the gpu queue only while a GPU worker is advertised.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+from celery import signals
+
+from gradserve_server.queue import QUEUES
+from gradserve_server.store import WORKER_TTL_S, JobStore
+from gradserve_worker.app import create_app
+
+HEARTBEAT_S = WORKER_TTL_S / 3
+log = logging.getLogger("gradserve.worker")
+
+
+class Heartbeat:
+    """Renews the worker's advertisement in Redis until stopped; it expires by itself if the worker dies."""
+
+    def __init__(self, redis_url: str, name: str, advert: dict):
+        self.store = JobStore.from_url(redis_url)
+        self.name, self.advert = name, advert
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="gradserve-heartbeat", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.store.heartbeat(self.name, self.advert)
+            except Exception as e:  # Redis may be restarting; the next beat tries again.
+                log.warning("heartbeat failed: %s", e)
+            self._stop.wait(HEARTBEAT_S)
+
+    def start(self, **_) -> None:
+        self._thread.start()
+
+    def stop(self, **_) -> None:
+        self._stop.set()
+        try:
+            self.store.remove_worker(self.name)
+        except Exception as e:
+            log.warning("could not withdraw the advertisement: %s", e)
+
+
+def probe_cuda() -> str:
+    """The first CUDA device's name, or "" — asked of a child process so this one never initialises CUDA."""
+    code = "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    return out.stdout.strip()
+
+
+def warm_up_torch() -> None:
+    """Pay torch's lazy imports once in the parent instead of in every job's fresh child.
+
+    The first optimizer built in a process costs about a second of imports.
+    Building one on a single element starts no thread pool, which would not
+    survive the fork.
+    """
+    import torch
+
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="gradserve-worker", description=__doc__.split("\n\n")[0])
+    p.add_argument("--redis-url", default=os.environ.get("GRADSERVE_REDIS_URL"),
+                   help="Redis shared with the server (env GRADSERVE_REDIS_URL)")
+    p.add_argument("--queues", default=os.environ.get("GRADSERVE_QUEUES", "cpu"),
+                   help="comma-separated queues to take jobs from: cpu, gpu (env GRADSERVE_QUEUES, default cpu)")
+    p.add_argument("--name", default=os.environ.get("GRADSERVE_WORKER_NAME"),
+                   help="node name, unique in the cluster (default QUEUES-PID@HOST)")
+    p.add_argument("--threads", type=int, default=int(os.environ.get("GRADSERVE_THREADS", os.cpu_count() or 1)),
+                   help="torch threads per job (env GRADSERVE_THREADS, default: all cores); with several "
+                   "workers on one host, give each its share")
+    p.add_argument("--log-level", default=os.environ.get("GRADSERVE_LOG_LEVEL", "INFO"))
+    args = p.parse_args(argv)
+    if not args.redis_url:
+        p.error("--redis-url (or GRADSERVE_REDIS_URL) is required, e.g. redis://localhost:6379/0")
+    if args.threads < 1:
+        p.error(f"--threads must be at least 1, got {args.threads}")
+    queues = [q.strip() for q in args.queues.split(",") if q.strip()]
+    unknown = sorted(set(queues) - set(QUEUES))
+    if not queues or unknown:
+        p.error(f"--queues must name some of {', '.join(QUEUES)}; got {args.queues!r}")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    device = "cpu"
+    if "gpu" in queues:
+        device = probe_cuda()
+        if not device:
+            sys.exit("gradserve-worker: --queues gpu needs a CUDA GPU, and torch sees none here; use --queues cpu")
+    warm_up_torch()
+
+    name = args.name or f"{'-'.join(queues)}-{os.getpid()}@{socket.gethostname()}"
+    heartbeat = Heartbeat(
+        args.redis_url,
+        name,
+        {"name": name, "queues": ",".join(queues), "device": device, "hostname": socket.gethostname(),
+         "pid": os.getpid(), "started": time.time(), "threads": args.threads},
+    )
+    signals.worker_ready.connect(heartbeat.start, weak=False)
+    signals.worker_shutdown.connect(heartbeat.stop, weak=False)
+
+    app = create_app(args.redis_url, args.threads)
+    app.worker_main(
+        [
+            "worker", "--queues", ",".join(queues), "--hostname", name, "--loglevel", args.log_level.upper(),
+            # One job at a time, each in a fresh child process.
+            "--concurrency", "1", "--pool", "prefork", "--max-tasks-per-child", "1",
+            # Workers never talk to each other; skipping that makes start-up faster.
+            "--without-gossip", "--without-mingle", "--without-heartbeat",
+        ]
+    )
+
+
+if __name__ == "__main__":
+    main()
