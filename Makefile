@@ -14,7 +14,7 @@ $(VENV)/.installed: client/pyproject.toml server/pyproject.toml worker/pyproject
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_CPU)
 	# Compat mode puts each package's folder on sys.path, so modules added later need no reinstall.
 	$(PY) -m pip install -q --config-settings editable_mode=compat \
-	  -e ./client -e './server[dev]' -e ./worker -r tests/requirements.txt
+	  -e './client[plot]' -e './server[dev]' -e ./worker -r tests/requirements.txt
 	touch $@
 
 demo: venv

@@ -7,6 +7,8 @@ at the end. Nothing is mocked.
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -18,7 +20,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import gradserve
-from gradserve_server import dev
+from gradserve_server import dev, store
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO.parent / "shared" / "data" / "timemachine.txt"
@@ -48,7 +50,10 @@ def wait_serving(address: str, timeout: float = 20.0, proc: subprocess.Popen | N
 
 @dataclass
 class Stack:
-    """A running gradserve: Redis, one server, workers. Each process's output goes to a log file in `dir`."""
+    """A running gradserve: Redis, one server, workers. Each process's output goes to a log file in `dir`.
+
+    `env` is added to the environment of every server and worker it starts.
+    """
 
     dir: Path
     redis_port: int = 0
@@ -56,6 +61,10 @@ class Stack:
     redis: subprocess.Popen | None = None
     server: subprocess.Popen | None = None
     workers: list[subprocess.Popen] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    # Each worker by its node name ("w1@test"), as jobs name the worker that runs them.
+    named: dict[str, subprocess.Popen] = field(default_factory=dict)
+    server_args: tuple[str, ...] = ()
 
     @property
     def redis_url(self) -> str:
@@ -68,25 +77,45 @@ class Stack:
     def _log(self, name: str):
         return open(self.dir / f"{name}.log", "ab")
 
-    def start_redis(self) -> None:
+    def start_redis(self, appendonly: bool = False) -> None:
+        """Start redis-server on this stack's port (the same one again after a kill) with its files in `dir`."""
         self.redis_port = self.redis_port or dev.free_port()
         with self._log("redis") as log:
-            self.redis = dev.start_redis(self.redis_port, self.dir, log_file=log)
+            self.redis = dev.start_redis(self.redis_port, self.dir, appendonly=appendonly, log_file=log)
 
     def start_server(self, *extra: str) -> None:
+        """Start the server on this stack's address; `extra` flags are kept for the next start too."""
+        self.server_args = extra or self.server_args
         self.server_port = self.server_port or dev.free_port()
         args = [sys.executable, "-m", "gradserve_server.main", "--redis-url", self.redis_url,
-                "--listen", self.address, *extra]
+                "--listen", self.address, *self.server_args]
         with self._log("server") as log:
-            self.server = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+            self.server = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env})
         wait_serving(self.address, proc=self.server)
 
-    def start_worker(self, name: str, queues: str = "cpu") -> subprocess.Popen:
+    def start_worker(self, name: str, queues: str = "cpu", env: dict[str, str] | None = None) -> subprocess.Popen:
+        """Start worker `name`@test and wait until it advertises itself."""
         with self._log(f"worker-{name}") as log:
-            proc = dev.start_worker(self.redis_url, queues=queues, name=f"{name}@test", log_file=log)
+            proc = dev.start_worker(self.redis_url, queues=queues, name=f"{name}@test", log_file=log,
+                                    extra_env={**self.env, **(env or {})})
         self.workers.append(proc)
-        dev.wait_for_workers(self.redis_url, len([w for w in self.workers if w.poll() is None]), 60, [proc])
+        self.named[f"{name}@test"] = proc
+        deadline = time.monotonic() + 60
+        job_store = store.JobStore.from_url(self.redis_url)
+        try:
+            # By name: a worker killed a moment ago is still advertised until its heartbeat expires.
+            while f"{name}@test" not in {w.name for w in job_store.workers()}:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"worker {name} did not come up:\n{self.logs()}")
+                time.sleep(0.2)
+        finally:
+            job_store.r.close()
         return proc
+
+    def kill_group(self, proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+        """Signal a process and its whole session (a worker's Celery pool children too), and reap it."""
+        os.killpg(proc.pid, sig)
+        proc.wait(30)
 
     def client(self, **kwargs) -> gradserve.Client:
         return gradserve.Client(self.address, **kwargs)
@@ -110,6 +139,7 @@ def stack(tmp_path_factory) -> Stack:
         s.start_redis()
         s.start_server("--max-dataset-mb", "1")
         s.start_worker("w1")
+        s.start_worker("g1", queues="generate")  # serves Generate (tests/e2e/test_generate.py)
         yield s
     finally:
         s.stop()
@@ -119,3 +149,30 @@ def stack(tmp_path_factory) -> Stack:
 def client(stack):
     with stack.client() as c:
         yield c
+
+
+@pytest.fixture(scope="module")
+def idle_stack(tmp_path_factory) -> Stack:
+    """Redis and a server with no worker: accepted jobs stay QUEUED, so tests can submit freely."""
+    s = Stack(tmp_path_factory.mktemp("idle-stack"))
+    try:
+        s.start_redis()
+        s.start_server()
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture(scope="module")
+def make_stack(tmp_path_factory):
+    """Makes Stacks for one test module to start and break as it likes; stops what is left of them after it."""
+    made: list[Stack] = []
+
+    def make(name: str = "stack", env: dict[str, str] | None = None) -> Stack:
+        s = Stack(tmp_path_factory.mktemp(name), env=dict(env or {}))
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        s.stop()

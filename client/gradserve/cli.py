@@ -7,6 +7,8 @@
     gradserve list [--state RUNNING] [--limit 20]
     gradserve cancel JOB
     gradserve download JOB -o model.pt
+    gradserve generate JOB --prefix "time traveller" [--num-tokens 100] [--temperature 0] [--seed 0]
+    gradserve plot JOB -o run.png                      # needs the plot extra: pip install 'gradserve[plot]'
     gradserve workers
 
 Global options go before or after the command: --server HOST:PORT (env
@@ -39,7 +41,7 @@ from rich.table import Table
 from rich.text import Text
 
 from gradserve import spec as specs
-from gradserve.client import DEFAULT_SERVER, TERMINAL_STATES, Client, state_name
+from gradserve.client import DEFAULT_GENERATE_TOKENS, DEFAULT_SERVER, TERMINAL_STATES, Client, state_name
 from gradserve.errors import GradserveError, InvalidArgument, Unavailable
 from gradserve.v1 import jobs_pb2
 
@@ -70,7 +72,8 @@ WORKER_HINT = "gradserve-worker --redis-url URL --queues cpu"
 _TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 _FLOAT_TYPES = {descriptor.FieldDescriptor.TYPE_DOUBLE, descriptor.FieldDescriptor.TYPE_FLOAT}
 
-ClientFactory = Callable[[str], Client]
+# Called with the server address and the connection keywords of `Client`.
+ClientFactory = Callable[..., Client]
 
 
 # ------------------------------------------------------------------ formatting
@@ -138,14 +141,19 @@ def metrics_stats(m: jobs_pb2.Metrics, *, detailed: bool = True) -> str:
 
     The live bar leaves out the clip fraction and lr to fit on one line.
     """
-    ppl = f"{m.perplexity:.2f}" if m.perplexity < 1e4 else f"{m.perplexity:.3g}"
     grad = f"grad_norm {m.grad_norm:.3g}"
     if m.clipped:
         grad += " (clipped)"
-    parts = [f"loss {m.loss:.3f} nats", f"ppl {ppl}", grad]
+    if m.perplexity:
+        ppl = f"{m.perplexity:.2f}" if m.perplexity < 1e4 else f"{m.perplexity:.3g}"
+        parts = [f"loss {m.loss:.3f} nats", f"ppl {ppl}", grad]
+    else:  # a synthetic task: its loss is the task's own (MSE, or cross-entropy on the recalled symbols)
+        parts = [f"loss {m.loss:.4g}", grad]
     if detailed:
         if m.clip_fraction:
             parts.append(f"clipped {m.clip_fraction:.0%} of steps")
+        if m.skipped_steps:
+            parts.append(f"skipped {m.skipped_steps} non-finite steps")
         parts.append(f"lr {m.lr:g}")
     parts.append(f"tokens/s {human_count(m.tokens_per_sec)}")
     return "  ".join(parts)
@@ -170,6 +178,27 @@ def checkpoint_line(c: jobs_pb2.CheckpointSaved) -> str:
     return f"checkpoint  step {c.step}  size {human_bytes(c.size_bytes)}"
 
 
+def evaluation_line(e: jobs_pb2.Evaluation) -> str:
+    if e.metric:
+        return (f"eval  step {e.step}  held-out {e.metric} {e.value:.4g} (trivial baseline {e.baseline:.4g})  "
+                f"loss {e.loss:.4g}")
+    return f"eval  step {e.step}  val loss {e.loss:.3f} nats  val ppl {e.perplexity:.2f}"
+
+
+def probe_line(p: jobs_pb2.Probe) -> str:
+    """The gradient-through-time profile at its two ends, and the largest singular value found."""
+    parts = [f"probe  step {p.step}"]
+    for profile in p.grad_through_time:
+        if profile.norms:
+            first, last = profile.norms[0], profile.norms[-1]
+            parts.append(f"layer {profile.layer} |dL/dh_t| {first:.2e} at t=1 .. {last:.2e} at t={len(profile.norms)}")
+    if p.spectral_norms:
+        top = max(p.spectral_norms, key=lambda n: n.sigma)
+        gate = f"[{top.gate}]" if top.gate else ""
+        parts.append(f"largest singular value {top.sigma:.3g} ({top.name}{gate})")
+    return "  ".join(parts)
+
+
 def event_line(event: jobs_pb2.Event, max_steps: int) -> str:
     kind = event.WhichOneof("kind")
     if kind == "metrics":
@@ -178,6 +207,10 @@ def event_line(event: jobs_pb2.Event, max_steps: int) -> str:
         return status_line(event.status)
     if kind == "checkpoint":
         return checkpoint_line(event.checkpoint)
+    if kind == "evaluation":
+        return evaluation_line(event.evaluation)
+    if kind == "probe":
+        return probe_line(event.probe)
     return f"event of an unknown kind (cursor {event.cursor}); upgrade gradserve to see it"
 
 
@@ -398,7 +431,9 @@ class Context:
     err: Console
 
     def client(self) -> Client:
-        return self.client_factory(self.args.server)
+        a = self.args
+        return self.client_factory(a.server, token=a.token, tls=a.tls, ca_file=a.ca_file, cert_file=a.cert_file,
+                                   key_file=a.key_file)
 
 
 def resolve_dataset(ctx: Context, client: Client, dataset: str) -> str:
@@ -495,6 +530,49 @@ def cmd_download(ctx: Context) -> int:
     return EXIT_OK
 
 
+def cmd_generate(ctx: Context) -> int:
+    args = ctx.args
+    with ctx.client() as client:
+        reply = client.get_job(args.job).generate(args.prefix, args.num_tokens, temperature=args.temperature,
+                                                  seed=args.seed)
+    if args.json:
+        print_json(ctx.out, {"job_id": args.job, **as_dict(reply)})
+    else:
+        # The text alone on stdout, so it can be piped; where it came from goes to stderr.
+        ctx.out.out(reply.text, highlight=False)
+        _plain(ctx.err, f"from {args.job}'s checkpoint at step {reply.step}", style="dim")
+    return EXIT_OK
+
+
+def cmd_plot(ctx: Context) -> int:
+    from gradserve import plot
+
+    try:
+        plot.load_matplotlib()
+    except plot.MatplotlibMissing as e:
+        # Said before anything else happens, rather than after fetching the whole history.
+        _plain(ctx.err, f"error: {e}")
+        return EXIT_FAILED
+    folder = ctx.args.output.parent
+    if not folder.is_dir():
+        raise FileNotFoundError(errno.ENOENT, "no such directory", str(folder))
+    with ctx.client() as client:
+        job = client.get_job(ctx.args.job)
+        # The history so far: a running job is plotted as it stands, without waiting for it to end.
+        events = list(job.events(follow=False))
+    history = plot.RunHistory.from_events(events)
+    plot.plot_run(events, job.info).savefig(ctx.args.output)
+    if ctx.args.json:
+        print_json(ctx.out, {"path": str(ctx.args.output), "events": len(events)})
+    else:
+        _plain(
+            ctx.out,
+            f"wrote {ctx.args.output}: {len(history.metrics)} metrics, {len(history.evaluations)} evaluations, "
+            f"{len(history.probes)} probes; {job.id} {state_name(job.info.state)} at step {job.info.last_step}",
+        )
+    return EXIT_OK
+
+
 def cmd_workers(ctx: Context) -> int:
     with ctx.client() as client:
         workers = client.workers()
@@ -564,6 +642,15 @@ def _add_global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> N
         "--json", action="store_true", default=argparse.SUPPRESS if suppress else False,
         help="print JSON: one object per line for event streams, otherwise one object or array",
     )
+    unset = argparse.SUPPRESS if suppress else None
+    parser.add_argument("--token", default=unset, help="bearer token for a server with authentication "
+                        "(env GRADSERVE_TOKEN; prefer the variable: flags show up in process lists)")
+    parser.add_argument("--tls", action="store_const", const=True, default=unset,
+                        help="connect with TLS, trusting the system's roots unless --ca-file is given (env GRADSERVE_TLS=1)")
+    parser.add_argument("--ca-file", default=unset, metavar="PEM",
+                        help="CA certificate to trust; implies --tls (env GRADSERVE_CA_FILE)")
+    parser.add_argument("--cert-file", default=unset, metavar="PEM", help="client certificate, for mutual TLS")
+    parser.add_argument("--key-file", default=unset, metavar="PEM", help="client private key, for mutual TLS")
 
 
 def _positive_int(text: str) -> int:
@@ -573,6 +660,26 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
+def _temperature(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a number of at least 0, got {text}")
     return value
 
 
@@ -639,6 +746,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("download", cmd_download, "write a job's latest checkpoint to a file")
     p.add_argument("job", metavar="JOB")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="FILE", help="where to write it")
+
+    p = command("generate", cmd_generate, "generate text from a job's latest checkpoint (running or finished)",
+                epilog="The model reads the prefix (preprocessed and split like the job's text; unknown tokens\n"
+                       "become <unk>), then adds --num-tokens tokens: characters for char jobs, words for\n"
+                       "word jobs. A worker started with `gradserve-worker --queues generate` does the work.")
+    p.add_argument("job", metavar="JOB")
+    p.add_argument("--prefix", default="", help="text to start from (default: none)")
+    p.add_argument("--num-tokens", type=_positive_int, default=DEFAULT_GENERATE_TOKENS, metavar="N",
+                   help=f"tokens to add (default {DEFAULT_GENERATE_TOKENS}; the server allows up to 10000)")
+    p.add_argument("--temperature", type=_temperature, default=0.0, metavar="T",
+                   help="0 (default) always takes the likeliest token; above 0 samples from softmax(logits / T)")
+    p.add_argument("--seed", type=_non_negative_int, default=0, metavar="S",
+                   help="seed for sampling: the same seed gives the same text (default 0)")
+
+    p = command("plot", cmd_plot, "draw a job's loss, gradient norms and gradients through time to an image",
+                epilog="Works on a running job too: it plots the history so far. Needs matplotlib:\n"
+                       "pip install 'gradserve[plot]'.")
+    p.add_argument("job", metavar="JOB")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="FILE",
+                   help="where to write it; the extension picks the format (.png, .svg, .pdf)")
 
     command("workers", cmd_workers, "list the workers that are alive")
     return parser

@@ -19,6 +19,7 @@ from pathlib import Path
 import grpc
 
 from gradserve import spec as specs
+from gradserve._channel import open_channel
 from gradserve.errors import InvalidArgument, Unavailable, from_rpc_error
 from gradserve.v1 import jobs_pb2, jobs_pb2_grpc
 
@@ -27,10 +28,15 @@ DEFAULT_TIMEOUT_S = 30.0
 # How long events() keeps trying to reconnect before it gives up.
 DEFAULT_RECONNECT_S = 60.0
 UPLOAD_CHUNK_BYTES = 1024 * 1024
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 TERMINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
 _RECONNECT_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL}
 _WAIT_POLL_S = 0.5
+# The notice a server going away ends open event streams with.
+SERVER_SHUTTING_DOWN = "SERVER_SHUTTING_DOWN"
+# Generation runs on a worker that may first have to load the model; the
+# server gives up a little before this deadline and says why.
+DEFAULT_GENERATE_TIMEOUT_S = 120.0
+DEFAULT_GENERATE_TOKENS = 100
 
 
 def state_name(state: int) -> str:
@@ -41,17 +47,25 @@ def state_name(state: int) -> str:
 class Client:
     """A connection to a gradserve server. `target` defaults to $GRADSERVE_SERVER, then 127.0.0.1:50051."""
 
-    def __init__(self, target: str | None = None, *, timeout: float = DEFAULT_TIMEOUT_S,
-                 reconnect_timeout: float = DEFAULT_RECONNECT_S):
+    def __init__(self, target: str | None = None, *, token: str | None = None, tls: bool | None = None,
+                 ca_file: str | None = None, cert_file: str | None = None, key_file: str | None = None,
+                 timeout: float = DEFAULT_TIMEOUT_S, reconnect_timeout: float = DEFAULT_RECONNECT_S):
+        """Connect to `target` (default $GRADSERVE_SERVER, then 127.0.0.1:50051).
+
+        `token` (default $GRADSERVE_TOKEN) is sent as a bearer token. TLS is on
+        when `tls` is true, or when a CA file is given ($GRADSERVE_CA_FILE);
+        without a CA file it trusts the system's roots. `cert_file` and
+        `key_file` present a client certificate, for servers that require one.
+        """
         self.target = target or os.environ.get("GRADSERVE_SERVER") or DEFAULT_SERVER
         self.timeout = timeout
         self.reconnect_timeout = reconnect_timeout
-        self._channel = grpc.insecure_channel(
-            self.target,
-            options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ],
+        ca_file = ca_file or os.environ.get("GRADSERVE_CA_FILE") or None
+        if tls is None:
+            tls = bool(ca_file or cert_file) or os.environ.get("GRADSERVE_TLS") == "1"
+        self._channel = open_channel(
+            self.target, token=token or os.environ.get("GRADSERVE_TOKEN") or None, tls=tls, ca_file=ca_file,
+            cert_file=cert_file, key_file=key_file,
         )
         self.stub = jobs_pb2_grpc.JobServiceStub(self._channel)
 
@@ -165,36 +179,60 @@ class Job:
         return self.info
 
     def wait(self, timeout: float | None = None) -> jobs_pb2.Job:
-        """Block until the job ends; returns its final record. Raises TimeoutError after `timeout` seconds."""
+        """Block until the job ends; returns its final record. Raises TimeoutError after `timeout` seconds.
+
+        A server that goes away meanwhile is waited for, as events() does, up
+        to the client's `reconnect_timeout` at a time.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
-        while state_name(self.refresh().state) not in TERMINAL_STATES:
+        down_since = None
+        while True:
+            try:
+                if state_name(self.refresh().state) in TERMINAL_STATES:
+                    return self.info
+                down_since = None
+            except Unavailable:
+                down_since = down_since or time.monotonic()
+                if time.monotonic() - down_since > self.client.reconnect_timeout:
+                    raise
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"job {self.id} is still {state_name(self.info.state)} after {timeout:g} s")
             time.sleep(_WAIT_POLL_S)
-        return self.info
 
-    def events(self, cursor: str | None = None) -> Iterator[jobs_pb2.Event]:
+    def events(self, cursor: str | None = None, follow: bool = True) -> Iterator[jobs_pb2.Event]:
         """Every event after `cursor` (all of them by default), then live ones until the job ends.
+
+        With follow=False it ends after the events stored so far instead, even
+        while the job runs: the history up to now, e.g. to plot it.
 
         If the connection drops, it reconnects from the last event it yielded, so
         no event is missed and none comes twice. It gives up with Unavailable
-        after the client's `reconnect_timeout` without a connection.
+        after the client's `reconnect_timeout` without a connection. A server
+        that shuts down ends the stream with a SERVER_SHUTTING_DOWN notice,
+        which is not yielded: it is the cue to reconnect the same way.
         """
         cursor = cursor or ""
         down_since = None
         while True:
-            call = self.client.stub.StreamEvents(jobs_pb2.StreamEventsRequest(job_id=self.id, cursor=cursor))
+            call = self.client.stub.StreamEvents(
+                jobs_pb2.StreamEventsRequest(job_id=self.id, cursor=cursor, history_only=not follow)
+            )
             try:
                 for event in call:
+                    if event.WhichOneof("kind") == "notice" and event.notice.code == SERVER_SHUTTING_DOWN:
+                        break  # reconnect from `cursor`, which a notice (not a stored event) does not move
                     down_since = None
                     cursor = event.cursor
                     yield event
                     if event.WhichOneof("kind") == "status" and state_name(event.status.state) in TERMINAL_STATES:
                         return
-                # The stream ended without the terminal event: either the server is
-                # going away (reconnect), or the history already ended before `cursor`.
-                if self.status() in TERMINAL_STATES and not self._has_events_after(cursor):
-                    return
+                else:
+                    if not follow:
+                        return
+                    # The stream ended without the terminal event: either the server is
+                    # going away (reconnect), or the history already ended before `cursor`.
+                    if self.status() in TERMINAL_STATES and not self._has_events_after(cursor):
+                        return
             except grpc.RpcError as e:
                 if e.code() not in _RECONNECT_CODES:
                     raise from_rpc_error(e) from None
@@ -218,6 +256,37 @@ class Job:
             raise from_rpc_error(e) from None
         finally:
             call.cancel()
+
+    def generate(self, prefix: str = "", num_chars: int = DEFAULT_GENERATE_TOKENS, *, temperature: float = 0.0,
+                 seed: int = 0, timeout: float = DEFAULT_GENERATE_TIMEOUT_S) -> jobs_pb2.GenerateResponse:
+        """Text from the job's latest checkpoint, running or finished; `.text` holds it, `.step` the checkpoint's step.
+
+        The model reads `prefix` (split and preprocessed as the job's text was;
+        tokens it never saw become <unk>), then adds `num_chars` tokens:
+        characters for char jobs, words for word jobs. `.text` is the prefix as
+        given followed by those tokens, so for preprocess=d2l jobs the added text
+        is lowercase letters and spaces. temperature 0 always picks the likeliest
+        token (the same text every time); above 0 it samples from
+        softmax(logits / temperature), reproducibly for the same `seed`.
+
+        A worker serving the "generate" queue does the work (`gradserve-server
+        dev` starts one). Raises NotFound when the job has no checkpoint yet,
+        InvalidArgument for values out of range, and Unavailable when no
+        generate worker answers.
+        """
+        request = jobs_pb2.GenerateRequest(job_id=self.id)
+        for field, value in (("prefix", prefix), ("num_tokens", num_chars), ("temperature", temperature),
+                             ("seed", seed)):
+            try:
+                setattr(request, field, value)
+            except (TypeError, ValueError):
+                # The wrong type, or out of the wire type's range (a negative count): the server never sees it.
+                reason = f"has the wrong type or is out of range, got {value!r}"
+                raise InvalidArgument(f"{field} {reason}", None, [(field, reason)]) from None
+        try:
+            return self.client.stub.Generate(request, timeout=timeout)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
 
     def download_checkpoint(self, path: str | os.PathLike) -> int:
         """Write the job's latest checkpoint to `path` (whole or not at all); returns its step."""

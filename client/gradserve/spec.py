@@ -14,11 +14,13 @@ from dataclasses import dataclass
 
 from gradserve.v1 import jobs_pb2
 
-BUILTIN_DATASETS = ("builtin:pydocs",)
+BUILTIN_DATASETS = ("builtin:pydocs", "builtin:adding", "builtin:copy")
+# Generated on the worker from the spec (seq_len, seed); they have no text.
+SYNTHETIC_TASKS = ("builtin:adding", "builtin:copy")
 DATASET_ID = re.compile(r"ds-[0-9a-f]{64}")
 
 # Adam's step size is per-coordinate, so SGD's textbook lr of 1 would wreck it.
-DEFAULT_LR = {"sgd": 1.0, "adam": 0.001}
+DEFAULT_LR = {"sgd": 1.0, "adam": 0.001, "adamw": 0.001}
 
 
 @dataclass(frozen=True)
@@ -74,8 +76,9 @@ FIELDS: tuple[Field, ...] = (
         choices=("sequential", "random"),
     ),
     Field("max_steps", 1000, "optimizer steps to train for", low=1, high=10_000_000),
-    Field("optimizer", "sgd", "the update rule", choices=("sgd", "adam")),
-    Field("lr", None, "learning rate (default 1 for sgd, 0.001 for adam)", low=0.0, high=100.0, low_inclusive=False),
+    Field("optimizer", "sgd", "the update rule", choices=("sgd", "adam", "adamw")),
+    Field("lr", None, "learning rate (default 1 for sgd, 0.001 for adam and adamw)", low=0.0, high=100.0,
+          low_inclusive=False),
     Field("clip_norm", 1.0, "clip gradients to this global L2 norm; 0 turns clipping off", low=0.0, high=1e6),
     Field("seed", 0, "seed for weights, partitioning and sampling", low=0, high=2**63 - 1),
     Field("device", "auto", "'auto' uses a GPU worker when one is alive", choices=("auto", "cpu", "cuda")),
@@ -83,8 +86,40 @@ FIELDS: tuple[Field, ...] = (
     Field("checkpoint_every", 500, "steps between checkpoints (one is always written at the end)", low=1, high=10_000_000),
     Field("min_freq", 1, "word tokens seen fewer times become <unk>", low=1, high=1_000_000),
     Field("nonlinearity", "tanh", "activation of rnn and rnn_scratch", choices=("tanh", "relu")),
+    Field(
+        "truncation",
+        "fixed",
+        "how gradients are cut through time: fixed windows, full sequences, randomized (unbiased), or tbptt(k1, k2)",
+        choices=("fixed", "full", "randomized", "tbptt"),
+    ),
+    Field("tbptt_k1", None, "tbptt: steps between updates (default num_steps)", low=1, high=10_000),
+    Field("tbptt_k2", None, "tbptt: steps each backward pass reaches back, at least k1 (default 2 x k1)",
+          low=1, high=10_000),
+    Field("truncation_keep", 0.9, "randomized: chance that a gradient path goes one step further back",
+          low=0.0, high=1.0, low_inclusive=False),
+    Field("dropout", 0.0, "dropout on each recurrent layer's output", low=0.0, high=0.9),
+    Field("embedding_size", 0, "learned input embedding size; 0 feeds one-hot tokens", low=0, high=4096),
+    Field("val_fraction", 0.05, "share of the text held out, from its end, for validation", low=0.0, high=0.5),
+    Field("eval_every", 500, "steps between validation passes (one always runs at the end)", low=1, high=10_000_000),
+    Field("weight_decay", 0.0, "L2 penalty (decoupled for adamw)", low=0.0, high=1.0),
+    Field("schedule", "constant", "learning-rate schedule", choices=("constant", "step", "cosine")),
+    Field("lr_step_every", 1000, "step schedule: steps between decays", low=1, high=10_000_000),
+    Field("lr_gamma", 0.1, "step schedule: factor applied at each decay", low=0.0, high=1.0, low_inclusive=False),
+    Field("probe_every", 200, "steps between gradient-through-time probes and spectral norms", low=1,
+          high=10_000_000),
+    Field("seq_len", 50, "length of each sequence of a synthetic task", low=2, high=10_000),
+    Field("on_nonfinite", "fail", "a NaN or infinite loss or gradient fails the job, or skips the step",
+          choices=("fail", "skip")),
 )
 BY_NAME = {f.name: f for f in FIELDS}
+
+
+# Defaults that depend on fields earlier in FIELDS.
+_DERIVED = {
+    "lr": lambda spec: DEFAULT_LR.get(spec.optimizer, 1.0),
+    "tbptt_k1": lambda spec: spec.num_steps,
+    "tbptt_k2": lambda spec: 2 * spec.tbptt_k1,
+}
 
 
 def complete(spec: jobs_pb2.JobSpec) -> jobs_pb2.JobSpec:
@@ -96,8 +131,7 @@ def complete(spec: jobs_pb2.JobSpec) -> jobs_pb2.JobSpec:
             if not getattr(full, f.name):
                 setattr(full, f.name, f.default)
         elif not full.HasField(f.name):
-            default = DEFAULT_LR.get(full.optimizer or "sgd", 1.0) if f.name == "lr" else f.default
-            setattr(full, f.name, default)
+            setattr(full, f.name, _DERIVED[f.name](full) if f.name in _DERIVED else f.default)
     return full
 
 
@@ -128,7 +162,53 @@ def violations(spec) -> list[tuple[str, str]]:
         out.append(("num_layers", f"must be 1 for model rnn_scratch, got {spec.num_layers}"))
     if spec.nonlinearity != "tanh" and spec.model not in ("rnn", "rnn_scratch"):
         out.append(("nonlinearity", f"applies only to models rnn and rnn_scratch, not {spec.model}; leave it tanh"))
+    k1, k2 = spec.tbptt_k1, spec.tbptt_k2
+    if k1 is not None and k2 is not None and k2 < k1:
+        out.append(("tbptt_k2", f"must be at least tbptt_k1 ({k1}), got {k2}"))
     return out
+
+
+# truncation="full" on text backpropagates through whole rows of the corpus;
+# longer rows than this are refused rather than left to exhaust memory.
+FULL_MAX_STEPS = 10_000
+# Steps a copy-memory sequence has beyond seq_len: 10 symbols shown, 10 recalled.
+COPY_EXTRA_STEPS = 20
+
+
+def text_violations(spec, tokens: int) -> list[tuple[str, str]]:
+    """Why a text of `tokens` tokens cannot train `spec` (a complete spec), in (field, reason) pairs.
+
+    The last val_fraction of the tokens is held out; validation walks it in
+    windows of num_steps, and training needs one full minibatch of what is left.
+    """
+    out = []
+    held_out = math.floor(tokens * spec.val_fraction)
+    train = tokens - held_out
+    if spec.val_fraction > 0 and held_out < spec.num_steps + 1:
+        out.append(("val_fraction", f"holds out {held_out} tokens of {tokens}, fewer than num_steps + 1 = "
+                                    f"{spec.num_steps + 1}; raise val_fraction, or set it to 0 for no validation"))
+    if spec.truncation == "full":
+        row = (train - 1) // spec.batch_size
+        if row < 1 or row > FULL_MAX_STEPS:
+            out.append(("truncation", f"full backpropagates through whole rows of the text, here {row} tokens "
+                                      f"long (batch_size {spec.batch_size}); rows must be 1 to {FULL_MAX_STEPS} "
+                                      "tokens: use truncation fixed, or a larger batch_size"))
+        return out
+    window = spec.num_steps
+    if spec.truncation == "tbptt":
+        window = spec.tbptt_k1 if spec.partition == "sequential" else spec.tbptt_k2
+    need = min_tokens(spec.batch_size, window)
+    if train < need:
+        out.append(("dataset", f"has {train} {spec.tokenization} tokens to train on (preprocess {spec.preprocess}, "
+                               f"after holding out {held_out} for validation), but batch_size {spec.batch_size} "
+                               f"and a window of {window} need at least {need}; lower batch_size or num_steps, "
+                               "or upload more text"))
+    return out
+
+
+def sequence_length(spec) -> int:
+    """Time steps in one sequence of a synthetic task."""
+    return spec.seq_len + (COPY_EXTRA_STEPS if spec.dataset == "builtin:copy" else 0)
 
 
 def min_tokens(batch_size: int, num_steps: int) -> int:
@@ -138,3 +218,46 @@ def min_tokens(batch_size: int, num_steps: int) -> int:
     inputs shifted by one token, so that much more is needed than batch × T.
     """
     return num_steps * (batch_size + 1)
+
+
+# ----------------------------------------------------------------------------- memory
+
+# What a job may use when no live worker advertises a budget of its own.
+DEFAULT_MEMORY_BUDGET_BYTES = 4 * 2**30
+# Symbols in and out of each synthetic task's model (the adding problem reads
+# (value, marker) pairs; copy memory uses 8 symbols, a blank and a delimiter).
+SYNTHETIC_VOCAB = {"builtin:adding": 2, "builtin:copy": 10}
+_GATES = {"rnn_scratch": 1, "rnn": 1, "gru": 3, "lstm": 4}
+_FLOAT_BYTES = 4
+
+
+def parameter_count(spec, vocab_size: int) -> int:
+    """Weights of the model that `spec` describes, for a vocabulary of `vocab_size`."""
+    h, gates = spec.hidden_size, _GATES[spec.model]
+    inputs = spec.embedding_size or vocab_size
+    embedding = spec.embedding_size * vocab_size
+    recurrent = gates * h * (inputs + h + 2) + (spec.num_layers - 1) * gates * h * (2 * h + 2)
+    return embedding + recurrent + h * vocab_size + vocab_size
+
+
+def backprop_window(spec, steps_per_sequence: int) -> int:
+    """How many time steps of activations one backward pass holds.
+
+    `steps_per_sequence` is the length a sequence can run to: seq_len for a
+    synthetic task, the length of one of the batch_size rows for text.
+    """
+    if spec.truncation == "full":
+        return steps_per_sequence
+    window = spec.tbptt_k2 if spec.truncation == "tbptt" else spec.num_steps
+    return min(window, steps_per_sequence)
+
+
+def memory_estimate_bytes(spec, vocab_size: int, window: int) -> int:
+    """A generous estimate of a job's memory: weights, gradients, optimizer state and one window's activations."""
+    optimizer_slots = 2 if spec.optimizer in ("adam", "adamw") else 0
+    weights = parameter_count(spec, vocab_size) * (2 + optimizer_slots)
+    inputs = spec.embedding_size or vocab_size
+    # Per step and sequence: each layer's gate pre-activations and states, the
+    # input, and the logits with their gradient.
+    per_step = spec.num_layers * spec.hidden_size * (_GATES[spec.model] + 2) + inputs + 2 * vocab_size
+    return _FLOAT_BYTES * (weights + spec.batch_size * window * per_step)

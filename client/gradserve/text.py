@@ -30,11 +30,18 @@ def tokenize(text: str, tokenization: str) -> list[str]:
     raise ValueError(f"unknown tokenization {tokenization!r}")
 
 
-def token_counts(text: str) -> dict[str, int]:
-    """Token count under every (tokenization, preprocess) pair, keyed "char:none", "word:d2l", ..."""
-    counts = {}
+def text_stats(text: str) -> dict[str, int]:
+    """Token count and distinct tokens under every (tokenization, preprocess) pair.
+
+    Keyed "tokens:char:none", "vocab:word:d2l", and so on. The vocabulary here
+    has no <unk> and ignores min_freq, so it is an upper bound of the model's.
+    """
+    stats = {}
     for mode in ("none", "d2l"):
         processed = preprocess(text, mode)
-        counts[f"char:{mode}"] = len(processed)
-        counts[f"word:{mode}"] = len(processed.split())
-    return counts
+        words = processed.split()
+        stats[f"tokens:char:{mode}"] = len(processed)
+        stats[f"vocab:char:{mode}"] = len(set(processed))
+        stats[f"tokens:word:{mode}"] = len(words)
+        stats[f"vocab:word:{mode}"] = len(set(words))
+    return stats

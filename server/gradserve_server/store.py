@@ -6,18 +6,26 @@ worker to move a job through its states, append events and write checkpoints.
 
 Keys (all under ``gradserve:``):
 
-    job:{id}        hash    spec (JobSpec bytes), state, queue, times, reason, worker, steps, cancel flag
-    jobs            zset    job id -> creation time, for listing newest first
+    job:{id}        hash    spec (JobSpec bytes), state, queue, times, reason, worker, steps, cancel flag,
+                            attempt, owner (the running attempt's fencing token), losses (workers lost),
+                            seen:{kind} (the last step of each kind of event in the stream)
+    jobs:{tenant}   zset    job id -> creation time, for listing a tenant's jobs newest first
+    active:{tenant} set     the tenant's jobs that may still be QUEUED or RUNNING (pruned when counted)
+    datasets:{tenant} set   the dataset ids the tenant uploaded (datasets are shared by content)
+    leases          zset    job id -> the moment (Redis clock, ms) its running attempt's lease expires
+    dispatch        zset    job id -> the moment (ms) after which any server may (re)send its train task
     events:{id}     stream  one entry per Event (field "e", Event bytes; the entry id is the cursor)
     dataset:{id}    hash    data (UTF-8 text), name, size, num_chars, token counts per tokenization
     builtin:{name}  string  the dataset id a built-in corpus is stored under
-    ckpt:{id}       hash    data (the trainer's bytes), step; replaced whole by RENAME
+    ckpt:{id}       hash    data (the trainer's bytes), step; replaced whole, in one script
     worker:{name}   hash    a worker's advertisement; expires unless its heartbeat renews it
+    reply:{req}     list    a generate worker's JSON reply to one Generate call; expires unread after REPLY_TTL_S
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import secrets
 import time
 from dataclasses import dataclass
@@ -52,11 +60,29 @@ def worker_key(name: str) -> str:
     return f"{PREFIX}worker:{name}"
 
 
+def tenant_jobs_key(tenant: str) -> str:
+    return f"{PREFIX}jobs:{tenant}"
+
+
+def active_key(tenant: str) -> str:
+    return f"{PREFIX}active:{tenant}"
+
+
+def tenant_datasets_key(tenant: str) -> str:
+    return f"{PREFIX}datasets:{tenant}"
+
+
 def builtin_key(name: str) -> str:
     return f"{PREFIX}builtin:{name}"
 
 
-JOBS_KEY = f"{PREFIX}jobs"
+LEASES_KEY = f"{PREFIX}leases"
+DISPATCH_KEY = f"{PREFIX}dispatch"
+
+# A job in the dispatch outbox whose task nobody confirmed sending this long
+# after it was queued is sent again by a server's reaper. The one that queued
+# it sends it at once, so this only matters when that process died in between.
+DISPATCH_RETRY_S = 30
 
 
 def timestamp(seconds: float) -> Timestamp:
@@ -76,11 +102,13 @@ def decode_event(entry_id: bytes | str, fields: dict) -> jobs_pb2.Event:
     return event
 
 
-def status_event(job_id: str, state: int, reason: str = "", worker: str = "", step: int = 0) -> jobs_pb2.Event:
+def status_event(job_id: str, state: int, reason: str = "", worker: str = "", step: int = 0, attempt: int = 0,
+                 resumed_from_step: int = 0) -> jobs_pb2.Event:
     return jobs_pb2.Event(
         job_id=job_id,
         time=timestamp(time.time()),
-        status=jobs_pb2.StatusChange(state=state, reason=reason, worker=worker, step=step),
+        status=jobs_pb2.StatusChange(state=state, reason=reason, worker=worker, step=step, attempt=attempt,
+                                     resumed_from_step=resumed_from_step),
     )
 
 
@@ -108,6 +136,112 @@ end
 return {0, state}
 """
 
+# Attempts are how the runs of one job stay apart. Each run is an attempt,
+# numbered from 1; the worker that claims one draws a random token, and every
+# write it makes afterwards (events, checkpoints, the job's end) names both and
+# lands only while the job is still RUNNING that attempt under that token. A
+# worker presumed dead, or one whose job went to a later attempt, is fenced off
+# and stops, so two trainers never both write one job. Lease deadlines and
+# dispatch times are on Redis's clock, the one clock every process shares.
+
+_NOW_MS = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+# A compare-and-set on the job record. When every field in op.expect has the
+# value given ('' for absent) and, with op.lease_expired, the job's lease has
+# run out: set fields, put the job in or take it out of the lease and
+# dispatch sets, and append the status event, all in one step.
+#   KEYS: job hash, event stream, leases zset, dispatch zset
+#   ARGV: op as JSON {job, expect, lease_expired, set, lease: set|del|"", lease_ms,
+#         dispatch: add|del|"", dispatch_ms}, event bytes ("" for none)
+#   Returns {1, entry id or ""} when applied, {0, field, its value} when a field
+#   is not as expected, {-1} when there is no job.
+_CAS = _NOW_MS + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-1} end
+local op = cjson.decode(ARGV[1])
+for field, want in pairs(op.expect) do
+  local have = redis.call('HGET', KEYS[1], field) or ''
+  if have ~= want then return {0, field, have} end
+end
+if op.lease_expired then
+  local deadline = redis.call('ZSCORE', KEYS[3], op.job)
+  if deadline and tonumber(deadline) > now then return {0, 'lease', deadline} end
+end
+for field, value in pairs(op.set) do redis.call('HSET', KEYS[1], field, value) end
+if op.lease == 'set' then redis.call('ZADD', KEYS[3], now + op.lease_ms, op.job)
+elseif op.lease == 'del' then redis.call('ZREM', KEYS[3], op.job) end
+if op.dispatch == 'add' then redis.call('ZADD', KEYS[4], now + op.dispatch_ms, op.job)
+elseif op.dispatch == 'del' then redis.call('ZREM', KEYS[4], op.job) end
+if ARGV[2] == '' then return {1, ''} end
+return {1, redis.call('XADD', KEYS[2], '*', 'e', ARGV[2])}
+"""
+
+# The fence in front of every write of a running attempt.
+#   ARGV[1..3]: attempt, token, the RUNNING state. Fenced off: {0, state, attempt}.
+_FENCE = """
+local attempt, owner, state = unpack(redis.call('HMGET', KEYS[1], 'attempt', 'owner', 'state'))
+if attempt ~= ARGV[1] or owner ~= ARGV[2] or state ~= ARGV[3] then
+  return {0, state or '', attempt or ''}
+end
+"""
+
+# A worker's event, at most once per step and kind: a step the stream already
+# has an event of this kind for (a write retried after a lost reply, or a
+# resumed attempt recomputing steps its predecessor reported) is skipped, so a
+# watcher never sees a step twice or going back.
+#   KEYS: job hash, event stream
+#   ARGV: attempt, token, RUNNING, kind, step ("" when the event has none), event bytes
+#   Returns {1, entry id} appended, {2} skipped, {0, state, attempt} fenced off.
+_APPEND = _FENCE + """
+if ARGV[5] ~= '' then
+  local seen = 'seen:' .. ARGV[4]
+  if tonumber(ARGV[5]) <= tonumber(redis.call('HGET', KEYS[1], seen) or '-1') then return {2} end
+  redis.call('HSET', KEYS[1], seen, ARGV[5])
+  if ARGV[4] == 'metrics' then redis.call('HSET', KEYS[1], 'last_step', ARGV[5]) end
+end
+return {1, redis.call('XADD', KEYS[2], '*', 'e', ARGV[6])}
+"""
+
+# The job's checkpoint, replaced whole with its event (a script runs alone, so
+# a reader gets the old checkpoint or the new one, never a mix). A step no
+# later than the stored one is skipped: only the newest checkpoint is kept.
+#   KEYS: job hash, event stream, checkpoint hash
+#   ARGV: attempt, token, RUNNING, step, data, event bytes. Returns as _APPEND.
+_CHECKPOINT = _FENCE + """
+if tonumber(ARGV[4]) <= tonumber(redis.call('HGET', KEYS[1], 'checkpoint_step') or '-1') then return {2} end
+redis.call('DEL', KEYS[3])
+redis.call('HSET', KEYS[3], 'data', ARGV[5], 'step', ARGV[4])
+redis.call('HSET', KEYS[1], 'checkpoint_step', ARGV[4])
+return {1, redis.call('XADD', KEYS[2], '*', 'e', ARGV[6])}
+"""
+
+# Takes a due entry of the dispatch outbox for one caller, for the next
+# retry_ms: returns {attempt, queue} to send, or nil when the entry is not due
+# (another server took it) or the job is no longer QUEUED (the entry goes).
+#   KEYS: dispatch zset, job hash.  ARGV: job id, retry_ms, the QUEUED state
+_TAKE_DISPATCH = _NOW_MS + """
+local due = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not due or tonumber(due) > now then return false end
+local state, attempt, queue = unpack(redis.call('HMGET', KEYS[2], 'state', 'attempt', 'queue'))
+if state ~= ARGV[3] then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  return false
+end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+return {attempt, queue}
+"""
+
+# The task of this attempt was sent: its outbox entry goes, unless the job has
+# been queued again as a later attempt, whose task is still to send.
+#   KEYS: dispatch zset, job hash.  ARGV: job id, attempt
+_DISPATCHED = """
+local attempt = redis.call('HGET', KEYS[2], 'attempt')
+if not attempt or attempt == ARGV[2] then redis.call('ZREM', KEYS[1], ARGV[1]) end
+return 1
+"""
+
 
 @dataclass
 class Refused(Exception):
@@ -124,6 +258,38 @@ class NotFound(KeyError):
     pass
 
 
+@dataclass
+class Fenced(Exception):
+    """A write by an attempt that no longer owns its job: a later attempt has it, or it ended."""
+
+    job_id: str
+    attempt: int
+    detail: str
+
+    def __str__(self) -> str:
+        return f"attempt {self.attempt} of job {self.job_id} no longer owns it: {self.detail}"
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A worker's claim on one attempt of a job, which each of its writes presents."""
+
+    job_id: str
+    attempt: int
+    token: str
+    worker: str
+    queue: str
+    # The checkpoint this attempt resumes from; 0 when it starts from scratch.
+    checkpoint_step: int
+
+
+def _text(value: bytes | str | None) -> str:
+    """A Redis reply as text; "" for a missing value."""
+    if value is None:
+        return ""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def new_job_id() -> str:
     return "job-" + secrets.token_hex(10)
 
@@ -138,6 +304,11 @@ class JobStore:
     def __init__(self, client: redis.Redis):
         self.r = client
         self._transition = client.register_script(_TRANSITION)
+        self._cas = client.register_script(_CAS)
+        self._append = client.register_script(_APPEND)
+        self._checkpoint = client.register_script(_CHECKPOINT)
+        self._take_dispatch = client.register_script(_TAKE_DISPATCH)
+        self._dispatched = client.register_script(_DISPATCHED)
 
     @classmethod
     def from_url(cls, url: str) -> "JobStore":
@@ -146,15 +317,20 @@ class JobStore:
 
     # ---------------------------------------------------------------- jobs
 
-    def create_job(self, job_id: str, spec: jobs_pb2.JobSpec, queue: str) -> jobs_pb2.Job:
+    def create_job(self, job_id: str, spec: jobs_pb2.JobSpec, queue: str, tenant: str = "") -> jobs_pb2.Job:
+        """Record a QUEUED job as attempt 1, in the dispatch outbox until `dispatched` says its task was sent."""
         now = time.time()
-        event = status_event(job_id, jobs_pb2.QUEUED)
+        event = status_event(job_id, jobs_pb2.QUEUED, attempt=1)
+        resend_at = self.now_ms() + DISPATCH_RETRY_S * 1000
         with self.r.pipeline(transaction=True) as p:
             p.hset(
                 job_key(job_id),
-                mapping={"spec": spec.SerializeToString(), "state": jobs_pb2.QUEUED, "queue": queue, "created": now},
+                mapping={"spec": spec.SerializeToString(), "state": jobs_pb2.QUEUED, "queue": queue, "created": now,
+                         "attempt": 1, "tenant": tenant},
             )
-            p.zadd(JOBS_KEY, {job_id: now})
+            p.zadd(tenant_jobs_key(tenant), {job_id: now})
+            p.sadd(active_key(tenant), job_id)
+            p.zadd(DISPATCH_KEY, {job_id: resend_at})
             p.xadd(events_key(job_id), {"e": encode_event(event)})
             p.execute()
         return self.get_job(job_id)
@@ -165,12 +341,13 @@ class JobStore:
             raise NotFound(job_id)
         return _job_from_hash(job_id, raw)
 
-    def list_jobs(self, limit: int, state: int = 0) -> list[jobs_pb2.Job]:
+    def list_jobs(self, limit: int, state: int = 0, tenant: str = "") -> list[jobs_pb2.Job]:
+        """The tenant's newest jobs, optionally only those in `state`."""
         jobs = []
         # Filtering happens after reading, so read in pages until enough match.
         start = 0
         while len(jobs) < limit:
-            ids = self.r.zrevrange(JOBS_KEY, start, start + 4 * limit - 1)
+            ids = self.r.zrevrange(tenant_jobs_key(tenant), start, start + 4 * limit - 1)
             if not ids:
                 break
             start += len(ids)
@@ -183,6 +360,21 @@ class JobStore:
                     jobs.append(_job_from_hash(i.decode(), raw))
         return jobs[:limit]
 
+    def active_counts(self, tenant: str) -> tuple[int, int]:
+        """How many of the tenant's jobs are (QUEUED, RUNNING) now; forgets the ones that have ended."""
+        ids = list(self.r.smembers(active_key(tenant)))
+        if not ids:
+            return 0, 0
+        with self.r.pipeline(transaction=False) as p:
+            for i in ids:
+                p.hget(job_key(i.decode()), "state")
+            states = p.execute()
+        ended = [i for i, s in zip(ids, states) if s is None or int(s) in TERMINAL]
+        if ended:
+            self.r.srem(active_key(tenant), *ended)
+        live = [int(s) for s in states if s is not None and int(s) not in TERMINAL]
+        return live.count(jobs_pb2.QUEUED), live.count(jobs_pb2.RUNNING)
+
     def transition(self, job_id: str, allowed: set[int], new_state: int, *, reason: str = "", worker: str = "",
                    step: int = 0, fields: dict | None = None) -> str:
         """Move the job to `new_state` if it is in one of `allowed`, with its status event; returns the cursor."""
@@ -191,11 +383,8 @@ class JobStore:
             extra["reason"] = reason
         if worker:
             extra["worker"] = worker
-        now = time.time()
-        if new_state == jobs_pb2.RUNNING:
-            extra["started"] = now
         if new_state in TERMINAL:
-            extra["finished"] = now
+            extra["finished"] = time.time()
         event = status_event(job_id, new_state, reason=reason, worker=worker, step=step)
         args = [",".join(str(s) for s in sorted(allowed)), new_state, encode_event(event)]
         for k, v in extra.items():
@@ -230,14 +419,213 @@ class JobStore:
             raise NotFound(job_id)
         return jobs_pb2.JobSpec.FromString(raw)
 
+    # ------------------------------------------------ attempts and leases
+
+    def now_ms(self) -> int:
+        """Redis's clock, in milliseconds: the one that lease deadlines and dispatch times are on."""
+        seconds, micros = self.r.time()
+        return seconds * 1000 + micros // 1000
+
+    def _apply(self, job_id: str, op: dict, event: jobs_pb2.Event | None = None) -> tuple[bool, str]:
+        """Run the _CAS script; (True, cursor or "") when applied, else (False, the first field not as expected)."""
+        full = {"job": job_id, "expect": {}, "lease_expired": False, "set": {}, "lease": "", "lease_ms": 0,
+                "dispatch": "", "dispatch_ms": 0, **op}
+        full["expect"] = {k: str(v) for k, v in full["expect"].items()}
+        full["set"] = {k: str(v) for k, v in full["set"].items()}
+        result = self._cas(
+            keys=[job_key(job_id), events_key(job_id), LEASES_KEY, DISPATCH_KEY],
+            args=[json.dumps(full), encode_event(event) if event is not None else b""],
+        )
+        if result[0] == -1:
+            raise NotFound(job_id)
+        return result[0] == 1, _text(result[1])
+
+    @staticmethod
+    def _fence_args(lease: Lease) -> list:
+        return [lease.attempt, lease.token, jobs_pb2.RUNNING]
+
+    @staticmethod
+    def _fence(lease: Lease) -> dict:
+        return {"state": jobs_pb2.RUNNING, "attempt": lease.attempt, "owner": lease.token}
+
+    @staticmethod
+    def _fenced_result(lease: Lease, result: list) -> bool:
+        if result[0] == 0:
+            state, attempt = _text(result[1]), _text(result[2])
+            now = f"it is {jobs_pb2.JobState.Name(int(state))}, attempt {attempt or 1}" if state else "it is gone"
+            raise Fenced(lease.job_id, lease.attempt, now)
+        return result[0] == 1
+
+    def claim(self, job_id: str, attempt: int, worker: str, lease_s: float) -> Lease:
+        """Start the job's current attempt on `worker`: QUEUED to RUNNING, under a lease of `lease_s` seconds.
+
+        `attempt` is the one the task was sent for; 0 takes whichever is
+        current. Raises Refused when the job is not QUEUED (another delivery of
+        the task got it first, or it ended), Fenced when it was queued again as
+        a later attempt after this task was sent, NotFound when there is no job.
+        """
+        state, current, checkpoint, started, queue = self.r.hmget(
+            job_key(job_id), "state", "attempt", "checkpoint_step", "started", "queue"
+        )
+        if state is None:
+            raise NotFound(job_id)
+        if int(state) != jobs_pb2.QUEUED:
+            raise Refused(job_id, int(state))
+        number = int(current or 1)
+        if attempt and attempt != number:
+            raise Fenced(job_id, attempt, f"it was queued again as attempt {number}")
+        resumed = int(checkpoint or 0)
+        reason = ""
+        if number > 1:
+            reason = (f"attempt {number}, resumed from step {resumed}" if resumed
+                      else f"attempt {number}, starting over: there was no checkpoint yet")
+        token = secrets.token_hex(8)
+        fields = {"state": jobs_pb2.RUNNING, "attempt": number, "worker": worker, "owner": token}
+        if started is None:
+            fields["started"] = time.time()
+        event = status_event(job_id, jobs_pb2.RUNNING, reason=reason, worker=worker, step=resumed, attempt=number,
+                             resumed_from_step=resumed)
+        applied, _ = self._apply(
+            job_id,
+            {"expect": {"state": jobs_pb2.QUEUED, "attempt": _text(current), "checkpoint_step": _text(checkpoint)},
+             "set": fields, "lease": "set", "lease_ms": int(lease_s * 1000), "dispatch": "del"},
+            event,
+        )
+        if not applied:
+            # Another delivery of the same attempt won the race.
+            raise Refused(job_id, int(self.r.hget(job_key(job_id), "state") or jobs_pb2.RUNNING))
+        return Lease(job_id, number, token, worker, _text(queue) or "cpu", resumed)
+
+    def renew(self, lease: Lease, lease_s: float) -> bool:
+        """Extend the lease to `lease_s` seconds from now; False when the attempt no longer owns the job."""
+        try:
+            applied, _ = self._apply(lease.job_id, {"expect": self._fence(lease), "lease": "set",
+                                                    "lease_ms": int(lease_s * 1000)})
+        except NotFound:
+            return False
+        return applied
+
+    def finish(self, lease: Lease, state: int, *, reason: str = "", step: int = 0) -> None:
+        """End the attempt's job in a terminal `state`. Raises Fenced when the attempt no longer owns it."""
+        fields = {"state": state, "finished": time.time(), "worker": lease.worker}
+        if reason:
+            fields["reason"] = reason
+        event = status_event(lease.job_id, state, reason=reason, worker=lease.worker, step=step, attempt=lease.attempt)
+        applied, _ = self._apply(lease.job_id, {"expect": self._fence(lease), "set": fields, "lease": "del"}, event)
+        if applied:
+            return
+        now_state, attempt, owner = self.r.hmget(job_key(lease.job_id), "state", "attempt", "owner")
+        # A retry of a finish whose reply was lost finds its own work done.
+        if (_text(now_state), _text(attempt), _text(owner)) == (str(state), str(lease.attempt), lease.token):
+            return
+        raise Fenced(lease.job_id, lease.attempt, f"it is {jobs_pb2.JobState.Name(int(now_state or 0))}, "
+                                                  f"attempt {_text(attempt) or 1}")
+
+    def hand_back(self, lease: Lease, step: int, reason: str) -> int:
+        """Queue the job again as the next attempt, to resume from its checkpoint elsewhere; returns that attempt.
+
+        Returns 0, changing nothing, when a cancel was requested: the job should
+        end CANCELLED instead. The new attempt waits in the dispatch outbox
+        until `dispatched`. Raises Fenced when the attempt no longer owns the job.
+        """
+        after = lease.attempt + 1
+        event = status_event(lease.job_id, jobs_pb2.QUEUED, reason=reason, worker=lease.worker, step=step,
+                             attempt=after)
+        applied, field = self._apply(
+            lease.job_id,
+            {"expect": {**self._fence(lease), "cancel": ""}, "set": {"state": jobs_pb2.QUEUED, "attempt": after},
+             "lease": "del", "dispatch": "add", "dispatch_ms": DISPATCH_RETRY_S * 1000},
+            event,
+        )
+        if applied:
+            return after
+        if field == "cancel":
+            return 0
+        raise Fenced(lease.job_id, lease.attempt, f"its {field} changed")
+
+    def unclaimed(self, lease: Lease) -> bool:
+        """Whether the job is QUEUED at the lease's own attempt: Redis came back from a state older than the claim."""
+        state, attempt = self.r.hmget(job_key(lease.job_id), "state", "attempt")
+        return (_text(state), _text(attempt)) == (str(jobs_pb2.QUEUED), str(lease.attempt))
+
+    def expired_leases(self, limit: int = 100) -> list[str]:
+        """Jobs whose running attempt's lease ran out: their workers stopped renewing it."""
+        return [i.decode() for i in self.r.zrangebyscore(LEASES_KEY, "-inf", self.now_ms(), start=0, num=limit)]
+
+    def reap(self, job_id: str, max_attempts: int) -> tuple[int, str] | None:
+        """Take a job away from an attempt whose lease expired (its worker is presumed dead).
+
+        The job is queued again as the next attempt, to resume from its
+        checkpoint; or it FAILS once `max_attempts` workers were lost running
+        it; or it is CANCELLED when a cancel was waiting for the lost worker.
+        Returns (new state, reason), or None when there was nothing to do: the
+        lease was renewed meanwhile, or another server reaped it first.
+        """
+        state, attempt, owner, worker, last_step, checkpoint, losses, cancel = self.r.hmget(
+            job_key(job_id), "state", "attempt", "owner", "worker", "last_step", "checkpoint_step", "losses", "cancel"
+        )
+        if state is None:  # deleted under its lease
+            self.r.zrem(LEASES_KEY, job_id)
+            return None
+        number, lost, step = int(attempt or 1), int(losses or 0) + 1, int(last_step or 0)
+        who = _text(worker) or "?"
+        op = {"expect": {"state": jobs_pb2.RUNNING, "attempt": _text(attempt), "owner": _text(owner),
+                         "losses": _text(losses), "cancel": _text(cancel)},
+              "lease_expired": True, "lease": "del"}
+        if cancel == b"1":
+            new_state, reason = jobs_pb2.CANCELLED, f"cancelled by request; its worker {who} was lost at step {step}"
+            op["set"] = {"state": new_state, "reason": reason, "finished": time.time(), "losses": lost}
+            event = status_event(job_id, new_state, reason=reason, worker=who, step=step, attempt=number)
+        elif lost >= max_attempts:
+            new_state, reason = jobs_pb2.FAILED, f"worker lost {lost} times; last at step {step}"
+            op["set"] = {"state": new_state, "reason": reason, "finished": time.time(), "losses": lost}
+            event = status_event(job_id, new_state, reason=reason, worker=who, step=step, attempt=number)
+        else:
+            resume = f"resumes from step {int(checkpoint)}" if checkpoint else "starts over: there is no checkpoint"
+            new_state = jobs_pb2.QUEUED
+            reason = f"worker {who} lost at step {step} (its lease expired); attempt {number + 1} {resume}"
+            op.update(set={"state": new_state, "attempt": number + 1, "losses": lost}, dispatch="add")
+            event = status_event(job_id, new_state, reason=reason, worker=who, step=step, attempt=number + 1)
+        applied, _ = self._apply(job_id, op, event)
+        return (new_state, reason) if applied else None
+
+    def due_dispatches(self, limit: int = 100) -> list[tuple[str, int, str]]:
+        """Queued jobs whose train task may never have been sent, each taken for this caller for a while.
+
+        Returns (job id, attempt, queue) for each; send the task, then call `dispatched`.
+        """
+        due = []
+        for raw in self.r.zrangebyscore(DISPATCH_KEY, "-inf", self.now_ms(), start=0, num=limit):
+            job_id = raw.decode()
+            taken = self._take_dispatch(keys=[DISPATCH_KEY, job_key(job_id)],
+                                        args=[job_id, DISPATCH_RETRY_S * 1000, jobs_pb2.QUEUED])
+            if taken:
+                due.append((job_id, int(taken[0] or 1), _text(taken[1]) or "cpu"))
+        return due
+
+    def dispatched(self, job_id: str, attempt: int) -> None:
+        """The train task of this attempt was sent: take the job out of the dispatch outbox."""
+        self._dispatched(keys=[DISPATCH_KEY, job_key(job_id)], args=[job_id, attempt])
+
     # -------------------------------------------------------------- events
 
-    def append_metrics(self, job_id: str, metrics: jobs_pb2.Metrics) -> None:
-        event = jobs_pb2.Event(job_id=job_id, time=timestamp(time.time()), metrics=metrics)
-        with self.r.pipeline(transaction=True) as p:
-            p.xadd(events_key(job_id), {"e": encode_event(event)})
-            p.hset(job_key(job_id), "last_step", metrics.step)
-            p.execute()
+    def append_event(self, lease: Lease, event: jobs_pb2.Event) -> bool:
+        """Append a running attempt's event (metrics, evaluation, probe); metrics also advance last_step.
+
+        Returns False, appending nothing, when the stream already has an event
+        of this kind at this step or later. Raises Fenced when `lease` no
+        longer owns the job.
+        """
+        event.job_id = lease.job_id
+        event.time.CopyFrom(timestamp(time.time()))
+        kind = event.WhichOneof("kind")
+        payload = getattr(event, kind)
+        step = str(payload.step) if "step" in payload.DESCRIPTOR.fields_by_name else ""
+        result = self._append(
+            keys=[job_key(lease.job_id), events_key(lease.job_id)],
+            args=[*self._fence_args(lease), kind, step, encode_event(event)],
+        )
+        return self._fenced_result(lease, result)
 
     def events_after(self, job_id: str, cursor: str = "", count: int = 1000) -> list[jobs_pb2.Event]:
         """Events strictly after `cursor` (all of them when it is empty), oldest first."""
@@ -246,14 +634,20 @@ class JobStore:
 
     # ------------------------------------------------------------ datasets
 
-    def put_dataset(self, data: bytes, name: str, num_chars: int, token_counts: dict[str, int]) -> jobs_pb2.Dataset:
+    def put_dataset(self, data: bytes, name: str, num_chars: int, stats: dict[str, int],
+                    tenant: str = "") -> jobs_pb2.Dataset:
+        """Store the text once per content, and record that `tenant` may use it."""
         dataset_id = dataset_id_for(data)
         key = dataset_key(dataset_id)
         if not self.r.exists(key):
             mapping = {"data": data, "name": name, "size": len(data), "num_chars": num_chars}
-            mapping.update({f"tokens:{k}": v for k, v in token_counts.items()})
+            mapping.update(stats)
             self.r.hset(key, mapping=mapping)
+        self.r.sadd(tenant_datasets_key(tenant), dataset_id)
         return self.dataset_info(dataset_id)
+
+    def owns_dataset(self, tenant: str, dataset_id: str) -> bool:
+        return bool(self.r.sismember(tenant_datasets_key(tenant), dataset_id))
 
     def builtin_dataset_id(self, name: str) -> str:
         """The stored dataset id of built-in corpus `name`, or "" before its first use."""
@@ -280,11 +674,13 @@ class JobStore:
             raise NotFound(dataset_id)
         return jobs_pb2.Dataset(id=dataset_id, name=name.decode(), size_bytes=int(size), num_chars=int(num_chars))
 
-    def dataset_tokens(self, dataset_id: str, tokenization: str, preprocess: str) -> int:
-        n = self.r.hget(dataset_key(dataset_id), f"tokens:{tokenization}:{preprocess}")
+    def dataset_tokens(self, dataset_id: str, tokenization: str, preprocess: str) -> tuple[int, int]:
+        """(token count, distinct tokens) of the dataset under that tokenization."""
+        n, vocab = self.r.hmget(dataset_key(dataset_id), f"tokens:{tokenization}:{preprocess}",
+                                f"vocab:{tokenization}:{preprocess}")
         if n is None:
             raise NotFound(dataset_id)
-        return int(n)
+        return int(n), int(vocab)
 
     def dataset_text(self, dataset_id: str) -> str:
         data = self.r.hget(dataset_key(dataset_id), "data")
@@ -294,20 +690,19 @@ class JobStore:
 
     # --------------------------------------------------------- checkpoints
 
-    def put_checkpoint(self, job_id: str, step: int, data: bytes) -> None:
-        """Replace the job's checkpoint whole: a reader sees the old one or the new one, never a mix."""
-        tmp = checkpoint_key(job_id) + ":tmp"
-        with self.r.pipeline(transaction=True) as p:
-            p.delete(tmp)
-            p.hset(tmp, mapping={"data": data, "step": step})
-            p.rename(tmp, checkpoint_key(job_id))
-            p.hset(job_key(job_id), "checkpoint_step", step)
-            p.xadd(
-                events_key(job_id),
-                {"e": encode_event(jobs_pb2.Event(job_id=job_id, time=timestamp(time.time()),
-                                                  checkpoint=jobs_pb2.CheckpointSaved(step=step, size_bytes=len(data))))},
-            )
-            p.execute()
+    def put_checkpoint(self, lease: Lease, step: int, data: bytes) -> bool:
+        """Replace the job's checkpoint whole, with its event: a reader sees the old one or the new one.
+
+        Returns False, writing nothing, when the stored checkpoint is as new.
+        Raises Fenced when `lease` no longer owns the job.
+        """
+        event = jobs_pb2.Event(job_id=lease.job_id, time=timestamp(time.time()),
+                               checkpoint=jobs_pb2.CheckpointSaved(step=step, size_bytes=len(data)))
+        result = self._checkpoint(
+            keys=[job_key(lease.job_id), events_key(lease.job_id), checkpoint_key(lease.job_id)],
+            args=[*self._fence_args(lease), step, data, encode_event(event)],
+        )
+        return self._fenced_result(lease, result)
 
     def get_checkpoint(self, job_id: str) -> tuple[int, bytes]:
         data, step = self.r.hmget(checkpoint_key(job_id), "data", "step")
@@ -369,8 +764,36 @@ def _job_from_hash(job_id: str, raw: dict) -> jobs_pb2.Job:
         last_step=int(g.get("last_step", 0)),
         queue=g.get("queue", b"").decode(),
         checkpoint_step=int(g.get("checkpoint_step", 0)),
+        attempt=int(g.get("attempt", 1)),
+        tenant=g.get("tenant", b"").decode(),
     )
     for field, name in (("created_at", "created"), ("started_at", "started"), ("finished_at", "finished")):
         if name in g:
             getattr(job, field).CopyFrom(timestamp(float(g[name])))
     return job
+
+
+# ------------------------------------------------------------ generate replies
+
+# Long enough for a server still waiting to read it; short enough that replies
+# nobody reads (the caller gave up) do not pile up.
+REPLY_TTL_S = 60
+
+
+def reply_key(request_id: str) -> str:
+    return f"{PREFIX}reply:{request_id}"
+
+
+def put_reply(client: redis.Redis, request_id: str, reply: dict) -> None:
+    """Hand a generate worker's reply to the server that waits for it with BLPOP."""
+    key = reply_key(request_id)
+    with client.pipeline(transaction=True) as p:
+        p.lpush(key, json.dumps(reply))
+        p.expire(key, REPLY_TTL_S)
+        p.execute()
+
+
+def checkpoint_step(client: redis.Redis, job_id: str) -> int:
+    """The step of the job's latest checkpoint (0: none), read without its bytes."""
+    step = client.hget(checkpoint_key(job_id), "step")
+    return int(step) if step is not None else 0

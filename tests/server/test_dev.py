@@ -45,9 +45,9 @@ def test_dev_runs_a_command_against_the_stack_then_leaves_nothing_behind():
         capture_output=True, text=True, timeout=240,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "final True 2" in done.stdout
+    assert "final True 3" in done.stdout, "2 training workers and 1 generate worker"
     pids = _pids(done.stdout)
-    assert len(pids) == 3
+    assert len(pids) == 4
     assert all(_gone(p) for p in pids), f"left running: {[p for p in pids if not _gone(p)]}"
 
 

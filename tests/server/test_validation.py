@@ -71,10 +71,27 @@ def test_an_unknown_dataset_is_not_found(client):
 def test_a_dataset_too_short_for_the_batch_is_refused_with_the_numbers(client):
     tiny = client.upload_bytes("a short text, only sixty-odd characters long, for this test.", name="tiny")
     with pytest.raises(gradserve.InvalidArgument) as err:
-        client.submit(dataset=tiny, batch_size=32, num_steps=35)
+        client.submit(dataset=tiny, batch_size=32, num_steps=35, val_fraction=0.0)
     message = str(err.value)
     assert err.value.field == "spec.dataset"
-    assert "has 60 char tokens" in message and "need at least 1155" in message
+    assert "has 60 char tokens to train on" in message and "need at least 1155" in message
+
+
+def test_a_validation_split_too_short_for_one_window_is_refused(client, corpus_id):
+    with pytest.raises(gradserve.InvalidArgument) as err:
+        client.submit(dataset=corpus_id, num_steps=2000, batch_size=2, val_fraction=0.01)
+    assert err.value.field == "spec.val_fraction"
+    assert "fewer than num_steps + 1 = 2001" in str(err.value)
+
+
+def test_tbptt_needs_text_for_its_own_window(client):
+    text = client.upload_bytes("abcdefgh" * 40, name="320 chars")
+    with pytest.raises(gradserve.InvalidArgument, match="a window of 40 need at least 360"):
+        client.submit(dataset=text, truncation="tbptt", partition="random", num_steps=10, tbptt_k1=20,
+                      tbptt_k2=40, batch_size=8, val_fraction=0.0)
+    job = client.submit(dataset=text, truncation="tbptt", partition="sequential", num_steps=10, tbptt_k1=20,
+                        tbptt_k2=40, batch_size=8, val_fraction=0.0, model="rnn", hidden_size=8, max_steps=3)
+    assert job.info.spec.tbptt_k2 == 40
 
 
 def test_unknown_and_malformed_job_ids(client):
@@ -129,3 +146,18 @@ def test_an_upload_over_the_limit_is_refused_and_nothing_is_kept(client, stack):
 
 def test_uploading_the_same_text_twice_gives_the_same_id(client, timemachine, corpus_id):
     assert client.upload_bytes(timemachine, name="again") == corpus_id
+
+
+def test_a_job_over_the_memory_budget_is_refused_with_the_estimate(client, corpus_id):
+    with pytest.raises(gradserve.InvalidArgument) as err:
+        client.submit(dataset=corpus_id, model="lstm", hidden_size=4096, num_layers=8, batch_size=64, num_steps=500)
+    message = str(err.value)
+    assert "needs an estimated" in message and "over the budget of 4,096 MiB" in message
+    assert "500-step backward window" in message
+
+
+def test_full_truncation_on_a_long_text_is_refused_unless_it_fits(client, corpus_id):
+    with pytest.raises(gradserve.InvalidArgument) as err:
+        client.submit(dataset=corpus_id, truncation="full", model="lstm", hidden_size=1024, batch_size=4)
+    assert err.value.field == "spec.truncation"
+    assert "use truncation fixed" in str(err.value)

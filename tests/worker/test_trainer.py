@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import math
 from contextlib import contextmanager
-from dataclasses import asdict, fields
+from dataclasses import asdict, astuple, fields
 
 import pytest
 import torch
@@ -22,28 +22,31 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from gradserve_worker.models import RNNScratch, TorchRNN, build_model
 from gradserve_worker.trainer import (
     CheckpointReady,
+    Evaluation,
+    Probe,
     StepMetrics,
     TrainConfig,
     TrainingDiverged,
     TrainResult,
-    detach_state,
     load_checkpoint,
     train,
 )
+from gradserve_worker.truncation import detach_state
 
 MODELS = (RNNScratch, TorchRNN)
 
 
 def small(**overrides) -> TrainConfig:
-    """A config that trains in milliseconds per step."""
+    """A config that trains in milliseconds per step, with no held-out pass unless asked for."""
     base = {"model": "lstm", "hidden_size": 16, "batch_size": 4, "num_steps": 8, "preprocess": "d2l", "max_steps": 10}
-    return TrainConfig(**{**base, "log_every": 1, "checkpoint_every": 1000, "device": "cpu", **overrides})
+    quiet = {"val_fraction": 0.0, "probe_every": 10**6}
+    return TrainConfig(**{**base, "log_every": 1, "checkpoint_every": 1000, "device": "cpu", **quiet, **overrides})
 
 
 def run(config: TrainConfig, text: str, **kwargs) -> tuple[TrainResult, list[StepMetrics], list[CheckpointReady]]:
     events = []
     result = train(config, text, events.append, **kwargs)
-    assert all(isinstance(e, (StepMetrics, CheckpointReady)) for e in events)
+    assert all(isinstance(e, (StepMetrics, CheckpointReady, Evaluation, Probe)) for e in events)
     return (
         result,
         [e for e in events if isinstance(e, StepMetrics)],
@@ -291,8 +294,8 @@ def test_a_non_finite_loss_or_gradient_stops_training_naming_the_step(timemachin
 
 
 def test_text_too_short_for_one_minibatch_is_refused_with_the_numbers():
-    with pytest.raises(ValueError, match=r"has 30 tokens .* 32 × 35 needs at least 1155"):
-        train(TrainConfig(device="cpu"), "abc" * 10, lambda e: None)
+    with pytest.raises(ValueError, match=r"has 30 tokens .* 32 × 35 needs at least 1155 for training"):
+        train(TrainConfig(device="cpu", val_fraction=0), "abc" * 10, lambda e: None)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
@@ -337,21 +340,44 @@ def test_checkpoints_come_every_checkpoint_every_steps_and_at_the_end(timemachin
 
 
 @pytest.mark.parametrize(
-    "model, optimizer, partition",
-    [("lstm", "sgd", "sequential"), ("gru", "adam", "random"), ("rnn_scratch", "adam", "sequential")],
+    "model, optimizer, partition, extra",
+    [
+        ("lstm", "sgd", "sequential", {}),
+        ("gru", "adam", "random", {}),
+        ("rnn_scratch", "adam", "sequential", {}),
+        # The lr schedule, randomized truncation's and dropout's draws from the RNG, the held-out
+        # passes and the probes (whose power-iteration vectors the checkpoint keeps) must all continue exactly.
+        ("lstm", "adamw", "sequential", {"schedule": "step", "lr_step_every": 7, "weight_decay": 0.01,
+                                         "truncation": "randomized", "truncation_keep": 0.7, "dropout": 0.3,
+                                         "num_layers": 2, "val_fraction": 0.1, "eval_every": 3, "probe_every": 4}),
+        ("rnn", "sgd", "sequential", {"truncation": "tbptt", "tbptt_k1": 5, "tbptt_k2": 9, "embedding_size": 6}),
+        ("gru", "adam", "random", {"dataset": "builtin:copy", "seq_len": 6, "eval_every": 5, "dropout": 0.2}),
+    ],
+    ids=["lstm", "gru", "rnn_scratch", "schedule-randomized-dropout-validation-probes", "tbptt", "copy-task"],
 )
-def test_resuming_from_a_checkpoint_continues_bit_for_bit(timemachine, model, optimizer, partition):
+def test_resuming_from_a_checkpoint_continues_bit_for_bit(timemachine, model, optimizer, partition, extra):
     text = timemachine[:300]  # 8 windows an epoch: the checkpoint is mid-epoch, the rest crosses epochs
-    config = small(model=model, optimizer=optimizer, partition=partition, max_steps=20, log_every=1)
-    _, straight, [*_, end] = run(config, text)
-    _, first, [half] = run(small(**{**asdict(config), "max_steps": 10, "checkpoint_every": 10}), text)
-    _, rest, [*_, resumed_end] = run(config, text, resume=half.data)
+    config = small(model=model, optimizer=optimizer, partition=partition, max_steps=20, log_every=1, **extra)
+
+    def reports(events):
+        return [(type(e).__name__, *((e.step, e.epoch, e.loss, e.grad_norm, e.lr) if isinstance(e, StepMetrics)
+                                      else astuple(e))) for e in events if not isinstance(e, CheckpointReady)]
+
+    straight, first, rest = [], [], []
+    train(config, text, straight.append)
+    train(small(**{**asdict(config), "max_steps": 10, "checkpoint_every": 10}), text, first.append)
+    [half] = [e for e in first if isinstance(e, CheckpointReady)]
+    train(config, text, rest.append, resume=half.data)
+    end, resumed_end = ([e for e in events if isinstance(e, CheckpointReady)][-1] for events in (straight, rest))
 
     assert half.step == 10 and resumed_end.step == end.step == 20
-    assert len({m.epoch for m in straight[10:]}) > 1
-    assert [(m.step, m.epoch, m.loss, m.grad_norm) for m in first + rest] == [
-        (m.step, m.epoch, m.loss, m.grad_norm) for m in straight
-    ]
+    if "dataset" not in extra:
+        assert len({e.epoch for e in straight[10:] if isinstance(e, StepMetrics)}) > 1
+    got, expected = reports(first) + reports(rest), reports(straight)
+    if ("Evaluation", 10) not in [r[:2] for r in expected]:
+        # The first run ends at step 10, so it evaluates there whether or not eval_every says so.
+        got = [r for r in got if r[:2] != ("Evaluation", 10)]
+    assert got == expected
     a, b = (torch.load(io.BytesIO(c.data), weights_only=True) for c in (end, resumed_end))
     assert a["model"].keys() == b["model"].keys()
     for name in a["model"]:
@@ -428,6 +454,21 @@ def test_config_from_spec_keeps_values_that_are_not_defaults():
         checkpoint_every=4,
         min_freq=2,
         nonlinearity="relu",
+        truncation="tbptt",
+        tbptt_k1=4,
+        tbptt_k2=11,
+        truncation_keep=0.5,
+        dropout=0.25,
+        embedding_size=12,
+        val_fraction=0.2,
+        eval_every=7,
+        weight_decay=0.01,
+        schedule="cosine",
+        lr_step_every=6,
+        lr_gamma=0.5,
+        probe_every=8,
+        seq_len=17,
+        on_nonfinite="skip",
     )
     config = TrainConfig.from_spec(spec)
     for f in jobs_pb2.JobSpec.DESCRIPTOR.fields:

@@ -32,7 +32,7 @@ def test_sequential_windows_continue_each_other_column_by_column():
     assert len(windows) == ((1000 - 1 - windows.X[0, 0].item()) // B) // T
     rows = []
     for i in range(len(windows)):
-        X, Y = windows[i]
+        X, Y, *_ = windows[i]
         assert X.shape == Y.shape == (T, B)
         assert torch.equal(Y, X + 1)  # targets are the next token
         assert torch.equal(X - X[0], torch.arange(T).unsqueeze(1).expand(T, B))  # each column is contiguous text
@@ -51,7 +51,7 @@ def test_random_windows_are_disjoint_aligned_subsequences_in_shuffled_order():
     windows = RandomWindows(POSITIONS, B, T, torch.Generator().manual_seed(3))
     starts = []
     for i in range(len(windows)):
-        X, Y = windows[i]
+        X, Y, *_ = windows[i]
         assert X.shape == (T, B) and torch.equal(Y, X + 1)
         assert torch.equal(X - X[0], torch.arange(T).unsqueeze(1).expand(T, B))
         starts += X[0].tolist()
@@ -64,7 +64,7 @@ def test_random_windows_are_disjoint_aligned_subsequences_in_shuffled_order():
 @pytest.mark.parametrize("partition", ["sequential", "random"])
 def test_an_epochs_windows_depend_only_on_seed_and_epoch(partition):
     def first(seed, epoch):
-        return epoch_windows(POSITIONS, partition, 4, 7, seed, epoch)[0][0]
+        return epoch_windows(POSITIONS, partition, 4, 7, seed, epoch)[0].X
 
     assert torch.equal(first(0, 5), first(0, 5))
     assert not all(torch.equal(first(0, 0), first(0, e)) for e in range(1, 6))

@@ -57,3 +57,42 @@ def test_every_model_maps_a_window_to_time_major_logits_and_a_state(kind, state_
 def test_rnn_scratch_refuses_more_than_one_layer():
     with pytest.raises(ValueError, match="num_layers must be 1"):
         build_model("rnn_scratch", V, H, 2)
+
+
+# -----------------------------------------------------------------------------
+# embedding, dropout, task inputs
+
+
+@pytest.mark.parametrize("kind", ["rnn_scratch", "lstm"])
+def test_embedding_size_puts_a_learned_embedding_before_the_recurrence(kind):
+    model = build_model(kind, V, H, 1, embedding_size=4)
+    params = dict(model.named_parameters())
+    assert params["embedding.weight"].shape == (V, 4)
+    first_layer = params["W_xh"] if kind == "rnn_scratch" else params["rnn.weight_ih_l0"]
+    assert 4 in first_layer.shape and V not in first_layer.shape
+    logits, _ = model(torch.randint(0, V, (T, B)), model.begin_state(B, "cpu"))
+    logits.sum().backward()
+    assert params["embedding.weight"].grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind, layers", [("rnn_scratch", 1), ("lstm", 2), ("gru", 2)])
+def test_dropout_is_random_in_training_and_off_in_eval(kind, layers):
+    torch.manual_seed(0)
+    model = build_model(kind, V, H, layers, dropout=0.5)
+    X = torch.randint(0, V, (T, B))
+    state = model.begin_state(B, "cpu")
+    a, b = model(X, state)[0], model(X, state)[0]
+    assert not torch.equal(a, b)
+    model.eval()
+    reference = build_model(kind, V, H, layers)
+    reference.load_state_dict(model.state_dict())
+    torch.testing.assert_close(model(X, state)[0], reference(X, state)[0])
+    if layers > 1:
+        assert model.rnn.dropout == 0.5  # between the stacked layers too
+
+
+def test_a_task_with_features_reads_vectors_and_predicts_output_size_values():
+    for kind in ("rnn_scratch", "gru"):
+        model = build_model(kind, 0, H, 1, features=2, output_size=1)
+        out, _ = model(torch.rand(T, B, 2), model.begin_state(B, "cpu"))
+        assert out.shape == (T * B, 1)

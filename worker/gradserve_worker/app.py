@@ -1,14 +1,20 @@
-"""The worker's Celery application and its one task.
+"""The worker's Celery application and its two tasks.
 
-The task is thin on purpose: it opens the job store and hands over to
-`runner.run_job`, which is plain code that tests can call without Celery.
+The tasks are thin on purpose: training opens the job store and hands over to
+`runner.run_job`, generation to `generate.Generator`, both plain code that
+tests can call without Celery.
 """
 
 from __future__ import annotations
 
-from celery import Celery
+import signal
+import threading
 
-from gradserve_server.queue import TRAIN_TASK, make_celery
+import redis
+from celery import Celery
+from celery.exceptions import Reject
+
+from gradserve_server.queue import GENERATE_TASK, TRAIN_TASK, dispatch, make_celery
 from gradserve_server.store import JobStore
 
 
@@ -16,7 +22,7 @@ def create_app(redis_url: str, threads: int) -> Celery:
     app = make_celery(redis_url)
 
     @app.task(name=TRAIN_TASK, bind=True)
-    def train_job(self, job_id: str) -> None:
+    def train_job(self, job_id: str, attempt: int = 0) -> None:
         import torch
 
         # Imported here so that the prefork parent never runs the trainer's module-level torch code.
@@ -26,9 +32,37 @@ def create_app(redis_url: str, threads: int) -> Celery:
         # and can run a hundred times slower than either alone.
         torch.set_num_threads(threads)
         job_store = JobStore.from_url(redis_url)
+        # SIGTERM, from a supervisor or forwarded by this worker's parent as it
+        # shuts down, must not kill the job mid-step: it asks it to checkpoint
+        # and hand itself back to the queue.
+        shutdown = threading.Event()
+        previous = signal.signal(signal.SIGTERM, lambda *_: shutdown.set())
         try:
-            run_job(job_store, job_id, worker=self.request.hostname)
+            run_job(job_store, job_id, worker=self.request.hostname, attempt=attempt, shutdown=shutdown,
+                    requeue=lambda job, number, queue: dispatch(self.app, job_store, job, number, queue))
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            # Redis stayed away before the job could be claimed: keep the task for when it is back.
+            raise Reject(e, requeue=True) from e
         finally:
+            signal.signal(signal.SIGTERM, previous)
             job_store.r.close()
+
+    generator = None
+
+    # Only a generate worker (solo pool: no fork, so torch is safe in its one
+    # process) takes this task. Its Generator lives as long as the process, to
+    # keep recently used models loaded. A reply nobody waits for any more is
+    # worthless, so the task is acknowledged on receipt and never redelivered.
+    @app.task(name=GENERATE_TASK, acks_late=False)
+    def generate(request_id: str, **request) -> None:
+        nonlocal generator
+        import torch
+
+        from gradserve_worker.generate import Generator
+
+        if generator is None:
+            torch.set_num_threads(threads)
+            generator = Generator(JobStore.from_url(redis_url))
+        generator.serve(request_id, **request)
 
     return app

@@ -2,19 +2,31 @@
 
     gradserve-worker --redis-url redis://localhost:6379/0 --queues cpu
     gradserve-worker --redis-url redis://localhost:6379/0 --queues gpu
+    gradserve-worker --redis-url redis://localhost:6379/0 --queues generate
 
 Each job runs in a fresh prefork child (one task per child), so a job's memory,
 threads and any CUDA context die with it. The parent process never touches
 CUDA, because a CUDA context does not survive fork. While it runs, the worker
 advertises itself in Redis with a heartbeat; the server routes `device=auto`
 jobs to the gpu queue only while a GPU worker is advertised.
+
+SIGTERM (or Ctrl-C) stops a worker gracefully: the running job finishes its
+step, writes a checkpoint and is handed back to the queue, where another
+worker continues it from there; the worker exits within --shutdown-grace.
+
+`--queues generate` makes a generate worker instead: it trains nothing and
+answers `gradserve generate` requests from jobs' checkpoints, in one process
+with Celery's solo pool (no fork, so torch is safe there and loaded models stay
+loaded). It serves that queue alone, so a request never waits behind training.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -23,12 +35,48 @@ import time
 
 from celery import signals
 
-from gradserve_server.queue import QUEUES
+from gradserve_server.queue import GENERATE_QUEUE, QUEUES
 from gradserve_server.store import WORKER_TTL_S, JobStore
 from gradserve_worker.app import create_app
 
 HEARTBEAT_S = WORKER_TTL_S / 3
+DEFAULT_SHUTDOWN_GRACE_S = 30.0
 log = logging.getLogger("gradserve.worker")
+
+
+class ShutdownForwarder:
+    """Passes the worker's shutdown on to the pool children running jobs; kills those still running after `grace`.
+
+    Celery's warm shutdown waits for running tasks, and a job may run for
+    hours. A child's train task takes SIGTERM as "checkpoint and hand the job
+    back" (app.py), so with this a shutdown costs a step and a checkpoint, not
+    the rest of the job. A child that outlives the grace period (a step slower
+    than that, Redis away) is killed, and its job comes back to the queue when
+    its lease lapses.
+    """
+
+    def __init__(self, grace: float):
+        self.grace = grace
+
+    def __call__(self, **_) -> None:
+        from celery.worker import state
+
+        # The solo pool runs tasks in this very process, which is shutting down already.
+        pids = {r.worker_pid for r in list(state.active_requests) if r.worker_pid not in (None, os.getpid())}
+        for pid in pids:
+            log.info("asking the job in pool process %d to checkpoint and hand itself back", pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        if pids:
+            timer = threading.Timer(self.grace, self._kill, args=(pids,))
+            timer.daemon = True
+            timer.start()
+
+    def _kill(self, pids: set[int]) -> None:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                log.warning("pool process %d outlived the %.0f s grace period; killed it", pid, self.grace)
 
 
 class Heartbeat:
@@ -83,22 +131,34 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--redis-url", default=os.environ.get("GRADSERVE_REDIS_URL"),
                    help="Redis shared with the server (env GRADSERVE_REDIS_URL)")
     p.add_argument("--queues", default=os.environ.get("GRADSERVE_QUEUES", "cpu"),
-                   help="comma-separated queues to take jobs from: cpu, gpu (env GRADSERVE_QUEUES, default cpu)")
+                   help="comma-separated queues to take jobs from: cpu, gpu; or generate alone, to serve text "
+                   "generation (env GRADSERVE_QUEUES, default cpu)")
     p.add_argument("--name", default=os.environ.get("GRADSERVE_WORKER_NAME"),
                    help="node name, unique in the cluster (default QUEUES-PID@HOST)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("GRADSERVE_THREADS", os.cpu_count() or 1)),
                    help="torch threads per job (env GRADSERVE_THREADS, default: all cores); with several "
                    "workers on one host, give each its share")
+    p.add_argument("--shutdown-grace", type=float,
+                   default=float(os.environ.get("GRADSERVE_SHUTDOWN_GRACE_S", DEFAULT_SHUTDOWN_GRACE_S)),
+                   help="seconds a running job gets to checkpoint and hand itself back when the worker is asked to "
+                   f"stop (SIGTERM), before it is killed (env GRADSERVE_SHUTDOWN_GRACE_S, default "
+                   f"{DEFAULT_SHUTDOWN_GRACE_S:g})")
     p.add_argument("--log-level", default=os.environ.get("GRADSERVE_LOG_LEVEL", "INFO"))
     args = p.parse_args(argv)
     if not args.redis_url:
         p.error("--redis-url (or GRADSERVE_REDIS_URL) is required, e.g. redis://localhost:6379/0")
+    if args.shutdown_grace <= 0:
+        p.error(f"--shutdown-grace must be above 0, got {args.shutdown_grace}")
     if args.threads < 1:
         p.error(f"--threads must be at least 1, got {args.threads}")
     queues = [q.strip() for q in args.queues.split(",") if q.strip()]
-    unknown = sorted(set(queues) - set(QUEUES))
+    unknown = sorted(set(queues) - {*QUEUES, GENERATE_QUEUE})
     if not queues or unknown:
-        p.error(f"--queues must name some of {', '.join(QUEUES)}; got {args.queues!r}")
+        p.error(f"--queues must name some of {', '.join(QUEUES)}, or {GENERATE_QUEUE}; got {args.queues!r}")
+    generates = GENERATE_QUEUE in queues
+    if generates and len(queues) > 1:
+        p.error(f"--queues {GENERATE_QUEUE} cannot share a worker with training queues (they need different "
+                f"process pools); start one worker with --queues {GENERATE_QUEUE} and another for training")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     device = "cpu"
@@ -106,7 +166,8 @@ def main(argv: list[str] | None = None) -> None:
         device = probe_cuda()
         if not device:
             sys.exit("gradserve-worker: --queues gpu needs a CUDA GPU, and torch sees none here; use --queues cpu")
-    warm_up_torch()
+    if not generates:
+        warm_up_torch()
 
     name = args.name or f"{'-'.join(queues)}-{os.getpid()}@{socket.gethostname()}"
     heartbeat = Heartbeat(
@@ -117,13 +178,16 @@ def main(argv: list[str] | None = None) -> None:
     )
     signals.worker_ready.connect(heartbeat.start, weak=False)
     signals.worker_shutdown.connect(heartbeat.stop, weak=False)
+    signals.worker_shutting_down.connect(ShutdownForwarder(args.shutdown_grace), weak=False)
 
     app = create_app(args.redis_url, args.threads)
+    # Training: one job at a time, each in a fresh child process. Generation:
+    # one request at a time in this process, which keeps its models loaded.
+    pool = ["--pool", "solo"] if generates else ["--pool", "prefork", "--max-tasks-per-child", "1"]
     app.worker_main(
         [
             "worker", "--queues", ",".join(queues), "--hostname", name, "--loglevel", args.log_level.upper(),
-            # One job at a time, each in a fresh child process.
-            "--concurrency", "1", "--pool", "prefork", "--max-tasks-per-child", "1",
+            "--concurrency", "1", *pool,
             # Workers never talk to each other; skipping that makes start-up faster.
             "--without-gossip", "--without-mingle", "--without-heartbeat",
         ]

@@ -1,17 +1,31 @@
-"""One job from start to end on a worker: the glue between the job store and the trainer.
+"""One attempt of a job on a worker: the glue between the job store and the trainer.
 
-The Celery task calls `run_job`; the trainer never sees Redis. Its events
-become protobuf events in the job's stream, its checkpoints replace the job's
-checkpoint, and a cancel request reaches it through `should_stop`.
+The Celery task calls `run_job`; the trainer never sees Redis. The runner
+claims the attempt the task was sent for, holds the job's lease from a thread
+that renews it, resumes from the checkpoint an earlier attempt left, and turns
+the trainer's reports into fenced writes: events in the job's stream,
+checkpoints. `should_stop` stops the trainer for a cancel, for the worker's
+shutdown (the job is then handed back to the queue, to continue elsewhere from
+the checkpoint written as it stopped), or when the lease is lost to a later
+attempt. Writes retry through a Redis outage for a bounded time rather than
+fail the job.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import threading
 import time
+from collections.abc import Callable
 
+import redis
+
+from gradserve.spec import SYNTHETIC_TASKS
 from gradserve.v1 import jobs_pb2
-from gradserve_server.store import JobStore, NotFound, Refused
+from gradserve_server.store import Fenced, JobStore, Lease, NotFound, Refused
+from gradserve_worker.events import to_event
 from gradserve_worker.trainer import CheckpointReady, StepMetrics, TrainConfig, TrainingDiverged, train
 
 log = logging.getLogger("gradserve.worker")
@@ -19,61 +33,192 @@ log = logging.getLogger("gradserve.worker")
 # How often a running job asks Redis whether it was cancelled: often enough
 # that a cancel lands within about a second, rarely enough to cost nothing.
 CANCEL_POLL_S = 0.5
+# The lease a running attempt holds its job under, renewed every third of it.
+# When renewals stop for this long the server's reaper presumes the worker
+# dead and gives the job to the next attempt.
+DEFAULT_LEASE_TTL_S = 10.0
+# How long writes keep retrying while Redis is unreachable (restarting, say)
+# before the attempt gives up and leaves the job to the reaper.
+DEFAULT_REDIS_RETRY_S = 60.0
+# Fault injection for the reliability tests, never set in production: the
+# child process dies (os._exit, as if killed) at the first metrics report at
+# or after this step, in every attempt that gets that far.
+CRASH_AT_STEP_ENV = "GRADSERVE_TEST_CRASH_AT_STEP"
+
+_UNREACHABLE = (redis.ConnectionError, redis.TimeoutError)
 
 
-def metrics_message(m: StepMetrics) -> jobs_pb2.Metrics:
-    return jobs_pb2.Metrics(
-        step=m.step,
-        epoch=m.epoch,
-        loss=m.loss,
-        perplexity=m.perplexity,
-        tokens_per_sec=m.tokens_per_sec,
-        lr=m.lr,
-        grad_norm=m.grad_norm,
-        clipped=m.clipped,
-        clip_fraction=m.clip_fraction,
-        param_grad_norms=[jobs_pb2.ParamGradNorm(name=k, norm=v) for k, v in m.param_grad_norms.items()],
-    )
+def lease_ttl_s() -> float:
+    return float(os.environ.get("GRADSERVE_LEASE_TTL_S", DEFAULT_LEASE_TTL_S))
+
+
+def redis_retry_s() -> float:
+    return float(os.environ.get("GRADSERVE_REDIS_RETRY_S", DEFAULT_REDIS_RETRY_S))
+
+
+def _retrying(call, *args, **kwargs):
+    """call(*args, **kwargs), tried again while Redis is unreachable, for up to redis_retry_s().
+
+    The store's writes are idempotent (a step already in the stream is
+    skipped; a finish finds its own work done), so a write whose reply was
+    lost can be sent again.
+    """
+    deadline = time.monotonic() + redis_retry_s()
+    delay = 0.2
+    while True:
+        try:
+            return call(*args, **kwargs)
+        except _UNREACHABLE as e:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("redis unreachable (%s); trying again in %.1f s", e, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
 
 class _CancelPoll:
     def __init__(self, job_store: JobStore, job_id: str):
         self.store, self.job_id, self.next_check = job_store, job_id, 0.0
+        self.requested = False
 
     def __call__(self) -> bool:
         now = time.monotonic()
-        if now < self.next_check:
-            return False
+        if self.requested or now < self.next_check:
+            return self.requested
         self.next_check = now + CANCEL_POLL_S
-        return self.store.cancel_requested(self.job_id)
+        try:
+            self.requested = self.store.cancel_requested(self.job_id)
+        except _UNREACHABLE:
+            pass  # Redis is away; ask again at the next poll
+        return self.requested
 
 
-def run_job(job_store: JobStore, job_id: str, worker: str) -> None:
-    """Train `job_id` to its end state. A job that is no longer QUEUED (cancelled, say) is dropped."""
+class LeaseKeeper:
+    """Renews a running attempt's lease from a thread of its own, so that a slow step cannot let it lapse.
+
+    `lost` is set once the attempt no longer owns the job (the lease lapsed
+    and the job went to a later attempt); the trainer then stops at its next
+    step, and every write it tries meanwhile is fenced off anyway.
+    """
+
+    def __init__(self, job_store: JobStore, lease: Lease, ttl_s: float):
+        self.store, self.lease, self.ttl_s = job_store, lease, ttl_s
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{lease.job_id}", daemon=True)
+
+    def start(self) -> "LeaseKeeper":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.ttl_s)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.ttl_s / 3):
+            try:
+                if not self.store.renew(self.lease, self.ttl_s):
+                    log.warning("job %s: attempt %d lost its lease; stopping", self.lease.job_id, self.lease.attempt)
+                    self.lost.set()
+                    return
+            except _UNREACHABLE as e:
+                # Keep trying: if Redis is back before the lease lapses, nothing was lost.
+                log.warning("job %s: cannot renew the lease (%s)", self.lease.job_id, e)
+
+
+def run_job(job_store: JobStore, job_id: str, worker: str, *, attempt: int = 0, lease_ttl: float | None = None,
+            shutdown: threading.Event | None = None,
+            requeue: Callable[[str, int, str], None] | None = None) -> None:
+    """Run `attempt` of `job_id` (0: the current one) until the job ends, is handed back, or is lost.
+
+    A delivery for a job that is not QUEUED at that attempt is dropped: a
+    duplicate, a task requeued after its worker died, a cancelled job.
+    `shutdown`, once set, makes the attempt checkpoint and hand the job back;
+    `requeue(job_id, attempt, queue)` then sends the next attempt's task (if
+    it fails, or is not given, a server's reaper sends it from the outbox).
+    """
+    ttl = lease_ttl or lease_ttl_s()
     try:
-        spec = job_store.spec(job_id)
-        job_store.transition(job_id, {jobs_pb2.QUEUED}, jobs_pb2.RUNNING, worker=worker)
-    except (NotFound, Refused) as e:
-        log.info("dropping %s: %s", job_id, e)
+        lease = _retrying(job_store.claim, job_id, attempt, worker, ttl)
+    except (NotFound, Refused, Fenced) as e:
+        log.info("dropping this delivery of %s: %s", job_id, e)
         return
-    job_store.set_worker_job(worker, job_id)
-    last_step = 0
+    if lease.attempt > 1:
+        log.info("job %s: attempt %d, resuming from step %d", job_id, lease.attempt, lease.checkpoint_step)
+    keeper = LeaseKeeper(job_store, lease, ttl).start()
+    with contextlib.suppress(redis.RedisError):
+        job_store.set_worker_job(worker, job_id)
+    fenced = False
+    try:
+        _run_attempt(job_store, lease, keeper, shutdown or threading.Event(), requeue)
+    except Fenced as e:
+        log.warning("stopping: %s", e)
+        fenced = True
+    except _UNREACHABLE as e:
+        log.error("job %s: redis unreachable for too long (%s); its lease will lapse and the reaper will queue "
+                  "it again", job_id, e)
+    finally:
+        keeper.stop()
+        with contextlib.suppress(redis.RedisError):
+            job_store.set_worker_job(worker, "")
+    if (fenced or keeper.lost.is_set()) and requeue is not None:
+        _requeue_if_unclaimed(job_store, lease, requeue)
 
-    def on_event(event) -> None:
+
+def _requeue_if_unclaimed(job_store: JobStore, lease: Lease, requeue: Callable[[str, int, str], None]) -> None:
+    """Send the attempt's task again when Redis forgot the claim, so that the job cannot be stranded.
+
+    A Redis restarted from an AOF that ends between this attempt's delivery
+    and its claim holds the job QUEUED at this very attempt, with its task
+    consumed: nothing would ever start it again.
+    """
+    try:
+        if job_store.unclaimed(lease):
+            log.warning("job %s: redis lost the claim of attempt %d; sending it again", lease.job_id, lease.attempt)
+            requeue(lease.job_id, lease.attempt, lease.queue)
+    except Exception as e:
+        log.warning("job %s: could not check or send attempt %d again (%s)", lease.job_id, lease.attempt, e)
+
+
+def _run_attempt(job_store: JobStore, lease: Lease, keeper: LeaseKeeper, shutdown: threading.Event,
+                 requeue: Callable[[str, int, str], None] | None) -> None:
+    job_id = lease.job_id
+    crash_at = int(os.environ.get(CRASH_AT_STEP_ENV) or 0)
+    cancel = _CancelPoll(job_store, job_id)
+    last_step = lease.checkpoint_step
+
+    def should_stop() -> bool:
+        return keeper.lost.is_set() or shutdown.is_set() or cancel()
+
+    def on_event(report) -> None:
         nonlocal last_step
-        if isinstance(event, StepMetrics):
-            last_step = event.step
-            job_store.append_metrics(job_id, metrics_message(event))
-        elif isinstance(event, CheckpointReady):
-            job_store.put_checkpoint(job_id, event.step, event.data)
+        if crash_at and isinstance(report, StepMetrics) and report.step >= crash_at:
+            log.error("%s=%d: dying at step %d", CRASH_AT_STEP_ENV, crash_at, report.step)
+            os._exit(70)
+        # The store skips what the stream already has, which is how a resumed
+        # attempt recomputing steps up to where its predecessor died stays silent.
+        if isinstance(report, CheckpointReady):
+            _retrying(job_store.put_checkpoint, lease, report.step, report.data)
+            return
+        if isinstance(report, StepMetrics):
+            last_step = report.step
+        _retrying(job_store.append_event, lease, to_event(report))
 
     def end(state: int, reason: str = "") -> None:
-        job_store.transition(job_id, {jobs_pb2.RUNNING}, state, reason=reason, worker=worker, step=last_step)
+        _retrying(job_store.finish, lease, state, reason=reason, step=last_step)
 
     try:
+        spec = _retrying(job_store.spec, job_id)
         config = TrainConfig.from_spec(spec)
-        text = job_store.dataset_text(job_store.resolve_dataset(spec.dataset))
-        result = train(config, text, on_event, should_stop=_CancelPoll(job_store, job_id))
+        if spec.dataset in SYNTHETIC_TASKS:
+            text = ""  # the trainer generates these sequences from the seed
+        else:
+            text = _retrying(job_store.dataset_text, _retrying(job_store.resolve_dataset, spec.dataset))
+        resume = _retrying(job_store.get_checkpoint, job_id)[1] if lease.checkpoint_step else None
+        result = train(config, text, on_event, should_stop=should_stop, resume=resume)
+    except (Fenced, *_UNREACHABLE):
+        raise
     except TrainingDiverged as e:
         end(jobs_pb2.FAILED, str(e))
     except (ValueError, NotFound) as e:
@@ -83,9 +228,28 @@ def run_job(job_store: JobStore, job_id: str, worker: str) -> None:
         log.exception("job %s crashed", job_id)
         end(jobs_pb2.FAILED, f"the worker hit an internal error: {type(e).__name__}: {e}")
     else:
-        if result.stopped:
-            end(jobs_pb2.CANCELLED, f"cancelled by request at step {result.steps}")
-        else:
+        if not result.stopped:
             end(jobs_pb2.SUCCEEDED)
-    finally:
-        job_store.set_worker_job(worker, "")
+        elif cancel.requested:
+            end(jobs_pb2.CANCELLED, f"cancelled by request at step {result.steps}")
+        elif keeper.lost.is_set():
+            log.warning("job %s: stopped at step %d without its lease", job_id, result.steps)
+        else:
+            _hand_back(job_store, lease, result.steps, requeue, end)
+
+
+def _hand_back(job_store: JobStore, lease: Lease, step: int, requeue: Callable[[str, int, str], None] | None,
+               end: Callable[..., None]) -> None:
+    """The worker is shutting down: queue the job again, to resume from the checkpoint just written at `step`."""
+    reason = f"worker {lease.worker} is shutting down: handed back at step {step}, to resume from its checkpoint there"
+    after = _retrying(job_store.hand_back, lease, step, reason)
+    if not after:
+        end(jobs_pb2.CANCELLED, f"cancelled by request at step {step}")
+        return
+    log.info("job %s: handed back at step %d as attempt %d", lease.job_id, step, after)
+    if requeue is None:
+        return
+    try:
+        requeue(lease.job_id, after, lease.queue)
+    except Exception as e:
+        log.warning("job %s: could not send attempt %d (%s); a server's reaper will", lease.job_id, after, e)

@@ -1,12 +1,19 @@
 """The training engine: truncated backpropagation through time on a recurrent
-language model, as in d2l.ai chapter 9 (train_epoch_ch8), for one job.
+model, as in d2l.ai chapter 9 (train_epoch_ch8) and its "Backpropagation
+Through Time" section, for one job.
 
     result = train(TrainConfig(model="gru", max_steps=2000), text, on_event)
 
 `train` runs optimizer steps until config.max_steps (or until should_stop()
-says so), reporting through `on_event`: a StepMetrics every log_every steps and
-a CheckpointReady every checkpoint_every steps and at the end. It knows nothing
-about Celery, Redis or gRPC; the worker's task wraps it.
+says so), reporting through `on_event`: a StepMetrics every log_every steps, a
+Probe every probe_every steps, an Evaluation every eval_every steps and at the
+end (when there is held-out data), and a CheckpointReady every
+checkpoint_every steps and at the end. It knows nothing about Celery, Redis or
+gRPC; the worker's task wraps it.
+
+The pieces live one concern per module: what a step trains on (tasks, data),
+where gradients are cut (truncation), the models, the update rule and schedule
+(optim), the probe's diagnostics (diagnostics).
 """
 
 from __future__ import annotations
@@ -19,12 +26,13 @@ from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
-from gradserve.spec import BY_NAME, DEFAULT_LR, FIELDS, min_tokens, violations
+from gradserve.spec import BY_NAME, DEFAULT_LR, FIELDS, violations
 from torch import nn
 
-from gradserve_worker.data import Vocab, build_corpus, epoch_windows
+from gradserve_worker.diagnostics import SpectralNorms, count_nonfinite, gradient_profile
 from gradserve_worker.models import build_model
+from gradserve_worker.optim import make_optimizer, scheduled_lr
+from gradserve_worker.tasks import SYNTHETIC, make_stream, perplexity
 
 # -----------------------------------------------------------------------------
 # configuration
@@ -49,7 +57,7 @@ class TrainConfig:
     num_steps: int = _default("num_steps")  # the truncation window T
     partition: str = _default("partition")  # "sequential" | "random"
     max_steps: int = _default("max_steps")
-    optimizer: str = _default("optimizer")  # "sgd" | "adam"
+    optimizer: str = _default("optimizer")  # "sgd" | "adam" | "adamw"
     lr: float | None = _default("lr")  # None: gradserve.spec.DEFAULT_LR[optimizer]
     clip_norm: float = _default("clip_norm")  # 0 turns clipping off
     seed: int = _default("seed")
@@ -58,6 +66,21 @@ class TrainConfig:
     checkpoint_every: int = _default("checkpoint_every")
     min_freq: int = _default("min_freq")
     nonlinearity: str = _default("nonlinearity")  # "tanh" | "relu", for rnn and rnn_scratch
+    truncation: str = _default("truncation")  # "fixed" | "full" | "randomized" | "tbptt"
+    tbptt_k1: int | None = _default("tbptt_k1")  # None: num_steps
+    tbptt_k2: int | None = _default("tbptt_k2")  # None: 2 * tbptt_k1
+    truncation_keep: float = _default("truncation_keep")
+    dropout: float = _default("dropout")
+    embedding_size: int = _default("embedding_size")  # 0: one-hot input
+    val_fraction: float = _default("val_fraction")
+    eval_every: int = _default("eval_every")
+    weight_decay: float = _default("weight_decay")
+    schedule: str = _default("schedule")  # "constant" | "step" | "cosine"
+    lr_step_every: int = _default("lr_step_every")
+    lr_gamma: float = _default("lr_gamma")
+    probe_every: int = _default("probe_every")
+    seq_len: int = _default("seq_len")  # synthetic tasks only
+    on_nonfinite: str = _default("on_nonfinite")  # "fail" | "skip"
 
     @classmethod
     def from_spec(cls, spec) -> TrainConfig:
@@ -82,8 +105,9 @@ class TrainConfig:
 
 
 # Settings that may differ between a checkpoint and the job resuming from it;
-# any other change would make the resumed run a different run.
-RESUMABLE_CHANGES = frozenset({"max_steps", "log_every", "checkpoint_every", "device"})
+# any other change would make the resumed run a different run. (Evaluations and
+# probes only read the model.)
+RESUMABLE_CHANGES = frozenset({"max_steps", "log_every", "checkpoint_every", "device", "eval_every", "probe_every"})
 
 # -----------------------------------------------------------------------------
 # what train reports
@@ -93,16 +117,41 @@ RESUMABLE_CHANGES = frozenset({"max_steps", "log_every", "checkpoint_every", "de
 class StepMetrics:
     """Training progress over the steps since the previous StepMetrics."""
 
-    step: int  # optimizer steps done so far (1-based)
-    epoch: int  # 0-based pass over the corpus that the step belongs to
-    loss: float  # mean cross-entropy per token over the interval, nats
-    perplexity: float  # exp(loss)
-    tokens_per_sec: float  # tokens trained in the interval / wall seconds of its steps (reporting left out)
-    lr: float
+    step: int  # optimizer steps done so far (1-based), skipped ones included
+    epoch: int  # 0-based pass over the corpus that the step belongs to (always 0 for synthetic tasks)
+    # Mean loss over the interval's trained steps: cross-entropy per token in nats (a task's own loss);
+    # nan when every step of the interval was skipped.
+    loss: float
+    perplexity: float  # exp(loss) for text; 0 for synthetic tasks
+    tokens_per_sec: float  # time steps × batch trained in the interval / wall seconds of its steps (reporting left out)
+    lr: float  # the learning rate of the interval's last step
     grad_norm: float  # global L2 norm of the gradient at the interval's last step, before clipping
     clipped: bool  # clipping fired at that step
     clip_fraction: float  # fraction of the interval's steps at which clipping fired
     param_grad_norms: dict[str, float]  # per named parameter, before clipping, at the interval's last step
+    nonfinite_grads: int = 0  # NaN or infinite gradient entries summed over the interval's steps
+    skipped_steps: int = 0  # steps of the interval whose update was dropped (on_nonfinite="skip")
+
+
+@dataclass
+class Evaluation:
+    """The model after `step` steps on held-out data: the text's last val_fraction, or a task's held-out sequences."""
+
+    step: int
+    loss: float  # mean cross-entropy per held-out token; a task's own loss
+    perplexity: float  # exp(loss) for text; 0 for synthetic tasks
+    metric: str = ""  # a task's measure: "mse" (adding) or "accuracy" (copy); "" for text
+    value: float = 0.0  # the model's score on it
+    baseline: float = 0.0  # what a trivial predictor scores on it
+
+
+@dataclass
+class Probe:
+    """Gradient diagnostics at `step` (see gradserve_worker.diagnostics)."""
+
+    step: int
+    grad_through_time: list[list[float]]  # per layer: ‖∂L/∂h_t‖ for t = 1..window length
+    spectral_norms: list[tuple[str, str, float]]  # (parameter name, gate, largest singular value)
 
 
 @dataclass
@@ -130,18 +179,7 @@ class TrainingDiverged(Exception):
 
 
 # -----------------------------------------------------------------------------
-# truncated BPTT
-
-
-def detach_state(state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    """The hidden state cut loose from the graph that computed it.
-
-    The state carried into a window keeps its values but not its history:
-    without the detach, backward of this window would run on through every
-    earlier window back to the start of the corpus, and each step would cost
-    more time and memory than the last. This is the "truncated" in truncated BPTT.
-    """
-    return tuple(s.detach() for s in state)
+# the training loop
 
 
 def resolve_device(name: str) -> torch.device:
@@ -154,12 +192,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr)
-    raise ValueError(f"unknown optimizer {name!r}; expected sgd or adam")
+def model_for(config: TrainConfig, sizes: dict) -> nn.Module:
+    """A fresh model for `config` with the stream's input and output sizes."""
+    return build_model(config.model, hidden_size=config.hidden_size, num_layers=config.num_layers,
+                       nonlinearity=config.nonlinearity, dropout=config.dropout,
+                       embedding_size=config.embedding_size, **sizes)
 
 
 @dataclass
@@ -167,41 +204,44 @@ class _Interval:
     """Running totals over the steps since the last StepMetrics."""
 
     steps: int = 0
+    trained: int = 0  # steps whose update was applied
     loss_sum: float = 0.0
     clipped: int = 0
-    seconds: float = 0.0  # time in the steps themselves: reporting and checkpointing are left out
+    tokens: int = 0
+    seconds: float = 0.0  # time in the steps themselves: reporting, evaluation and checkpointing are left out
+    nonfinite: int = 0
+    skipped: int = 0
 
-    def add(self, loss: float, clipped: bool, seconds: float) -> None:
-        self.steps += 1
+    def add(self, loss: float, clipped: bool, tokens: int, seconds: float) -> None:
+        self.steps, self.trained = self.steps + 1, self.trained + 1
         self.loss_sum += loss
         self.clipped += clipped
+        self.tokens += tokens
         self.seconds += seconds
 
-    @property
-    def mean_loss(self) -> float:
-        # Every window has B*T tokens, so the mean of the steps' means is the mean per token.
-        return self.loss_sum / self.steps
+    def skip(self, nonfinite: int, tokens: int, seconds: float) -> None:
+        self.steps, self.skipped = self.steps + 1, self.skipped + 1
+        self.nonfinite += nonfinite
+        self.tokens += tokens
+        self.seconds += seconds
 
-    def metrics(self, step, epoch, tokens_per_step, lr, grad_norm, clipped, param_grad_norms) -> StepMetrics:
+    def metrics(self, step, epoch, lr, grad_norm, clipped, param_grad_norms, has_perplexity) -> StepMetrics:
+        # Every step's loss is a mean over the same number of targets, so the mean of the means is the mean per target.
+        loss = self.loss_sum / self.trained if self.trained else math.nan
         return StepMetrics(
             step=step,
             epoch=epoch,
-            loss=self.mean_loss,
-            perplexity=_perplexity(self.mean_loss),
-            tokens_per_sec=self.steps * tokens_per_step / self.seconds,
+            loss=loss,
+            perplexity=perplexity(loss) if has_perplexity else 0.0,
+            tokens_per_sec=self.tokens / self.seconds,
             lr=lr,
             grad_norm=grad_norm,
             clipped=clipped,
             clip_fraction=self.clipped / self.steps,
             param_grad_norms=param_grad_norms,
+            nonfinite_grads=self.nonfinite,
+            skipped_steps=self.skipped,
         )
-
-
-def _perplexity(loss: float) -> float:
-    try:
-        return math.exp(loss)
-    except OverflowError:
-        return math.inf
 
 
 def train(
@@ -212,65 +252,57 @@ def train(
     should_stop: Callable[[], bool] = lambda: False,
     resume: bytes | None = None,
 ) -> TrainResult:
-    """Train a fresh model (or the one in `resume`) on `text` for config.max_steps steps in total.
+    """Train a fresh model (or the one in `resume`) for config.max_steps steps in total.
 
-    Each step is one window of batch_size × num_steps tokens: forward from the
-    carried (sequential) or zero (random) state, mean cross-entropy, backward,
-    clip to clip_norm, optimizer step. should_stop() is asked once per step; when
-    it says True the step finishes, its metrics and a checkpoint are reported and
-    the run returns with stopped=True.
+    On a text each step is one window (num_steps tokens of each of batch_size
+    rows for fixed truncation): forward from the carried (sequential) or zero
+    (random) state, mean cross-entropy, backward, clip to clip_norm, optimizer
+    step. On a synthetic task (config.dataset in tasks.SYNTHETIC; `text` is
+    ignored) each step is a batch of fresh sequences. should_stop() is asked
+    once per step; when it says True the step finishes, its metrics, an
+    evaluation and a checkpoint are reported and the run returns with
+    stopped=True.
 
     Raises ValueError for a config or text this cannot train on, and
-    TrainingDiverged when the loss or gradient norm is no longer finite.
+    TrainingDiverged when the loss or gradient norm is no longer finite and
+    on_nonfinite is "fail" (with "skip" such a step's update is dropped).
     """
     config.validate()
     device = resolve_device(config.device)
-    B, T = config.batch_size, config.num_steps
-    vocab, corpus = build_corpus(text, config.tokenization, config.preprocess, config.min_freq)
-    if len(corpus) < min_tokens(B, T):
-        raise ValueError(
-            f"the text has {len(corpus)} tokens ({config.tokenization} tokens after preprocess "
-            f"{config.preprocess!r}) but batch_size × num_steps = {B} × {T} needs at least "
-            f"{min_tokens(B, T)}; use a longer text or a smaller batch_size or num_steps"
-        )
+    stream = make_stream(config, text, device)
     ckpt = _read_checkpoint(resume) if resume is not None else None
     if ckpt is not None:
-        _check_resumable(ckpt, config, vocab)
+        _check_resumable(ckpt, config, stream.vocab)
 
     torch.manual_seed(config.seed)
-    model = build_model(config.model, len(vocab), config.hidden_size, config.num_layers, config.nonlinearity).to(device)
-    lr = config.effective_lr
-    optimizer = make_optimizer(config.optimizer, model.parameters(), lr)
+    model = model_for(config, stream.sizes).to(device)
+    lr = scheduled_lr(config, 1)
+    optimizer = make_optimizer(config.optimizer, model.parameters(), lr, config.weight_decay)
     names, params = zip(*model.named_parameters())
-    step, epoch, pos, state = 0, 0, 0, None
-    if ckpt is not None:
+    spectral = SpectralNorms(config.seed)
+    step = 0
+    if ckpt is None:
+        stream.start(model)
+    else:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        step, epoch, pos = ckpt["step"], ckpt["epoch"], ckpt["position"]
-        state = tuple(s.to(device) for s in ckpt["state"])
+        step = ckpt["step"]
+        state = tuple(s.to(device) for s in ckpt["state"]) or None
+        stream.start(model, ckpt["epoch"], ckpt["position"], state)
+        spectral = SpectralNorms(config.seed, ckpt.get("spectral"))
         _set_rng_state(ckpt["rng"], device)
 
-    corpus = corpus.to(device)
-    windows = epoch_windows(corpus, config.partition, B, T, config.seed, epoch)
-    zero_state = model.begin_state(B, device)
+    scheduled = config.schedule != "constant"
+    skip_nonfinite = config.on_nonfinite == "skip"
     interval = _Interval()
     result = TrainResult(steps=step, loss=math.nan, perplexity=math.nan, stopped=False)
 
     while step < config.max_steps:
         t_step = time.perf_counter()
-        if pos == len(windows):
-            epoch, pos = epoch + 1, 0
-            windows = epoch_windows(corpus, config.partition, B, T, config.seed, epoch)
-        if pos == 0 or not windows.carries_state:
-            state = zero_state
-        X, Y = windows[pos]
-
-        state = detach_state(state)
-        logits, state = model(X, state)
-        loss = F.cross_entropy(logits, Y.reshape(-1))
+        loss, tokens = stream.next_loss(model)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        step, pos = step + 1, pos + 1
+        step += 1
 
         stopped = should_stop() and step < config.max_steps
         last = stopped or step == config.max_steps
@@ -280,35 +312,64 @@ def train(
         grad_norm = nn.utils.get_total_norm([p.grad for p in params])
         # One device sync per step, for both numbers the loop has to look at.
         loss_val, norm_val = torch.stack([loss.detach(), grad_norm]).tolist()
-        _check_finite(loss_val, norm_val, step, config.clip_norm)
-        clipped = 0 < config.clip_norm < norm_val
-        if clipped:
-            # clip_grad_norm_'s second half: the norm is known already, and below the
-            # threshold clip_grad_norm_ would rescale every gradient by exactly 1.
-            nn.utils.clip_grads_with_norm_(params, config.clip_norm, grad_norm)
-        optimizer.step()
-        interval.add(loss_val, clipped, time.perf_counter() - t_step)
+        probe = None
+        if math.isfinite(loss_val) and math.isfinite(norm_val):
+            if step % config.probe_every == 0:  # before the update: the weights the step's gradient was taken at
+                probe = Probe(step, gradient_profile(model, stream.replay), spectral(model))
+            clipped = 0 < config.clip_norm < norm_val
+            if clipped:
+                # clip_grad_norm_'s second half: the norm is known already, and below the
+                # threshold clip_grad_norm_ would rescale every gradient by exactly 1.
+                nn.utils.clip_grads_with_norm_(params, config.clip_norm, grad_norm)
+            if scheduled:
+                lr = scheduled_lr(config, step)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+            optimizer.step()
+            interval.add(loss_val, clipped, tokens, time.perf_counter() - t_step)
+        elif skip_nonfinite:
+            clipped = False
+            nonfinite = count_nonfinite(p.grad for p in params) if not math.isfinite(norm_val) else 0
+            stream.sanitize_state()
+            interval.skip(nonfinite, tokens, time.perf_counter() - t_step)
+        else:
+            _raise_diverged(loss_val, norm_val, step, config.clip_norm)
 
         if log:
             norms = dict(zip(names, param_norms.tolist()))
-            metrics = interval.metrics(step, epoch, B * T, lr, norm_val, clipped, norms)
+            metrics = interval.metrics(step, stream.epoch, lr, norm_val, clipped, norms, stream.perplexity)
             on_event(metrics)
             result = TrainResult(steps=step, loss=metrics.loss, perplexity=metrics.perplexity, stopped=stopped)
             interval = _Interval()
+        if probe is not None:
+            on_event(probe)
+        if stream.has_heldout and (last or step % config.eval_every == 0):
+            on_event(_evaluate(stream, model, step))
         if last or step % config.checkpoint_every == 0:
-            data = _checkpoint_bytes(config, vocab, model, optimizer, state, step, epoch, pos, device)
+            data = _checkpoint_bytes(config, stream, model, optimizer, spectral, step, device)
             on_event(CheckpointReady(step=step, data=data))
         if stopped:
             break
     return result
 
 
-def _check_finite(loss: float, grad_norm: float, step: int, clip_norm: float) -> None:
+def _raise_diverged(loss: float, grad_norm: float, step: int, clip_norm: float) -> None:
     hint = "try a lower lr or a smaller clip_norm" if clip_norm > 0 else "try a lower lr or clip_norm=1"
     if not math.isfinite(loss):
-        raise TrainingDiverged(step, f"loss became {loss} at step {step}; {hint}")
-    if not math.isfinite(grad_norm):
-        raise TrainingDiverged(step, f"gradient norm became {grad_norm} at step {step}; {hint}")
+        raise TrainingDiverged(step, f"loss became {loss} at step {step}; {hint}, or on_nonfinite=skip")
+    raise TrainingDiverged(step, f"gradient norm became {grad_norm} at step {step}; {hint}, or on_nonfinite=skip")
+
+
+def _evaluate(stream, model, step: int) -> Evaluation:
+    """The held-out pass: eval mode (no dropout, no random draws) and no gradient."""
+    model.eval()
+    try:
+        with torch.no_grad():
+            loss, value = stream.evaluate(model)
+    finally:
+        model.train()
+    return Evaluation(step=step, loss=loss, perplexity=perplexity(loss) if stream.perplexity else 0.0,
+                      metric=stream.metric, value=value, baseline=stream.baseline)
 
 
 # -----------------------------------------------------------------------------
@@ -317,22 +378,22 @@ def _check_finite(loss: float, grad_norm: float, step: int, clip_norm: float) ->
 CHECKPOINT_FORMAT = 1
 
 
-def _checkpoint_bytes(config, vocab, model, optimizer, state, step, epoch, pos, device) -> bytes:
+def _checkpoint_bytes(config, stream, model, optimizer, spectral, step, device) -> bytes:
     """Everything needed to continue the run bit for bit, or to sample from the model."""
     payload = {
         "format": CHECKPOINT_FORMAT,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
-        "state": [s.detach() for s in state],
         "step": step,
-        "epoch": epoch,
-        "position": pos,  # windows of `epoch` already trained on
+        # epoch, position (windows of `epoch` already trained on; a task's batches drawn), state (carried)
+        **stream.position(),
         "rng": {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
         },
+        "spectral": spectral.state_dict(),
         "config": asdict(config),
-        "vocab": vocab.tokens,
+        "vocab": stream.vocab,
     }
     buf = io.BytesIO()
     torch.save(payload, buf)
@@ -350,15 +411,20 @@ def _read_checkpoint(data: bytes) -> dict:
     return ckpt
 
 
-def _check_resumable(ckpt: dict, config: TrainConfig, vocab: Vocab) -> None:
-    saved = ckpt["config"]
+def _saved_config(ckpt: dict) -> dict:
+    # A checkpoint written before a setting existed was trained with that setting's default.
+    return {**asdict(TrainConfig()), **ckpt["config"]}
+
+
+def _check_resumable(ckpt: dict, config: TrainConfig, vocab: list[str]) -> None:
+    saved = _saved_config(ckpt)
     for name, value in asdict(config).items():
         if name not in RESUMABLE_CHANGES and saved.get(name) != value:
             raise ValueError(
                 f"cannot resume: the checkpoint was trained with {name}={saved.get(name)!r} but this job has "
                 f"{name}={value!r}; only {', '.join(sorted(RESUMABLE_CHANGES))} may change on resume"
             )
-    if ckpt["vocab"] != vocab.tokens:
+    if ckpt["vocab"] != vocab:
         raise ValueError("cannot resume: the checkpoint's vocabulary differs from this text's")
 
 
@@ -372,9 +438,9 @@ class Checkpoint(NamedTuple):
     """A checkpoint opened for inference."""
 
     model: nn.Module  # in eval mode, on the requested device
-    vocab: list[str]  # index -> token; index 0 is "<unk>"
+    vocab: list[str]  # index -> token; index 0 is "<unk>" (a synthetic task's symbols; none for adding)
     config: TrainConfig  # the config the model was trained with
-    state: tuple[torch.Tensor, ...]  # the hidden state after the checkpoint's last window
+    state: tuple[torch.Tensor, ...]  # the hidden state after the checkpoint's last window; () for synthetic tasks
 
 
 def load_checkpoint(data: bytes, device="cpu") -> Checkpoint:
@@ -386,8 +452,9 @@ def load_checkpoint(data: bytes, device="cpu") -> Checkpoint:
     batch is the training batch.
     """
     ckpt = _read_checkpoint(data)
-    config = TrainConfig(**ckpt["config"])
-    model = build_model(config.model, len(ckpt["vocab"]), config.hidden_size, config.num_layers, config.nonlinearity)
+    config = TrainConfig(**_saved_config(ckpt))
+    task = SYNTHETIC.get(config.dataset)
+    model = model_for(config, task.sizes if task else {"vocab_size": len(ckpt["vocab"])})
     model.load_state_dict(ckpt["model"])
     model.to(device).eval()
     state = tuple(s.to(device) for s in ckpt["state"])

@@ -26,7 +26,7 @@ FAILED: JobState
 CANCELLED: JobState
 
 class JobSpec(_message.Message):
-    __slots__ = ("dataset", "tokenization", "preprocess", "model", "hidden_size", "num_layers", "batch_size", "num_steps", "partition", "max_steps", "optimizer", "lr", "clip_norm", "seed", "device", "log_every", "checkpoint_every", "min_freq", "nonlinearity")
+    __slots__ = ("dataset", "tokenization", "preprocess", "model", "hidden_size", "num_layers", "batch_size", "num_steps", "partition", "max_steps", "optimizer", "lr", "clip_norm", "seed", "device", "log_every", "checkpoint_every", "min_freq", "nonlinearity", "truncation", "tbptt_k1", "tbptt_k2", "truncation_keep", "dropout", "embedding_size", "val_fraction", "eval_every", "weight_decay", "schedule", "lr_step_every", "lr_gamma", "probe_every", "seq_len", "on_nonfinite")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     TOKENIZATION_FIELD_NUMBER: _ClassVar[int]
     PREPROCESS_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +46,21 @@ class JobSpec(_message.Message):
     CHECKPOINT_EVERY_FIELD_NUMBER: _ClassVar[int]
     MIN_FREQ_FIELD_NUMBER: _ClassVar[int]
     NONLINEARITY_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATION_FIELD_NUMBER: _ClassVar[int]
+    TBPTT_K1_FIELD_NUMBER: _ClassVar[int]
+    TBPTT_K2_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATION_KEEP_FIELD_NUMBER: _ClassVar[int]
+    DROPOUT_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_SIZE_FIELD_NUMBER: _ClassVar[int]
+    VAL_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    EVAL_EVERY_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    LR_STEP_EVERY_FIELD_NUMBER: _ClassVar[int]
+    LR_GAMMA_FIELD_NUMBER: _ClassVar[int]
+    PROBE_EVERY_FIELD_NUMBER: _ClassVar[int]
+    SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
+    ON_NONFINITE_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     tokenization: str
     preprocess: str
@@ -65,10 +80,25 @@ class JobSpec(_message.Message):
     checkpoint_every: int
     min_freq: int
     nonlinearity: str
-    def __init__(self, dataset: _Optional[str] = ..., tokenization: _Optional[str] = ..., preprocess: _Optional[str] = ..., model: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., batch_size: _Optional[int] = ..., num_steps: _Optional[int] = ..., partition: _Optional[str] = ..., max_steps: _Optional[int] = ..., optimizer: _Optional[str] = ..., lr: _Optional[float] = ..., clip_norm: _Optional[float] = ..., seed: _Optional[int] = ..., device: _Optional[str] = ..., log_every: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., min_freq: _Optional[int] = ..., nonlinearity: _Optional[str] = ...) -> None: ...
+    truncation: str
+    tbptt_k1: int
+    tbptt_k2: int
+    truncation_keep: float
+    dropout: float
+    embedding_size: int
+    val_fraction: float
+    eval_every: int
+    weight_decay: float
+    schedule: str
+    lr_step_every: int
+    lr_gamma: float
+    probe_every: int
+    seq_len: int
+    on_nonfinite: str
+    def __init__(self, dataset: _Optional[str] = ..., tokenization: _Optional[str] = ..., preprocess: _Optional[str] = ..., model: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., batch_size: _Optional[int] = ..., num_steps: _Optional[int] = ..., partition: _Optional[str] = ..., max_steps: _Optional[int] = ..., optimizer: _Optional[str] = ..., lr: _Optional[float] = ..., clip_norm: _Optional[float] = ..., seed: _Optional[int] = ..., device: _Optional[str] = ..., log_every: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., min_freq: _Optional[int] = ..., nonlinearity: _Optional[str] = ..., truncation: _Optional[str] = ..., tbptt_k1: _Optional[int] = ..., tbptt_k2: _Optional[int] = ..., truncation_keep: _Optional[float] = ..., dropout: _Optional[float] = ..., embedding_size: _Optional[int] = ..., val_fraction: _Optional[float] = ..., eval_every: _Optional[int] = ..., weight_decay: _Optional[float] = ..., schedule: _Optional[str] = ..., lr_step_every: _Optional[int] = ..., lr_gamma: _Optional[float] = ..., probe_every: _Optional[int] = ..., seq_len: _Optional[int] = ..., on_nonfinite: _Optional[str] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "spec", "state", "created_at", "started_at", "finished_at", "reason", "worker", "last_step", "queue", "checkpoint_step")
+    __slots__ = ("id", "spec", "state", "created_at", "started_at", "finished_at", "reason", "worker", "last_step", "queue", "checkpoint_step", "attempt", "tenant")
     ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +110,8 @@ class Job(_message.Message):
     LAST_STEP_FIELD_NUMBER: _ClassVar[int]
     QUEUE_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_STEP_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     id: str
     spec: JobSpec
     state: JobState
@@ -91,7 +123,9 @@ class Job(_message.Message):
     last_step: int
     queue: str
     checkpoint_step: int
-    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reason: _Optional[str] = ..., worker: _Optional[str] = ..., last_step: _Optional[int] = ..., queue: _Optional[str] = ..., checkpoint_step: _Optional[int] = ...) -> None: ...
+    attempt: int
+    tenant: str
+    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reason: _Optional[str] = ..., worker: _Optional[str] = ..., last_step: _Optional[int] = ..., queue: _Optional[str] = ..., checkpoint_step: _Optional[int] = ..., attempt: _Optional[int] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class SubmitJobRequest(_message.Message):
     __slots__ = ("spec",)
@@ -126,28 +160,36 @@ class CancelJobRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class StreamEventsRequest(_message.Message):
-    __slots__ = ("job_id", "cursor")
+    __slots__ = ("job_id", "cursor", "history_only")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     CURSOR_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_ONLY_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     cursor: str
-    def __init__(self, job_id: _Optional[str] = ..., cursor: _Optional[str] = ...) -> None: ...
+    history_only: bool
+    def __init__(self, job_id: _Optional[str] = ..., cursor: _Optional[str] = ..., history_only: _Optional[bool] = ...) -> None: ...
 
 class Event(_message.Message):
-    __slots__ = ("cursor", "job_id", "time", "metrics", "status", "checkpoint")
+    __slots__ = ("cursor", "job_id", "time", "metrics", "status", "checkpoint", "evaluation", "probe", "notice")
     CURSOR_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    EVALUATION_FIELD_NUMBER: _ClassVar[int]
+    PROBE_FIELD_NUMBER: _ClassVar[int]
+    NOTICE_FIELD_NUMBER: _ClassVar[int]
     cursor: str
     job_id: str
     time: _timestamp_pb2.Timestamp
     metrics: Metrics
     status: StatusChange
     checkpoint: CheckpointSaved
-    def __init__(self, cursor: _Optional[str] = ..., job_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., metrics: _Optional[_Union[Metrics, _Mapping]] = ..., status: _Optional[_Union[StatusChange, _Mapping]] = ..., checkpoint: _Optional[_Union[CheckpointSaved, _Mapping]] = ...) -> None: ...
+    evaluation: Evaluation
+    probe: Probe
+    notice: Notice
+    def __init__(self, cursor: _Optional[str] = ..., job_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., metrics: _Optional[_Union[Metrics, _Mapping]] = ..., status: _Optional[_Union[StatusChange, _Mapping]] = ..., checkpoint: _Optional[_Union[CheckpointSaved, _Mapping]] = ..., evaluation: _Optional[_Union[Evaluation, _Mapping]] = ..., probe: _Optional[_Union[Probe, _Mapping]] = ..., notice: _Optional[_Union[Notice, _Mapping]] = ...) -> None: ...
 
 class ParamGradNorm(_message.Message):
     __slots__ = ("name", "norm")
@@ -158,7 +200,7 @@ class ParamGradNorm(_message.Message):
     def __init__(self, name: _Optional[str] = ..., norm: _Optional[float] = ...) -> None: ...
 
 class Metrics(_message.Message):
-    __slots__ = ("step", "epoch", "loss", "perplexity", "tokens_per_sec", "lr", "grad_norm", "clipped", "clip_fraction", "param_grad_norms")
+    __slots__ = ("step", "epoch", "loss", "perplexity", "tokens_per_sec", "lr", "grad_norm", "clipped", "clip_fraction", "param_grad_norms", "nonfinite_grads", "skipped_steps")
     STEP_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
@@ -169,6 +211,8 @@ class Metrics(_message.Message):
     CLIPPED_FIELD_NUMBER: _ClassVar[int]
     CLIP_FRACTION_FIELD_NUMBER: _ClassVar[int]
     PARAM_GRAD_NORMS_FIELD_NUMBER: _ClassVar[int]
+    NONFINITE_GRADS_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_STEPS_FIELD_NUMBER: _ClassVar[int]
     step: int
     epoch: int
     loss: float
@@ -179,19 +223,77 @@ class Metrics(_message.Message):
     clipped: bool
     clip_fraction: float
     param_grad_norms: _containers.RepeatedCompositeFieldContainer[ParamGradNorm]
-    def __init__(self, step: _Optional[int] = ..., epoch: _Optional[int] = ..., loss: _Optional[float] = ..., perplexity: _Optional[float] = ..., tokens_per_sec: _Optional[float] = ..., lr: _Optional[float] = ..., grad_norm: _Optional[float] = ..., clipped: _Optional[bool] = ..., clip_fraction: _Optional[float] = ..., param_grad_norms: _Optional[_Iterable[_Union[ParamGradNorm, _Mapping]]] = ...) -> None: ...
+    nonfinite_grads: int
+    skipped_steps: int
+    def __init__(self, step: _Optional[int] = ..., epoch: _Optional[int] = ..., loss: _Optional[float] = ..., perplexity: _Optional[float] = ..., tokens_per_sec: _Optional[float] = ..., lr: _Optional[float] = ..., grad_norm: _Optional[float] = ..., clipped: _Optional[bool] = ..., clip_fraction: _Optional[float] = ..., param_grad_norms: _Optional[_Iterable[_Union[ParamGradNorm, _Mapping]]] = ..., nonfinite_grads: _Optional[int] = ..., skipped_steps: _Optional[int] = ...) -> None: ...
+
+class Evaluation(_message.Message):
+    __slots__ = ("step", "loss", "perplexity", "metric", "value", "baseline")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    PERPLEXITY_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    loss: float
+    perplexity: float
+    metric: str
+    value: float
+    baseline: float
+    def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ..., perplexity: _Optional[float] = ..., metric: _Optional[str] = ..., value: _Optional[float] = ..., baseline: _Optional[float] = ...) -> None: ...
+
+class GradProfile(_message.Message):
+    __slots__ = ("layer", "norms")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    NORMS_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    norms: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, layer: _Optional[int] = ..., norms: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class SpectralNorm(_message.Message):
+    __slots__ = ("name", "gate", "sigma")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    GATE_FIELD_NUMBER: _ClassVar[int]
+    SIGMA_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    gate: str
+    sigma: float
+    def __init__(self, name: _Optional[str] = ..., gate: _Optional[str] = ..., sigma: _Optional[float] = ...) -> None: ...
+
+class Probe(_message.Message):
+    __slots__ = ("step", "grad_through_time", "spectral_norms")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    GRAD_THROUGH_TIME_FIELD_NUMBER: _ClassVar[int]
+    SPECTRAL_NORMS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    grad_through_time: _containers.RepeatedCompositeFieldContainer[GradProfile]
+    spectral_norms: _containers.RepeatedCompositeFieldContainer[SpectralNorm]
+    def __init__(self, step: _Optional[int] = ..., grad_through_time: _Optional[_Iterable[_Union[GradProfile, _Mapping]]] = ..., spectral_norms: _Optional[_Iterable[_Union[SpectralNorm, _Mapping]]] = ...) -> None: ...
+
+class Notice(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    message: str
+    def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class StatusChange(_message.Message):
-    __slots__ = ("state", "reason", "worker", "step")
+    __slots__ = ("state", "reason", "worker", "step", "attempt", "resumed_from_step")
     STATE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_FROM_STEP_FIELD_NUMBER: _ClassVar[int]
     state: JobState
     reason: str
     worker: str
     step: int
-    def __init__(self, state: _Optional[_Union[JobState, str]] = ..., reason: _Optional[str] = ..., worker: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
+    attempt: int
+    resumed_from_step: int
+    def __init__(self, state: _Optional[_Union[JobState, str]] = ..., reason: _Optional[str] = ..., worker: _Optional[str] = ..., step: _Optional[int] = ..., attempt: _Optional[int] = ..., resumed_from_step: _Optional[int] = ...) -> None: ...
 
 class CheckpointSaved(_message.Message):
     __slots__ = ("step", "size_bytes")
@@ -248,7 +350,7 @@ class ListWorkersRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Worker(_message.Message):
-    __slots__ = ("name", "queues", "device", "hostname", "pid", "started_at", "last_seen", "job_id")
+    __slots__ = ("name", "queues", "device", "hostname", "pid", "started_at", "last_seen", "job_id", "memory_budget_bytes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     QUEUES_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -257,6 +359,7 @@ class Worker(_message.Message):
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     LAST_SEEN_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     name: str
     queues: _containers.RepeatedScalarFieldContainer[str]
     device: str
@@ -265,10 +368,33 @@ class Worker(_message.Message):
     started_at: _timestamp_pb2.Timestamp
     last_seen: _timestamp_pb2.Timestamp
     job_id: str
-    def __init__(self, name: _Optional[str] = ..., queues: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., hostname: _Optional[str] = ..., pid: _Optional[int] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., job_id: _Optional[str] = ...) -> None: ...
+    memory_budget_bytes: int
+    def __init__(self, name: _Optional[str] = ..., queues: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., hostname: _Optional[str] = ..., pid: _Optional[int] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., job_id: _Optional[str] = ..., memory_budget_bytes: _Optional[int] = ...) -> None: ...
 
 class ListWorkersResponse(_message.Message):
     __slots__ = ("workers",)
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     workers: _containers.RepeatedCompositeFieldContainer[Worker]
     def __init__(self, workers: _Optional[_Iterable[_Union[Worker, _Mapping]]] = ...) -> None: ...
+
+class GenerateRequest(_message.Message):
+    __slots__ = ("job_id", "prefix", "num_tokens", "temperature", "seed")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    prefix: str
+    num_tokens: int
+    temperature: float
+    seed: int
+    def __init__(self, job_id: _Optional[str] = ..., prefix: _Optional[str] = ..., num_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class GenerateResponse(_message.Message):
+    __slots__ = ("text", "step")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    step: int
+    def __init__(self, text: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...

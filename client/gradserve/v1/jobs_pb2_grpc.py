@@ -74,6 +74,11 @@ class JobServiceStub:
                 request_serializer=gradserve_dot_v1_dot_jobs__pb2.ListWorkersRequest.SerializeToString,
                 response_deserializer=gradserve_dot_v1_dot_jobs__pb2.ListWorkersResponse.FromString,
                 _registered_method=True)
+        self.Generate = channel.unary_unary(
+                '/gradserve.v1.JobService/Generate',
+                request_serializer=gradserve_dot_v1_dot_jobs__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_jobs__pb2.GenerateResponse.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -136,6 +141,13 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Generate(self, request, context):
+        """Text from the job's latest checkpoint, computed on a worker.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -178,6 +190,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.ListWorkers,
                     request_deserializer=gradserve_dot_v1_dot_jobs__pb2.ListWorkersRequest.FromString,
                     response_serializer=gradserve_dot_v1_dot_jobs__pb2.ListWorkersResponse.SerializeToString,
+            ),
+            'Generate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=gradserve_dot_v1_dot_jobs__pb2.GenerateRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_jobs__pb2.GenerateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -396,6 +413,33 @@ class JobService:
             '/gradserve.v1.JobService/ListWorkers',
             gradserve_dot_v1_dot_jobs__pb2.ListWorkersRequest.SerializeToString,
             gradserve_dot_v1_dot_jobs__pb2.ListWorkersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradserve.v1.JobService/Generate',
+            gradserve_dot_v1_dot_jobs__pb2.GenerateRequest.SerializeToString,
+            gradserve_dot_v1_dot_jobs__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,

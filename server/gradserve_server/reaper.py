@@ -1,0 +1,90 @@
+"""The server's reaper: gives the jobs of dead workers to new attempts, and sends tasks nobody sent.
+
+Every `interval` seconds it
+- takes each RUNNING job whose lease expired (its worker stopped renewing it:
+  killed, frozen, cut off) away from that attempt: queued again as the next
+  attempt, which resumes from the checkpoint, or FAILED after `max_attempts`
+  lost workers, or CANCELLED when a cancel was waiting for it;
+- sends the train task of every job in the dispatch outbox that is due: just
+  reaped, handed back by a worker whose own send failed, or submitted by a
+  server that died before it sent the task.
+
+Any number of servers may run one: each job is taken by one atomic script, so
+two reapers never both re-dispatch it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+import redis
+
+from gradserve.v1 import jobs_pb2
+from gradserve_server.queue import dispatch, make_celery
+from gradserve_server.store import JobStore
+
+log = logging.getLogger("gradserve.reaper")
+
+DEFAULT_INTERVAL_S = 2.0
+DEFAULT_MAX_ATTEMPTS = 3
+# The workers' lease (GRADSERVE_LEASE_TTL_S, default 10 s). After Redis comes
+# back from an outage, the reaper waits this long before it reaps: leases
+# lapsed while no worker could reach Redis to renew them, and the workers
+# deserve the chance to renew before they are presumed dead.
+DEFAULT_LEASE_TTL_S = 10.0
+
+
+def lease_ttl_s() -> float:
+    """The lease the workers hold their jobs under, as configured for this deployment."""
+    return float(os.environ.get("GRADSERVE_LEASE_TTL_S", DEFAULT_LEASE_TTL_S))
+
+
+class Reaper:
+    def __init__(self, redis_url: str, *, max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+                 interval: float = DEFAULT_INTERVAL_S, outage_grace: float | None = None):
+        self.store = JobStore.from_url(redis_url)
+        self.celery = make_celery(redis_url)
+        self.max_attempts = max_attempts
+        self.interval = interval
+        self.outage_grace = lease_ttl_s() if outage_grace is None else outage_grace
+        self._redis_run_id = ""
+        self._lost_redis = False
+        self._reap_after_ms = 0
+
+    def close(self) -> None:
+        self.store.r.close()
+
+    def tick(self) -> None:
+        """One pass: reap expired leases, then send the due tasks of the outbox."""
+        run_id = self.store.r.info("server")["run_id"]
+        restarted = self._redis_run_id not in ("", run_id)
+        if self._lost_redis or restarted:
+            # Redis was out of reach, or restarted between two passes: leases may
+            # have lapsed while no worker could renew them, so give them a lease's length.
+            log.warning("redis is back; reaping resumes in %.0f s", self.outage_grace)
+            self._reap_after_ms = self.store.now_ms() + int(self.outage_grace * 1000)
+        self._redis_run_id, self._lost_redis = run_id, False
+        if self.store.now_ms() >= self._reap_after_ms:
+            for job_id in self.store.expired_leases():
+                outcome = self.store.reap(job_id, self.max_attempts)
+                if outcome:
+                    state, reason = outcome
+                    log.warning("job %s %s: %s", job_id, jobs_pb2.JobState.Name(state), reason)
+        for job_id, attempt, queue in self.store.due_dispatches():
+            log.info("sending job %s attempt %d to queue %s", job_id, attempt, queue)
+            dispatch(self.celery, self.store, job_id, attempt, queue)
+
+    async def run(self) -> None:
+        """Tick every `interval` seconds until cancelled; Redis being away only skips ticks."""
+        while True:
+            try:
+                await asyncio.to_thread(self.tick)
+            except (redis.ConnectionError, redis.TimeoutError) as e:
+                if not self._lost_redis:
+                    log.warning("reaper cannot reach redis (%s); retrying every %.1f s", e, self.interval)
+                self._lost_redis = True
+            except Exception:
+                log.exception("reaper pass failed; retrying")
+            await asyncio.sleep(self.interval)

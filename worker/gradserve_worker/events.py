@@ -1,0 +1,56 @@
+"""The trainer's reports as protobuf events: the one place that maps one onto the other."""
+
+from __future__ import annotations
+
+from gradserve.v1 import jobs_pb2
+
+from gradserve_worker.trainer import Evaluation, Probe, StepMetrics
+
+
+def to_event(report) -> jobs_pb2.Event:
+    """The stream event for one of the trainer's reports (all but CheckpointReady, which is stored apart)."""
+    if isinstance(report, StepMetrics):
+        return jobs_pb2.Event(
+            metrics=jobs_pb2.Metrics(
+                step=report.step,
+                epoch=report.epoch,
+                loss=report.loss,
+                perplexity=report.perplexity,
+                tokens_per_sec=report.tokens_per_sec,
+                lr=report.lr,
+                grad_norm=report.grad_norm,
+                clipped=report.clipped,
+                clip_fraction=report.clip_fraction,
+                param_grad_norms=[
+                    jobs_pb2.ParamGradNorm(name=k, norm=v) for k, v in report.param_grad_norms.items()
+                ],
+                nonfinite_grads=report.nonfinite_grads,
+                skipped_steps=report.skipped_steps,
+            )
+        )
+    if isinstance(report, Evaluation):
+        return jobs_pb2.Event(
+            evaluation=jobs_pb2.Evaluation(
+                step=report.step,
+                loss=report.loss,
+                perplexity=report.perplexity,
+                metric=report.metric,
+                value=report.value,
+                baseline=report.baseline,
+            )
+        )
+    if isinstance(report, Probe):
+        return jobs_pb2.Event(
+            probe=jobs_pb2.Probe(
+                step=report.step,
+                grad_through_time=[
+                    jobs_pb2.GradProfile(layer=layer, norms=norms)
+                    for layer, norms in enumerate(report.grad_through_time)
+                ],
+                spectral_norms=[
+                    jobs_pb2.SpectralNorm(name=name, gate=gate, sigma=sigma)
+                    for name, gate, sigma in report.spectral_norms
+                ],
+            )
+        )
+    raise TypeError(f"no event for a {type(report).__name__}")

@@ -1,0 +1,39 @@
+"""The update rule and the learning-rate schedule of a job.
+
+The schedule is a pure function of the step, so a resumed run needs no
+scheduler state to continue bit for bit: the trainer sets each step's lr
+before the optimizer step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """sgd and adam add weight_decay × w to the gradient (an L2 penalty); adamw decays the weights directly."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; expected sgd, adam or adamw")
+
+
+def scheduled_lr(config, step: int) -> float:
+    """The learning rate of optimizer step `step` (1-based).
+
+    constant: lr. step: lr × lr_gamma^⌊(step − 1) / lr_step_every⌋, so the
+    first lr_step_every steps use lr itself. cosine: lr × (1 + cos(π (step − 1) / max_steps)) / 2,
+    from lr at the first step towards 0 after the last (the job's max_steps at
+    the time of the step: extending max_steps on resume stretches what is left).
+    """
+    lr = config.effective_lr
+    if config.schedule == "step":
+        return lr * config.lr_gamma ** ((step - 1) // config.lr_step_every)
+    if config.schedule == "cosine":
+        return lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / config.max_steps))
+    return lr

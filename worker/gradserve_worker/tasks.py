@@ -1,0 +1,326 @@
+"""What a job trains on: a text (language modelling) or a synthetic long-range task.
+
+Both are a stream of optimizer steps with the same interface, so the training
+loop never asks which one it has:
+
+    stream.sizes, stream.vocab              # build_model's size keywords; what a checkpoint keeps as vocabulary
+    stream.start(model, epoch, pos, state)  # from the beginning, or from a checkpoint's stream.position()
+    loss, n = stream.next_loss(model)       # forward of the next step's data (n time steps × sequences)
+    loss = stream.replay(model, trace)      # that step's forward again, deterministic, tracing every h_t
+    loss, value = stream.evaluate(model)    # on held-out data (when stream.has_heldout), under no_grad
+    stream.sanitize_state()                 # after a skipped step
+
+Text: the token stream is split into a training part and the held-out last
+val_fraction; an epoch walks the training part in windows (data.Window), each
+one step, the hidden state carried between them (sequential partition) or
+reset (random). Loss and metric are the mean cross-entropy per token.
+
+Synthetic tasks have no text: every step is a batch of fresh sequences drawn
+from (seed, step), the state starts from zeros for each, and the truncation
+strategy cuts gradients inside them (truncation.run_sequence). Evaluation runs
+on HELDOUT_SEQUENCES sequences drawn once from the seed; val_fraction and
+partition do not apply.
+
+builtin:adding (Hochreiter & Schmidhuber's adding problem)
+    seq_len steps of two channels: a value uniform in [0, 1) and a marker, 1 at
+    two positions (one in each half of the sequence) and 0 elsewhere. The
+    target is the sum of the two marked values, predicted at the last step.
+    Loss and metric: mean squared error. Baseline: always predicting 1.0, the
+    target's mean, scores the target's variance, 2/12 ≈ 0.167.
+builtin:copy (copy memory, as in Arjovsky et al.)
+    10 symbols drawn from an alphabet of 8, then seq_len steps of blanks whose
+    last one is the delimiter, then 10 more blanks during which the model must
+    output the 10 symbols in order: seq_len + 20 steps in all. Loss: mean
+    cross-entropy over the 10 recall positions; metric: accuracy there.
+    Baseline: 1/8, what a memoryless model scores at best (each symbol is
+    uniform and independent of everything it saw after the first 10 steps).
+The metrics' perplexity is 0 for the synthetic tasks: their losses are not
+per-token language-model cross-entropies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+import torch.nn.functional as F
+from gradserve.spec import FULL_MAX_STEPS, min_tokens
+
+from gradserve_worker.data import build_corpus, epoch_windows, heldout_windows, split_heldout, whole_rows
+from gradserve_worker.truncation import Truncation, run_sequence, run_window
+
+HELDOUT_SEQUENCES = 512
+
+# -----------------------------------------------------------------------------
+# text
+
+
+class TextStream:
+    """A text as a stream of TBPTT windows; see the module docstring."""
+
+    metric, baseline, perplexity = "", 0.0, True
+
+    def __init__(self, config, text: str, device: torch.device):
+        self.config, self.device = config, device
+        B = config.batch_size
+        vocab, corpus = build_corpus(text, config.tokenization, config.preprocess, config.min_freq)
+        train_part, heldout = split_heldout(corpus, config.val_fraction)
+        self.plan = Truncation.of(config)
+        _check_text_size(config, len(corpus), len(train_part), len(heldout), self.plan)
+        self.vocab = vocab.tokens
+        self.sizes = {"vocab_size": len(vocab)}
+        self.corpus = train_part.to(device)
+        self.heldout = heldout_windows(heldout.to(device), B, config.num_steps) if len(heldout) else []
+        self.epoch, self.pos, self.state, self.zero_state = 0, 0, None, None
+        self.windows = None
+        self._last = None
+
+    def start(self, model, epoch: int = 0, pos: int = 0, state: tuple[torch.Tensor, ...] | None = None) -> None:
+        """Position the stream at window `pos` of `epoch` with the carried `state` (a checkpoint's, or none)."""
+        self.zero_state = model.begin_state(self.config.batch_size, self.device)
+        self.epoch, self.pos, self.state = epoch, pos, state
+        self.windows = self._epoch_windows(epoch)
+
+    def _epoch_windows(self, epoch: int):
+        c = self.config
+        if c.truncation == "full":
+            return whole_rows(self.corpus, c.batch_size)
+        k2 = self.plan.k2 if self.plan.k2 != self.plan.k1 else None
+        return epoch_windows(self.corpus, c.partition, c.batch_size, self.plan.k1, c.seed, epoch, k2)
+
+    def next_loss(self, model) -> tuple[torch.Tensor, int]:
+        """(loss, tokens) of the next window: mean cross-entropy over its new tokens, and their count."""
+        if self.pos == len(self.windows):
+            self.epoch, self.pos = self.epoch + 1, 0
+            self.windows = self._epoch_windows(self.epoch)
+        if self.pos == 0 or not self.windows.carries_state:
+            self.state = self.zero_state
+        window = self.windows[self.pos]
+        self.pos += 1
+        self._last = (window, self.state)
+        outputs, self.state, _ = run_window(model, window.X, self.state, window.carry_at, self.plan.keep)
+        return self._loss(outputs, window), window.Y.numel() - window.context * window.Y.shape[1]
+
+    @staticmethod
+    def _loss(outputs: torch.Tensor, window) -> torch.Tensor:
+        if window.context:  # TBPTT's context steps are only there for the gradient to flow through
+            new = window.context * window.Y.shape[1]
+            return F.cross_entropy(outputs[new:], window.Y[window.context :].reshape(-1))
+        return F.cross_entropy(outputs, window.Y.reshape(-1))
+
+    def replay(self, model, trace: list[list[torch.Tensor]]) -> torch.Tensor:
+        """The last window's loss again from the same starting state, tracing the hidden states; no ξ cuts."""
+        window, state = self._last
+        outputs, _, _ = run_window(model, window.X, state, window.carry_at, None, trace)
+        return self._loss(outputs, window)
+
+    def sanitize_state(self) -> None:
+        """After a skipped step: a carried state that is no longer finite restarts from zeros."""
+        if not all(torch.isfinite(s).all() for s in self.state):
+            self.state = self.zero_state
+
+    def evaluate(self, model) -> tuple[float, float]:
+        """(mean cross-entropy per held-out token, 0: text has no task metric): sequential windows, state carried."""
+        total = torch.zeros((), device=self.device, dtype=torch.float64)
+        count = 0
+        state = model.begin_state(self.heldout[0][0].shape[1], self.device)
+        for X, Y in self.heldout:
+            outputs, state = model(X, state)
+            total += F.cross_entropy(outputs, Y.reshape(-1), reduction="sum").double()
+            count += Y.numel()
+        return total.item() / count, 0.0
+
+    @property
+    def has_heldout(self) -> bool:
+        return bool(self.heldout)
+
+    def position(self) -> dict:
+        return {"epoch": self.epoch, "position": self.pos, "state": [s.detach() for s in self.state or ()]}
+
+
+def _check_text_size(config, n: int, n_train: int, n_val: int, plan: Truncation) -> None:
+    """Refuse, with the numbers, a text too short for one training step or for one held-out window."""
+    B, T = config.batch_size, config.num_steps
+    where = f"the text has {n} tokens ({config.tokenization} tokens after preprocess {config.preprocess!r})"
+    if n_val:
+        where += f", of which val_fraction {config.val_fraction:g} holds out the last {n_val}, leaving {n_train}"
+    if config.val_fraction > 0 and n_val < T + 1:
+        raise ValueError(
+            f"{where}; the held-out part needs at least num_steps + 1 = {T + 1} tokens; "
+            f"use a longer text, a larger val_fraction or val_fraction=0"
+        )
+    if config.truncation == "full":
+        if n_train < B + 1:
+            raise ValueError(f"{where}; full truncation needs at least batch_size + 1 = {B + 1} training tokens")
+        if (n_train - 1) // B > FULL_MAX_STEPS:
+            raise ValueError(
+                f"{where}; full truncation backpropagates through each of the batch_size rows of the training "
+                f"text, here {(n_train - 1) // B} tokens long, and refuses rows over {FULL_MAX_STEPS}; use a larger "
+                f"batch_size, a shorter text, or another truncation"
+            )
+        return
+    window, what = T, f"batch_size × num_steps = {B} × {T}"
+    if config.truncation == "tbptt":
+        random = config.partition == "random"
+        window = plan.k2 if random else plan.k1
+        what = f"batch_size × tbptt_{'k2' if random else 'k1'} = {B} × {window}"
+    need = min_tokens(B, window)
+    if n_train < need:
+        raise ValueError(
+            f"{where}; {what} needs at least {need} for training; use a longer text or a smaller "
+            f"batch_size or window"
+        )
+
+
+# -----------------------------------------------------------------------------
+# synthetic tasks
+
+
+def task_generator(seed: int, purpose: str, index: int = 0) -> torch.Generator:
+    """A generator seeded from (seed, purpose, index) alone: step i's batch is the same on every run and resume."""
+    digest = hashlib.blake2b(f"{seed}:{purpose}:{index}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+
+
+class AddingTask:
+    """The adding problem; see the module docstring."""
+
+    metric = "mse"
+    sizes = {"vocab_size": 0, "features": 2, "output_size": 1}
+    vocab: list[str] = []
+
+    def __init__(self, seq_len: int):
+        self.seq_len = self.length = seq_len
+
+    def sample(self, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """n sequences: X (seq_len, n, 2) and the targets (n,)."""
+        L, half = self.seq_len, self.seq_len // 2
+        values = torch.rand(L, n, generator=gen)
+        first = torch.randint(0, half, (n,), generator=gen)
+        second = torch.randint(half, L, (n,), generator=gen)
+        markers = torch.zeros(L, n)
+        cols = torch.arange(n)
+        markers[first, cols] = 1.0
+        markers[second, cols] = 1.0
+        return torch.stack([values, markers], dim=-1), values[first, cols] + values[second, cols]
+
+    def loss(self, outputs: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(outputs[-len(Y) :, 0], Y)
+
+    def score(self, outputs: torch.Tensor, Y: torch.Tensor) -> tuple[float, float]:
+        """(summed loss, summed metric) over the sequences of one batch."""
+        sq = F.mse_loss(outputs[-len(Y) :, 0], Y, reduction="sum").item()
+        return sq, sq
+
+    def baseline(self, Y: torch.Tensor) -> float:
+        return F.mse_loss(torch.ones_like(Y), Y).item()
+
+
+class CopyTask:
+    """Copy memory; see the module docstring."""
+
+    metric = "accuracy"
+    SYMBOLS, ALPHABET, BLANK, DELIMITER = 10, 8, 0, 9  # symbols are 1..8
+    vocab = ["<blank>", *"abcdefgh", "<delimiter>"]
+    sizes = {"vocab_size": 10}
+
+    def __init__(self, seq_len: int):
+        self.seq_len = seq_len
+        self.length = seq_len + 2 * self.SYMBOLS
+
+    def sample(self, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """n sequences: X (seq_len + 20, n) symbol ids and the symbols to recall (10, n)."""
+        symbols = torch.randint(1, self.ALPHABET + 1, (self.SYMBOLS, n), generator=gen)
+        X = torch.full((self.length, n), self.BLANK, dtype=torch.long)
+        X[: self.SYMBOLS] = symbols
+        X[self.SYMBOLS + self.seq_len - 1] = self.DELIMITER
+        return X, symbols
+
+    def loss(self, outputs: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(outputs[-Y.numel() :], Y.reshape(-1))
+
+    def score(self, outputs: torch.Tensor, Y: torch.Tensor) -> tuple[float, float]:
+        recall = outputs[-Y.numel() :]
+        ce = F.cross_entropy(recall, Y.reshape(-1), reduction="sum").item() / self.SYMBOLS
+        hits = (recall.argmax(-1) == Y.reshape(-1)).sum().item() / self.SYMBOLS
+        return ce, hits
+
+    def baseline(self, Y: torch.Tensor) -> float:
+        return 1 / self.ALPHABET
+
+
+SYNTHETIC = {"builtin:adding": AddingTask, "builtin:copy": CopyTask}
+
+
+class SyntheticStream:
+    """A synthetic task as a stream of steps, each a batch of fresh sequences; see the module docstring."""
+
+    perplexity = False
+    has_heldout = True
+
+    def __init__(self, config, device: torch.device):
+        self.config, self.device = config, device
+        self.task = SYNTHETIC[config.dataset](config.seq_len)
+        self.metric, self.sizes, self.vocab = self.task.metric, self.task.sizes, self.task.vocab
+        self.plan = Truncation.of(config, self.task.length)
+        self.tokens_per_step = config.batch_size * self.task.length
+        self.heldout = self.task.sample(HELDOUT_SEQUENCES, task_generator(config.seed, "heldout"))
+        self.baseline = self.task.baseline(self.heldout[1])
+        self.step, self.zero_state, self._last = 0, None, None
+
+    def start(self, model, epoch: int = 0, pos: int = 0, state=None) -> None:
+        self.zero_state = model.begin_state(self.config.batch_size, self.device)
+        self.step = pos
+
+    @property
+    def epoch(self) -> int:
+        return 0  # the data never repeats
+
+    def next_loss(self, model) -> tuple[torch.Tensor, int]:
+        X, Y = self.task.sample(self.config.batch_size, task_generator(self.config.seed, "train", self.step))
+        X, Y = X.to(self.device), Y.to(self.device)
+        self.step += 1
+        self._last = (X, Y)
+        outputs = run_sequence(model, X, self.plan, self.zero_state)
+        return self.task.loss(outputs, Y), self.tokens_per_step
+
+    def replay(self, model, trace: list[list[torch.Tensor]]) -> torch.Tensor:
+        X, Y = self._last
+        plan = Truncation(self.plan.k1, self.plan.k2)  # the expected gradient: no ξ cuts
+        return self.task.loss(run_sequence(model, X, plan, self.zero_state, trace_last=trace), Y)
+
+    def sanitize_state(self) -> None:
+        """Nothing to do: every step starts its sequences from zeros."""
+
+    def evaluate(self, model) -> tuple[float, float]:
+        """(mean loss, mean metric) over the held-out sequences, batch_size at a time."""
+        X, Y = self.heldout
+        n, B = Y.shape[-1], self.config.batch_size
+        loss = value = 0.0
+        for i in range(0, n, B):
+            x, y = X[:, i : i + B].to(self.device), Y[..., i : i + B].to(self.device)
+            outputs, _ = model(x, model.begin_state(y.shape[-1], self.device))
+            batch_loss, batch_value = self.task.score(outputs, y)
+            loss, value = loss + batch_loss, value + batch_value
+        return loss / n, value / n
+
+    def position(self) -> dict:
+        return {"epoch": 0, "position": self.step, "state": []}
+
+
+# -----------------------------------------------------------------------------
+
+
+def make_stream(config, text: str, device: torch.device):
+    """The stream a config trains on: its synthetic task, or `text`."""
+    if config.dataset in SYNTHETIC:
+        return SyntheticStream(config, device)
+    return TextStream(config, text, device)
+
+
+def perplexity(loss: float) -> float:
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
