@@ -65,10 +65,14 @@ class Stack:
     # Each worker by its node name ("w1@test"), as jobs name the worker that runs them.
     named: dict[str, subprocess.Popen] = field(default_factory=dict)
     server_args: tuple[str, ...] = ()
+    # Credentials Redis demands (an ACL user when redis_user is set); empty: none.
+    redis_user: str = ""
+    redis_password: str = ""
 
     @property
     def redis_url(self) -> str:
-        return f"redis://127.0.0.1:{self.redis_port}/0"
+        login = f"{self.redis_user}:{self.redis_password}@" if self.redis_password else ""
+        return f"redis://{login}127.0.0.1:{self.redis_port}/0"
 
     @property
     def address(self) -> str:
@@ -81,7 +85,8 @@ class Stack:
         """Start redis-server on this stack's port (the same one again after a kill) with its files in `dir`."""
         self.redis_port = self.redis_port or dev.free_port()
         with self._log("redis") as log:
-            self.redis = dev.start_redis(self.redis_port, self.dir, appendonly=appendonly, log_file=log)
+            self.redis = dev.start_redis(self.redis_port, self.dir, appendonly=appendonly, log_file=log,
+                                         user=self.redis_user, password=self.redis_password)
 
     def start_server(self, *extra: str) -> None:
         """Start the server on this stack's address; `extra` flags are kept for the next start too."""

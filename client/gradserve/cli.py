@@ -307,12 +307,14 @@ def render_workers(console: Console, workers: Sequence[jobs_pb2.Worker], now: fl
         return
     now = time.time() if now is None else now
     table = Table(box=None, header_style="bold", pad_edge=False)
-    for name in ("name", "queues", "device", "host", "pid", "current job", "last seen"):
+    for name in ("name", "queues", "device", "memory budget", "host", "pid", "current job", "last seen"):
         table.add_column(name)
     for w in workers:
         seen = f"{now - _seconds(w.last_seen):.1f}s ago" if w.HasField("last_seen") else "-"
         table.add_row(
-            Text(w.name), ",".join(w.queues), Text(w.device), Text(w.hostname), str(w.pid), w.job_id or "idle", seen
+            Text(w.name), ",".join(w.queues), Text(w.device),
+            human_bytes(w.memory_budget_bytes) if w.memory_budget_bytes else "-", Text(w.hostname), str(w.pid),
+            w.job_id or "idle", seen
         )
     console.print(table)
 

@@ -57,12 +57,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_redis(port: int, workdir: Path, *, appendonly: bool = False, log_file=None) -> subprocess.Popen:
+def start_redis(port: int, workdir: Path, *, appendonly: bool = False, log_file=None, user: str = "",
+                password: str = "") -> subprocess.Popen:
+    """redis-server on 127.0.0.1:`port`, answering PING. With `password`, clients must log in: as `user`
+    (an ACL user, the default user then disabled) or, without one, with the password alone."""
     binary, _ = find_redis_server()
     args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(workdir)]
     args += ["--appendonly", "yes", "--appendfsync", "everysec"] if appendonly else ["--appendonly", "no"]
+    if password and user:
+        args += ["--user", "default", "off", "--user", user, "on", f">{password}", "~*", "&*", "+@all"]
+    elif password:
+        args += ["--requirepass", password]
     proc = subprocess.Popen(args, stdout=log_file or subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    url = f"redis://127.0.0.1:{port}/0"
+    login = f"{user}:{password}@" if password else ""
+    url = f"redis://{login}127.0.0.1:{port}/0"
     deadline = time.monotonic() + 10
     client = redis.Redis.from_url(url, socket_connect_timeout=0.5)
     while True:

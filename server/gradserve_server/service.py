@@ -222,10 +222,17 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
             raise _Invalid([(f"spec.{f}", d) for f, d in problems])
         return tokens, vocab_size
 
-    async def _check_memory(self, spec: jobs_pb2.JobSpec, vocab_size: int, steps_per_sequence: int) -> None:
+    async def _check_memory(self, spec: jobs_pb2.JobSpec, vocab_size: int, steps_per_sequence: int,
+                            queue: str) -> None:
+        """Refuse a job that would not fit the smallest budget among the live workers of its queue.
+
+        Any of them may take it. With none alive, the default budget stands in.
+        """
         window = specs.backprop_window(spec, steps_per_sequence)
         estimate = specs.memory_estimate_bytes(spec, vocab_size, window)
-        budget = specs.DEFAULT_MEMORY_BUDGET_BYTES
+        budgets = [w.memory_budget_bytes for w in await self._call(self.store.workers)
+                   if queue in w.queues and w.memory_budget_bytes]
+        budget = min(budgets, default=specs.DEFAULT_MEMORY_BUDGET_BYTES)
         if estimate <= budget:
             return
         mib = 2**20
@@ -238,8 +245,8 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
                 (
                     field,
                     f"needs an estimated {estimate / mib:,.0f} MiB (weights, gradients, optimizer state and "
-                    f"activations over a {window}-step backward window), over the budget of {budget / mib:,.0f} "
-                    f"MiB; {hint}",
+                    f"activations over a {window}-step backward window), over the {queue} workers' budget of "
+                    f"{budget / mib:,.0f} MiB; {hint}",
                 )
             ]
         )
@@ -265,9 +272,9 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
         else:
             tokens, vocab_size = await self._text_tokens(spec, context)
             steps_per_sequence = tokens // spec.batch_size
-        await self._check_memory(spec, vocab_size, steps_per_sequence)
-        await self._check_quota()
         queue = await self._queue_for(spec.device)
+        await self._check_memory(spec, vocab_size, steps_per_sequence, queue)
+        await self._check_quota()
         job_id = store.new_job_id()
         job = await self._call(self.store.create_job, job_id, spec, queue, auth.current_tenant.get())
         await self._call(dispatch, self.celery, self.store, job_id, job.attempt, queue)

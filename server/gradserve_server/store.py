@@ -748,6 +748,7 @@ class JobStore:
                     started_at=timestamp(float(g.get("started", 0))),
                     last_seen=timestamp(float(g["last_seen"])),
                     job_id=g.get("job_id", ""),
+                    memory_budget_bytes=int(g.get("memory_budget", 0)),
                 )
             )
         return out

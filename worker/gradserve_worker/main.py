@@ -107,11 +107,28 @@ class Heartbeat:
             log.warning("could not withdraw the advertisement: %s", e)
 
 
-def probe_cuda() -> str:
-    """The first CUDA device's name, or "" — asked of a child process so this one never initialises CUDA."""
-    code = "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
+def probe_cuda() -> tuple[str, int]:
+    """The first CUDA device's name and memory in bytes, or ("", 0).
+
+    A child process asks, so that this one never initialises CUDA.
+    """
+    code = ("import torch\n"
+            "if torch.cuda.is_available():\n"
+            "    print(torch.cuda.get_device_properties(0).total_memory, torch.cuda.get_device_name(0))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    return out.stdout.strip()
+    memory, _, name = out.stdout.strip().partition(" ")
+    return (name, int(memory)) if name else ("", 0)
+
+
+# The share of the machine's memory a CPU job may plan on; the rest is the
+# operating system's, Redis's if it shares the host, and the worker's own.
+CPU_MEMORY_SHARE = 0.8
+
+
+def default_memory_budget(gpu_memory: int) -> int:
+    if gpu_memory:
+        return gpu_memory
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * CPU_MEMORY_SHARE)
 
 
 def warm_up_torch() -> None:
@@ -135,6 +152,10 @@ def main(argv: list[str] | None = None) -> None:
                    "generation (env GRADSERVE_QUEUES, default cpu)")
     p.add_argument("--name", default=os.environ.get("GRADSERVE_WORKER_NAME"),
                    help="node name, unique in the cluster (default QUEUES-PID@HOST)")
+    p.add_argument("--memory-budget-mb", type=float, default=float(os.environ.get("GRADSERVE_MEMORY_BUDGET_MB", 0)),
+                   help="memory one job may use here, in MiB; the server refuses jobs estimated above the smallest "
+                   "budget of the workers on their queue (env GRADSERVE_MEMORY_BUDGET_MB; default: the GPU's memory, "
+                   f"or {CPU_MEMORY_SHARE:.0%} of this machine's)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("GRADSERVE_THREADS", os.cpu_count() or 1)),
                    help="torch threads per job (env GRADSERVE_THREADS, default: all cores); with several "
                    "workers on one host, give each its share")
@@ -161,11 +182,12 @@ def main(argv: list[str] | None = None) -> None:
                 f"process pools); start one worker with --queues {GENERATE_QUEUE} and another for training")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
-    device = "cpu"
+    device, gpu_memory = "cpu", 0
     if "gpu" in queues:
-        device = probe_cuda()
+        device, gpu_memory = probe_cuda()
         if not device:
             sys.exit("gradserve-worker: --queues gpu needs a CUDA GPU, and torch sees none here; use --queues cpu")
+    budget = int(args.memory_budget_mb * 2**20) if args.memory_budget_mb else default_memory_budget(gpu_memory)
     if not generates:
         warm_up_torch()
 
@@ -174,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
         args.redis_url,
         name,
         {"name": name, "queues": ",".join(queues), "device": device, "hostname": socket.gethostname(),
-         "pid": os.getpid(), "started": time.time(), "threads": args.threads},
+         "pid": os.getpid(), "started": time.time(), "threads": args.threads, "memory_budget": budget},
     )
     signals.worker_ready.connect(heartbeat.start, weak=False)
     signals.worker_shutdown.connect(heartbeat.stop, weak=False)
