@@ -2,7 +2,7 @@
 
 The session's stack runs one training worker and one generate worker
 (`gradserve-worker --queues generate`). The failure paths that need no
-generate worker (or one that never answers) run against a second, bare stack.
+generate worker (or one that never answers) run against a second stack with no worker at all (`idle_stack`).
 """
 
 from __future__ import annotations
@@ -204,21 +204,9 @@ def test_an_unreadable_checkpoint_is_a_failed_precondition(stack, client):
         client.get_job(job_id).generate(prefix=PREFIX)
 
 
-@pytest.fixture(scope="module")
-def bare(stack, tmp_path_factory):
-    """Redis and a server with no worker at all."""
-    s = type(stack)(tmp_path_factory.mktemp("bare"))
-    try:
-        s.start_redis()
-        s.start_server()
-        yield s
-    finally:
-        s.stop()
-
-
-def test_without_a_generate_worker_the_call_fails_at_once_and_says_how_to_start_one(bare):
-    job_id = _fake_job_with_checkpoint(bare.redis_url, b"unread")
-    with bare.client() as c:
+def test_without_a_generate_worker_the_call_fails_at_once_and_says_how_to_start_one(idle_stack):
+    job_id = _fake_job_with_checkpoint(idle_stack.redis_url, b"unread")
+    with idle_stack.client() as c:
         started = time.monotonic()
         with pytest.raises(gradserve.Unavailable, match="no worker serves the generate queue") as caught:
             c.get_job(job_id).generate(prefix=PREFIX)
@@ -226,13 +214,13 @@ def test_without_a_generate_worker_the_call_fails_at_once_and_says_how_to_start_
     assert time.monotonic() - started < 5
 
 
-def test_a_generate_worker_that_never_answers_ends_in_unavailable_before_the_callers_deadline(bare):
-    job_id = _fake_job_with_checkpoint(bare.redis_url, b"unread")
-    job_store = store.JobStore.from_url(bare.redis_url)
+def test_a_generate_worker_that_never_answers_ends_in_unavailable_before_the_callers_deadline(idle_stack):
+    job_id = _fake_job_with_checkpoint(idle_stack.redis_url, b"unread")
+    job_store = store.JobStore.from_url(idle_stack.redis_url)
     # An advertisement with no process behind it: the request is queued and nobody takes it.
     job_store.heartbeat("ghost@test", {"name": "ghost@test", "queues": "generate", "device": "cpu"})
     try:
-        with bare.client() as c:
+        with idle_stack.client() as c:
             with pytest.raises(gradserve.Unavailable, match="no generate worker answered"):
                 c.get_job(job_id).generate(prefix=PREFIX, timeout=3)
     finally:
