@@ -6,8 +6,9 @@ Every `interval` seconds it
   attempt, which resumes from the checkpoint, or FAILED after `max_attempts`
   lost workers, or CANCELLED when a cancel was waiting for it;
 - sends the train task of every job in the dispatch outbox that is due: just
-  reaped, handed back by a worker whose own send failed, or submitted by a
-  server that died before it sent the task.
+  reaped, handed back by a worker whose own send failed, submitted by a
+  server that died before it sent the task, or still QUEUED when Redis
+  restarted (its task may have been lost with a worker's connection).
 
 Any number of servers may run one: each job is taken by one atomic script, so
 two reapers never both re-dispatch it.
@@ -65,6 +66,9 @@ class Reaper:
             # have lapsed while no worker could renew them, so give them a lease's length.
             log.warning("redis is back; reaping resumes in %.0f s", self.outage_grace)
             self._reap_after_ms = self.store.now_ms() + int(self.outage_grace * 1000)
+        if restarted:
+            resent = self.store.redispatch_queued()
+            log.warning("redis restarted: sending the tasks of its %d queued jobs again", resent)
         self._redis_run_id, self._lost_redis = run_id, False
         if self.store.now_ms() >= self._reap_after_ms:
             for job_id in self.store.expired_leases():

@@ -603,6 +603,27 @@ class JobStore:
                 due.append((job_id, int(taken[0] or 1), _text(taken[1]) or "cpu"))
         return due
 
+    def redispatch_queued(self) -> int:
+        """Put every QUEUED job back in the dispatch outbox, due now; returns how many.
+
+        For after Redis restarted: a train task it had handed to a worker just
+        before may be gone with that worker's connection, or held as
+        unacknowledged until the visibility timeout (a week), while the AOF
+        still says QUEUED. Sending again is safe: only one delivery can claim.
+        """
+        now, count = self.now_ms(), 0
+        for key in self.r.scan_iter(match=active_key("*"), count=500):
+            ids = list(self.r.smembers(key))
+            with self.r.pipeline(transaction=False) as p:
+                for i in ids:
+                    p.hget(job_key(i.decode()), "state")
+                states = p.execute()
+            queued = {i: now for i, s in zip(ids, states) if s is not None and int(s) == jobs_pb2.QUEUED}
+            if queued:
+                self.r.zadd(DISPATCH_KEY, queued)
+                count += len(queued)
+        return count
+
     def dispatched(self, job_id: str, attempt: int) -> None:
         """The train task of this attempt was sent: take the job out of the dispatch outbox."""
         self._dispatched(keys=[DISPATCH_KEY, job_key(job_id)], args=[job_id, attempt])
