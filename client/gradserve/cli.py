@@ -655,24 +655,19 @@ def _add_global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> N
     parser.add_argument("--key-file", default=unset, metavar="PEM", help="client private key, for mutual TLS")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer no smaller than `low`."""
 
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
-    return value
+    return parse
 
 
 def _temperature(text: str) -> float:
@@ -739,7 +734,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("list", cmd_list, "list jobs, newest first")
     p.add_argument("--state", type=_job_state, metavar="STATE",
                    help="only jobs in this state: " + ", ".join(_JOB_STATES))
-    p.add_argument("--limit", type=_positive_int, default=DEFAULT_LIST_LIMIT,
+    p.add_argument("--limit", type=_int_at_least(1), default=DEFAULT_LIST_LIMIT,
                    help=f"at most this many (default {DEFAULT_LIST_LIMIT})")
 
     p = command("cancel", cmd_cancel, "cancel a job: at once if queued, at its next step if running")
@@ -755,11 +750,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "word jobs. A worker started with `gradserve-worker --queues generate` does the work.")
     p.add_argument("job", metavar="JOB")
     p.add_argument("--prefix", default="", help="text to start from (default: none)")
-    p.add_argument("--num-tokens", type=_positive_int, default=DEFAULT_GENERATE_TOKENS, metavar="N",
+    p.add_argument("--num-tokens", type=_int_at_least(1), default=DEFAULT_GENERATE_TOKENS, metavar="N",
                    help=f"tokens to add (default {DEFAULT_GENERATE_TOKENS}; the server allows up to 10000)")
     p.add_argument("--temperature", type=_temperature, default=0.0, metavar="T",
                    help="0 (default) always takes the likeliest token; above 0 samples from softmax(logits / T)")
-    p.add_argument("--seed", type=_non_negative_int, default=0, metavar="S",
+    p.add_argument("--seed", type=_int_at_least(0), default=0, metavar="S",
                    help="seed for sampling: the same seed gives the same text (default 0)")
 
     p = command("plot", cmd_plot, "draw a job's loss, gradient norms and gradients through time to an image",

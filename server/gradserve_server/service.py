@@ -222,16 +222,16 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
             raise _Invalid([(f"spec.{f}", d) for f, d in problems])
         return tokens, vocab_size
 
-    async def _check_memory(self, spec: jobs_pb2.JobSpec, vocab_size: int, steps_per_sequence: int,
-                            queue: str) -> None:
+    @staticmethod
+    def _check_memory(spec: jobs_pb2.JobSpec, vocab_size: int, steps_per_sequence: int, queue: str,
+                      workers: list[jobs_pb2.Worker]) -> None:
         """Refuse a job that would not fit the smallest budget among the live workers of its queue.
 
         Any of them may take it. With none alive, the default budget stands in.
         """
         window = specs.backprop_window(spec, steps_per_sequence)
         estimate = specs.memory_estimate_bytes(spec, vocab_size, window)
-        budgets = [w.memory_budget_bytes for w in await self._call(self.store.workers)
-                   if queue in w.queues and w.memory_budget_bytes]
+        budgets = [w.memory_budget_bytes for w in workers if queue in w.queues and w.memory_budget_bytes]
         budget = min(budgets, default=specs.DEFAULT_MEMORY_BUDGET_BYTES)
         if estimate <= budget:
             return
@@ -251,12 +251,12 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
             ]
         )
 
-    async def _queue_for(self, device: str) -> str:
+    @staticmethod
+    def _queue_for(device: str, workers: list[jobs_pb2.Worker]) -> str:
         if device == "cpu":
             return "cpu"
         if device == "cuda":
             return "gpu"
-        workers = await self._call(self.store.workers)
         return "gpu" if any("gpu" in w.queues for w in workers) else "cpu"
 
     # --------------------------------------------------------------- RPCs
@@ -272,8 +272,10 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
         else:
             tokens, vocab_size = await self._text_tokens(spec, context)
             steps_per_sequence = tokens // spec.batch_size
-        queue = await self._queue_for(spec.device)
-        await self._check_memory(spec, vocab_size, steps_per_sequence, queue)
+        # One look at the live workers serves both the routing and the memory budget.
+        workers = await self._call(self.store.workers)
+        queue = self._queue_for(spec.device, workers)
+        self._check_memory(spec, vocab_size, steps_per_sequence, queue, workers)
         await self._check_quota()
         job_id = store.new_job_id()
         job = await self._call(self.store.create_job, job_id, spec, queue, auth.current_tenant.get())
