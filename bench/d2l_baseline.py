@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import math
 import random
-import time
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -121,50 +119,55 @@ def sgd(params, lr: float, batch_size: int) -> None:
             p.grad.zero_()
 
 
-@dataclass
-class Run:
-    losses: list[float] = field(default_factory=list)  # mean cross-entropy of each step
-    ends: list[float] = field(default_factory=list)  # perf_counter() at the end of each step
+class Loop:
+    """train_epoch_ch8 one optimizer step at a time, so that a benchmark can interleave it with another loop.
 
+    Building it seeds torch and draws the weights; step() then trains one
+    minibatch, over as many epochs as it takes, and returns its mean loss.
+    """
 
-def train(model: str, corpus: torch.Tensor, vocab_size: int, *, hidden_size: int, batch_size: int, num_steps: int,
-          lr: float, clip: float, steps: int, seed: int, device: torch.device) -> Run:
-    """`steps` optimizer steps of train_epoch_ch8 over as many epochs as that takes."""
-    torch.manual_seed(seed)
-    net = build(model, vocab_size, hidden_size, device)
-    scratch = isinstance(net, RNNModelScratch)
-    optimizer = None if scratch else torch.optim.SGD(net.parameters(), lr)
-    loss_fn = nn.CrossEntropyLoss()
-    rng = random.Random(seed)
-    corpus = corpus.to(device)
-    run = Run()
-    while len(run.losses) < steps:
-        state = None
-        for X, Y in seq_data_iter_sequential(corpus, batch_size, num_steps, rng):
-            if state is None:
-                state = net.begin_state(batch_size, device)
-            elif isinstance(state, tuple):
-                for s in state:
-                    s.detach_()
-            else:
-                state.detach_()
-            y = Y.T.reshape(-1)
-            y_hat, state = net(X, state)
-            loss = loss_fn(y_hat, y.long()).mean()
-            if scratch:
-                loss.backward()
-                grad_clipping(net, clip)
-                sgd(net.params, lr, batch_size=1)  # the loss is a mean already
-            else:
-                optimizer.zero_grad()
-                loss.backward()
-                grad_clipping(net, clip)
-                optimizer.step()
-            run.losses.append(float(loss.detach()))  # d2l's Accumulator reads it back every step
-            run.ends.append(time.perf_counter())
-            if len(run.losses) == steps:
-                break
-    return run
+    def __init__(self, model: str, corpus: torch.Tensor, vocab_size: int, *, hidden_size: int, batch_size: int,
+                 num_steps: int, lr: float, clip: float, seed: int, device: torch.device):
+        torch.manual_seed(seed)
+        self.net = build(model, vocab_size, hidden_size, device)
+        self.scratch = isinstance(self.net, RNNModelScratch)
+        self.optimizer = None if self.scratch else torch.optim.SGD(self.net.parameters(), lr)
+        self.loss_fn = nn.CrossEntropyLoss()
+        self.corpus, self.rng = corpus.to(device), random.Random(seed)
+        self.batch_size, self.num_steps, self.lr, self.clip, self.device = batch_size, num_steps, lr, clip, device
+        self.batches = iter(())
+        self.state = None
+
+    def _next_batch(self):
+        batch = next(self.batches, None)
+        if batch is None:  # a new epoch: a new random offset, and the state starts again from zeros
+            self.batches = seq_data_iter_sequential(self.corpus, self.batch_size, self.num_steps, self.rng)
+            self.state = None
+            batch = next(self.batches)
+        return batch
+
+    def step(self) -> float:
+        X, Y = self._next_batch()
+        if self.state is None:
+            self.state = self.net.begin_state(self.batch_size, self.device)
+        elif isinstance(self.state, tuple):
+            for s in self.state:
+                s.detach_()
+        else:
+            self.state.detach_()
+        y = Y.T.reshape(-1)
+        y_hat, self.state = self.net(X, self.state)
+        loss = self.loss_fn(y_hat, y.long()).mean()
+        if self.scratch:
+            loss.backward()
+            grad_clipping(self.net, self.clip)
+            sgd(self.net.params, self.lr, batch_size=1)  # the loss is a mean already
+        else:
+            self.optimizer.zero_grad()
+            loss.backward()
+            grad_clipping(self.net, self.clip)
+            self.optimizer.step()
+        return float(loss.detach())  # d2l's Accumulator reads it back every step
 
 
 def perplexity(losses: list[float]) -> float:

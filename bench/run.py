@@ -11,9 +11,14 @@ rnn, gru and lstm with 256.
 
 For each model and device, `gradserve_worker.trainer.train` (every diagnostic at
 its default; validation off, val_fraction=0, so both loops train on the same
-tokens) and `d2l_baseline.train` run in this one process on the same tokens
-from the same seed, alternating (ours first in odd repetitions, d2l first
-in even ones) so drift in machine load hits both alike. Reported per model:
+tokens) and `d2l_baseline.Loop` run in this one process on the same tokens
+from the same seed, interleaved step by step: the trainer's should_stop hook,
+which it calls once per step, runs one d2l step. A burst of load from elsewhere
+then lands on both loops alike instead of on whichever ran at the time (whole
+runs one after the other spread by ±10% here). Each of our steps is timed from
+the end of the d2l step before it to the start of the d2l step after it, so
+it includes everything the trainer does in a step, reporting, probes and
+checkpoints included. Reported per model:
 
   - tokens/s: the median over repetitions of steady-state throughput, from the
     end of step LOG_EVERY (allocator and lazy initialisation done) to the end
@@ -85,40 +90,51 @@ class Timing:
     perplexity: float  # over the last LOG_EVERY steps
 
 
-def train_gradserve(model: str, text: str, steps: int, device: str) -> list[tuple[int, float, float]]:
-    """Train with gradserve's trainer; returns (step, perf_counter, interval loss) of each metrics report."""
-    config = TrainConfig(
+def gradserve_config(model: str, steps: int, device: str) -> TrainConfig:
+    return TrainConfig(
         dataset="bench", tokenization="char", preprocess="d2l", model=model, hidden_size=MODELS[model],
         batch_size=BATCH_SIZE, num_steps=NUM_STEPS, optimizer="sgd", lr=LR, clip_norm=CLIP, max_steps=steps,
         seed=SEED, device=device, log_every=LOG_EVERY, val_fraction=0.0,
     )
-    marks: list[tuple[int, float, float]] = []
+
+
+def d2l_loop(model: str, corpus: torch.Tensor, vocab_size: int, device: str) -> d2l_baseline.Loop:
+    return d2l_baseline.Loop(model, corpus, vocab_size, hidden_size=MODELS[model], batch_size=BATCH_SIZE,
+                             num_steps=NUM_STEPS, lr=LR, clip=CLIP, seed=SEED, device=torch.device(device))
+
+
+def run_pair(model: str, text: str, corpus: torch.Tensor, vocab_size: int, steps: int,
+             device: str) -> tuple[Timing, Timing]:
+    """(ours, d2l): both loops trained `steps` steps, one step of each in turn."""
+    # Built first: it seeds torch itself, and train() then seeds it again for the same initial weights.
+    d2l = d2l_loop(model, corpus, vocab_size, device)
+    sync = torch.cuda.synchronize if device == "cuda" else lambda: None
+    ours_seconds, d2l_seconds, d2l_losses, ours_losses = [], [], [], []
+    previous_end = [0.0]
+
+    def one_d2l_step() -> bool:
+        sync()
+        start = time.perf_counter()
+        d2l_losses.append(d2l.step())
+        sync()
+        end = time.perf_counter()
+        ours_seconds.append(start - previous_end[0])
+        d2l_seconds.append(end - start)
+        previous_end[0] = end
+        return False
 
     def on_event(report) -> None:
         if isinstance(report, StepMetrics):
-            marks.append((report.step, time.perf_counter(), report.loss))
+            ours_losses.append(report.loss)
 
-    train(config, text, on_event)
-    return marks
-
-
-def run_gradserve(model: str, text: str, steps: int, device: str) -> Timing:
-    marks = train_gradserve(model, text, steps, device)
-    (first_step, first_t, _), (last_step, last_t, last_loss) = marks[0], marks[-1]
-    return Timing((last_step - first_step) * TOKENS_PER_STEP / (last_t - first_t), math.exp(last_loss))
-
-
-def train_d2l(model: str, corpus: torch.Tensor, vocab_size: int, steps: int, device: str) -> d2l_baseline.Run:
-    return d2l_baseline.train(
-        model, corpus, vocab_size, hidden_size=MODELS[model], batch_size=BATCH_SIZE, num_steps=NUM_STEPS, lr=LR,
-        clip=CLIP, steps=steps, seed=SEED, device=torch.device(device),
-    )
-
-
-def run_d2l(model: str, corpus: torch.Tensor, vocab_size: int, steps: int, device: str) -> Timing:
-    run = train_d2l(model, corpus, vocab_size, steps, device)
-    seconds = run.ends[-1] - run.ends[LOG_EVERY - 1]
-    return Timing((steps - LOG_EVERY) * TOKENS_PER_STEP / seconds, d2l_baseline.perplexity(run.losses[-LOG_EVERY:]))
+    previous_end[0] = time.perf_counter()
+    train(gradserve_config(model, steps, device), text, on_event, should_stop=one_d2l_step)
+    # Entry k is the k+1-th step of each loop; the first LOG_EVERY are warm-up.
+    timed = steps - LOG_EVERY
+    ours = Timing(timed * TOKENS_PER_STEP / sum(ours_seconds[LOG_EVERY:]), math.exp(ours_losses[-1]))
+    theirs = Timing(timed * TOKENS_PER_STEP / sum(d2l_seconds[LOG_EVERY:]),
+                    d2l_baseline.perplexity(d2l_losses[-LOG_EVERY:]))
+    return ours, theirs
 
 
 def peak_memory_mib(impl: str, model: str, device: str, steps: int) -> float:
@@ -139,9 +155,11 @@ def _measure_memory(impl: str, model: str, device: str, steps: int) -> None:
     """The child side of peak_memory_mib: train, then print the peak as JSON on the last line."""
     text, corpus, vocab_size = load_corpus()
     if impl == "gradserve":
-        train_gradserve(model, text, steps, device)
+        train(gradserve_config(model, steps, device), text, lambda report: None)
     elif impl == "d2l":
-        train_d2l(model, corpus, vocab_size, steps, device)
+        loop = d2l_loop(model, corpus, vocab_size, device)
+        for _ in range(steps):
+            loop.step()
     elif impl == "optim":
         torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=LR)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else peak_rss_mib()
@@ -188,14 +206,11 @@ class Result:
 def bench_model(model: str, device: str, text: str, corpus, vocab_size: int, args) -> Result:
     ours, d2l = [], []
     for rep in range(args.reps):
-        order = IMPLS if rep % 2 == 0 else IMPLS[::-1]
-        for impl in order:
-            if impl == "gradserve":
-                ours.append(run_gradserve(model, text, args.steps, device))
-            else:
-                d2l.append(run_d2l(model, corpus, vocab_size, args.steps, device))
-        print(f"  {model:<11} {device}  rep {rep + 1}/{args.reps}: gradserve {ours[-1].tokens_per_sec / 1e3:.1f}k, "
-              f"d2l {d2l[-1].tokens_per_sec / 1e3:.1f}k tokens/s", flush=True)
+        o, d = run_pair(model, text, corpus, vocab_size, args.steps, device)
+        ours.append(o)
+        d2l.append(d)
+        print(f"  {model:<11} {device}  rep {rep + 1}/{args.reps}: gradserve {o.tokens_per_sec / 1e3:.1f}k, "
+              f"d2l {d.tokens_per_sec / 1e3:.1f}k tokens/s", flush=True)
     memory = {impl: peak_memory_mib(impl, model, device, args.memory_steps) for impl in IMPLS}
     return Result(model, device, ours, d2l, memory)
 
@@ -232,7 +247,7 @@ def render(results: list[Result], baseline_mib: dict[str, float], env: dict, arg
         f"- GPU: {env['gpu']}",
         f"- torch {env['torch']}, Python {env['python']}, {env['platform']}",
         f"- load average (1 min) before / after: {env['load_before']:.2f} / {env['load_after']:.2f}",
-        f"- {args.steps} steps per run, {args.reps} repetitions (median), alternating order; "
+        f"- {args.steps} steps per run, {args.reps} repetitions (median), the two loops interleaved step by step; "
         f"throughput measured after step {LOG_EVERY}",
         "",
         "## Results",

@@ -145,6 +145,9 @@ async def _run_stack(args) -> int:
         nonlocal exit_code
         proc = await asyncio.create_subprocess_shell(command, env={**os.environ, "GRADSERVE_SERVER": address})
         exit_code = await proc.wait()
+        # The command's own output may end with hints (download, generate) that need a running stack.
+        print("\nThe --run command is done, so the dev stack stops now; its jobs, datasets and checkpoints go with "
+              "it. `gradserve-server dev` without --run keeps a stack up for them.", flush=True)
         stop.set()
 
     async def on_ready(address: str, stop: asyncio.Event) -> None:

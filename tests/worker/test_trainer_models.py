@@ -75,7 +75,7 @@ def test_embedding_size_puts_a_learned_embedding_before_the_recurrence(kind):
     assert params["embedding.weight"].grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("kind, layers", [("rnn_scratch", 1), ("lstm", 2), ("gru", 2)])
+@pytest.mark.parametrize("kind, layers", [("rnn_scratch", 1), ("rnn", 2), ("lstm", 2), ("gru", 2)])
 def test_dropout_is_random_in_training_and_off_in_eval(kind, layers):
     torch.manual_seed(0)
     model = build_model(kind, V, H, layers, dropout=0.5)
@@ -96,3 +96,44 @@ def test_a_task_with_features_reads_vectors_and_predicts_output_size_values():
         model = build_model(kind, 0, H, 1, features=2, output_size=1)
         out, _ = model(torch.rand(T, B, 2), model.begin_state(B, "cpu"))
         assert out.shape == (T * B, 1)
+
+
+# -----------------------------------------------------------------------------
+# rnn's CPU fast path against torch's own nn.RNN
+
+
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+@pytest.mark.parametrize("layers, inputs", [(1, "one_hot"), (2, "one_hot"), (2, "embedding"), (1, "features")])
+def test_rnn_on_the_cpu_computes_what_torchs_nn_rnn_does(nonlinearity, layers, inputs):
+    """The rnn model's CPU path (ScratchRecurrence per layer) against nn.RNN itself, in float64.
+
+    Outputs, final state, and the gradient of every parameter and of the initial
+    state (which TBPTT's k2 > k1 windows backpropagate into) must agree.
+    """
+    torch.manual_seed(1)
+    extra = {"embedding_size": 4} if inputs == "embedding" else {"features": 3, "output_size": 2} if inputs == "features" else {}
+    model = build_model("rnn", 0 if inputs == "features" else V, H, layers, nonlinearity, **extra).double()
+    with torch.no_grad():  # nn.RNN's uniform init is small; larger weights make every step matter
+        for p in model.parameters():
+            p.normal_(0, 0.5)
+    X = torch.randn(T, B, 3, dtype=torch.float64) if inputs == "features" else torch.randint(0, V, (T, B))
+    h0 = torch.randn(layers, B, H, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(T * B, model.linear.out_features, dtype=torch.float64)
+    state_weights = torch.randn(layers, B, H, dtype=torch.float64)
+
+    def run(fast: bool):
+        if fast:
+            out, (h_T,) = model(X, (h0,))
+        else:  # nn.RNN's own kernels
+            seq, h_T = model.rnn(model.inputs(X), h0)
+            out = model.linear(seq.reshape(-1, H))
+        loss = (out * weights).sum() + (h_T * state_weights).sum()
+        return (out, h_T), torch.autograd.grad(loss, [*model.parameters(), h0])
+
+    (out, h_T), grads = run(fast=True)
+    (out_ref, h_T_ref), grads_ref = run(fast=False)
+    torch.testing.assert_close(out, out_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(h_T, h_T_ref, rtol=1e-10, atol=1e-12)
+    names = [n for n, _ in model.named_parameters()] + ["h0"]
+    for name, g, g_ref in zip(names, grads, grads_ref, strict=True):
+        torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")

@@ -19,7 +19,8 @@ the gradient diagnostics that need them:
 Both make the model step through time in Python, one cell call per layer and
 step, on the very Parameters of the fast path: torch's fused nn.RNN/GRU/LSTM
 kernels expose neither the state between steps nor the hidden states of the
-lower layers. Without them each model takes its fast path.
+lower layers. Without them each model takes its fast path: ScratchRecurrence
+for rnn_scratch, and for rnn on the CPU too; torch's fused layer otherwise.
 """
 
 from __future__ import annotations
@@ -213,18 +214,42 @@ class TorchRNN(nn.Module):
 
     def forward(self, X: torch.Tensor, state: tuple[torch.Tensor, ...], *, between: Between | None = None,
                 trace: list[list[torch.Tensor]] | None = None):
-        x = self.inputs(X)
-        if between is None and trace is None:
-            out, hx = self.rnn(x, state if self.is_lstm else state[0])
-            state = hx if self.is_lstm else (hx,)
+        if between is not None or trace is not None:
+            out, state = self._step_through(self.inputs(X), state, between, trace)
+        elif self.kind == "rnn" and X.device.type == "cpu":
+            out, state = self._rnn_windows(X, state)
         else:
-            out, state = self._step_through(x, state, between, trace)
+            out, hx = self.rnn(self.inputs(X), state if self.is_lstm else state[0])
+            state = hx if self.is_lstm else (hx,)
         out = F.dropout(out, self.dropout, self.training) if self.dropout else out
         return self.linear(out.reshape(-1, self.hidden_size)), state
 
     def layer_weights(self, layer: int) -> tuple[torch.Tensor, ...]:
         """(w_ih, w_hh, b_ih, b_hh) of one layer: the fused module's own Parameters."""
         return tuple(getattr(self.rnn, f"{name}_l{layer}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+
+    def _rnn_windows(self, X, state):
+        """nn.RNN's computation, layer by layer through ScratchRecurrence, for the CPU.
+
+        torch's CPU nn.RNN records every step's matmul and activation for
+        autograd; ScratchRecurrence walks the window once each way and forms
+        ∂W_hh as one product, and a one-hot input becomes a row lookup in
+        W_ih^T. The two agree to float64 rounding (tests/worker/test_trainer_models.py).
+        """
+        (h0,) = state
+        drop = self.rnn.dropout if self.training else 0.0
+        one_hot = not self.features and self.embedding is None
+        hs, last = None, []
+        for layer in range(self.num_layers):
+            w_ih, w_hh, b_ih, b_hh = self.layer_weights(layer)
+            if layer == 0 and one_hot:
+                xw = F.embedding(X, w_ih.T) + (b_ih + b_hh)
+            else:
+                x = self.inputs(X) if layer == 0 else F.dropout(hs, drop, True) if drop else hs
+                xw = F.linear(x, w_ih, b_ih + b_hh)
+            hs = ScratchRecurrence.apply(xw, h0[layer], w_hh.T, self.rnn.nonlinearity)
+            last.append(hs[-1])
+        return hs, (torch.stack(last),)
 
     def _step_through(self, x, state, between, trace):
         """The fused layer's computation, one cell call per layer and time step."""
