@@ -33,6 +33,7 @@ proto: venv
 
 bench: venv
 	$(PY) bench/run.py
+	$(PY) bench/memory.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

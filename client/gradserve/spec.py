@@ -229,6 +229,15 @@ DEFAULT_MEMORY_BUDGET_BYTES = 4 * 2**30
 SYNTHETIC_VOCAB = {"builtin:adding": 2, "builtin:copy": 10}
 _GATES = {"rnn_scratch": 1, "rnn": 1, "gru": 3, "lstm": 4}
 _FLOAT_BYTES = 4
+# Floats a training step holds at its peak per time step and sequence of the
+# backward window: per hidden unit and layer, by model, and per vocabulary
+# entry (one-hot input, logits, their softmax and gradients). Measured as the
+# rise in a CPU worker's resident memory (bench/memory.py, BENCHMARKS.md), and
+# counted as the tensors autograd saves (tests/worker/test_memory_estimate.py),
+# with 25% or more to spare: the backward allocates gradient buffers besides
+# the saved activations, and the allocator keeps freed blocks.
+_ACTIVATION_FLOATS = {"rnn_scratch": 12, "rnn": 8, "gru": 20, "lstm": 26}
+_VOCAB_FLOATS = 5
 
 
 def parameter_count(spec, vocab_size: int) -> int:
@@ -236,7 +245,8 @@ def parameter_count(spec, vocab_size: int) -> int:
     h, gates = spec.hidden_size, _GATES[spec.model]
     inputs = spec.embedding_size or vocab_size
     embedding = spec.embedding_size * vocab_size
-    recurrent = gates * h * (inputs + h + 2) + (spec.num_layers - 1) * gates * h * (2 * h + 2)
+    biases = 1 if spec.model == "rnn_scratch" else 2  # b_h alone; torch's layers have b_ih and b_hh
+    recurrent = gates * h * (inputs + h + biases) + (spec.num_layers - 1) * gates * h * (2 * h + biases)
     return embedding + recurrent + h * vocab_size + vocab_size
 
 
@@ -253,11 +263,14 @@ def backprop_window(spec, steps_per_sequence: int) -> int:
 
 
 def memory_estimate_bytes(spec, vocab_size: int, window: int) -> int:
-    """A generous estimate of a job's memory: weights, gradients, optimizer state and one window's activations."""
+    """An estimate, on the generous side, of a job's memory at its peak.
+
+    That is weights, gradients, optimizer state, a checkpoint's serialized copy
+    (twice: torch.save's buffer and the bytes taken from it) and one backward
+    window's activations.
+    """
     optimizer_slots = 2 if spec.optimizer in ("adam", "adamw") else 0
-    weights = parameter_count(spec, vocab_size) * (2 + optimizer_slots)
-    inputs = spec.embedding_size or vocab_size
-    # Per step and sequence: each layer's gate pre-activations and states, the
-    # input, and the logits with their gradient.
-    per_step = spec.num_layers * spec.hidden_size * (_GATES[spec.model] + 2) + inputs + 2 * vocab_size
+    weights = parameter_count(spec, vocab_size) * (4 + optimizer_slots)
+    per_step = (spec.num_layers * spec.hidden_size * _ACTIVATION_FLOATS[spec.model]
+                + _VOCAB_FLOATS * vocab_size + 2 * spec.embedding_size)
     return _FLOAT_BYTES * (weights + spec.batch_size * window * per_step)
