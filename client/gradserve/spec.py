@@ -234,7 +234,7 @@ _FLOAT_BYTES = 4
 # entry (one-hot input, logits, their softmax and gradients). Measured as the
 # rise in a CPU worker's resident memory (bench/memory.py, BENCHMARKS.md), and
 # counted as the tensors autograd saves (tests/worker/test_memory_estimate.py),
-# with 25% or more to spare: the backward allocates gradient buffers besides
+# with about a quarter to spare: the backward allocates gradient buffers besides
 # the saved activations, and the allocator keeps freed blocks.
 _ACTIVATION_FLOATS = {"rnn_scratch": 12, "rnn": 8, "gru": 20, "lstm": 26}
 _VOCAB_FLOATS = 5
