@@ -32,9 +32,8 @@ import torch
 from gradserve import spec as specs
 from gradserve_worker.data import build_corpus
 from gradserve_worker.trainer import TrainConfig, train
+from run import REPO, load_corpus
 
-REPO = Path(__file__).resolve().parents[1]
-CORPUS = REPO.parent / "shared" / "data" / "timemachine.txt"
 HEADING = "## Memory estimate against measured peaks"
 STEPS = 3
 
@@ -70,7 +69,7 @@ def _status_mib(field: str) -> float:
 def _measure(row: list) -> None:
     """The child side: warm up, reset the high-water mark, train, print the rise as JSON."""
     model, _, _, _, _, tokenization = row
-    text = CORPUS.read_text(encoding="utf-8")
+    text, _, _ = load_corpus()
     train(config_for(model, 8, 1, 2, 3, tokenization), text, lambda report: None)
     before = _status_mib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak resident set size to the current one
@@ -115,11 +114,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.measure:
         _measure(json.loads(args.measure))
         return
-    if not CORPUS.exists():
-        sys.exit(f"bench: the corpus is missing: {CORPUS}; put The Time Machine there (it is not part of the repo)")
     if not Path("/proc/self/clear_refs").exists():
         sys.exit("bench/memory.py needs Linux's /proc/self/clear_refs to reset the resident high-water mark")
-    text = CORPUS.read_text(encoding="utf-8")
+    text, _, _ = load_corpus()
     rows = []
     for row in GRID:
         est, measured = estimate_mib(config_for(*row), text), measure(row, args.threads)

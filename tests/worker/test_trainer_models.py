@@ -111,7 +111,7 @@ def test_rnn_on_the_cpu_computes_what_torchs_nn_rnn_does(nonlinearity, layers, i
     state (which TBPTT's k2 > k1 windows backpropagate into) must agree.
     """
     torch.manual_seed(1)
-    extra = {"embedding_size": 4} if inputs == "embedding" else {"features": 3, "output_size": 2} if inputs == "features" else {}
+    extra = {"one_hot": {}, "embedding": {"embedding_size": 4}, "features": {"features": 3, "output_size": 2}}[inputs]
     model = build_model("rnn", 0 if inputs == "features" else V, H, layers, nonlinearity, **extra).double()
     with torch.no_grad():  # nn.RNN's uniform init is small; larger weights make every step matter
         for p in model.parameters():
