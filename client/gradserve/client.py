@@ -227,12 +227,9 @@ class Job:
                     if event.WhichOneof("kind") == "status" and state_name(event.status.state) in TERMINAL_STATES:
                         return
                 else:
-                    if not follow:
-                        return
-                    # The stream ended without the terminal event: either the server is
-                    # going away (reconnect), or the history already ended before `cursor`.
-                    if self.status() in TERMINAL_STATES and not self._has_events_after(cursor):
-                        return
+                    # A stream the server ends by itself has nothing more: the history was all
+                    # there was, or the job had ended before `cursor`. Only a notice reconnects.
+                    return
             except grpc.RpcError as e:
                 if e.code() not in _RECONNECT_CODES:
                     raise from_rpc_error(e) from None
@@ -247,15 +244,6 @@ class Job:
                     f"{self.client.reconnect_timeout:g} s; resume later with events(cursor={cursor!r})"
                 )
             time.sleep(0.2)
-
-    def _has_events_after(self, cursor: str) -> bool:
-        call = self.client.stub.StreamEvents(jobs_pb2.StreamEventsRequest(job_id=self.id, cursor=cursor))
-        try:
-            return next(iter(call), None) is not None
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
-        finally:
-            call.cancel()
 
     def generate(self, prefix: str = "", num_chars: int = DEFAULT_GENERATE_TOKENS, *, temperature: float = 0.0,
                  seed: int = 0, timeout: float = DEFAULT_GENERATE_TIMEOUT_S) -> jobs_pb2.GenerateResponse:

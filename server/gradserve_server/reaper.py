@@ -18,28 +18,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 
 import redis
 
 from gradserve.v1 import jobs_pb2
 from gradserve_server.queue import dispatch, make_celery
-from gradserve_server.store import JobStore
+from gradserve_server.store import JobStore, lease_ttl_s
 
 log = logging.getLogger("gradserve.reaper")
 
 DEFAULT_INTERVAL_S = 2.0
 DEFAULT_MAX_ATTEMPTS = 3
-# The workers' lease (GRADSERVE_LEASE_TTL_S, default 10 s). After Redis comes
-# back from an outage, the reaper waits this long before it reaps: leases
-# lapsed while no worker could reach Redis to renew them, and the workers
-# deserve the chance to renew before they are presumed dead.
-DEFAULT_LEASE_TTL_S = 10.0
-
-
-def lease_ttl_s() -> float:
-    """The lease the workers hold their jobs under, as configured for this deployment."""
-    return float(os.environ.get("GRADSERVE_LEASE_TTL_S", DEFAULT_LEASE_TTL_S))
 
 
 class Reaper:

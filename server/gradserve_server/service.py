@@ -313,9 +313,14 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
         _require_id(request.job_id, "job_id", "job-")
         if request.cursor and not _CURSOR.fullmatch(request.cursor):
             raise _Invalid([("cursor", f"must be a cursor from an earlier event (like 1700000000000-0), got {request.cursor[:80]!r}")])
-        await self._owned_job(request.job_id)
+        job = await self._owned_job(request.job_id)
         key = store.events_key(request.job_id)
         last = request.cursor or "0-0"
+        # Every move to a terminal state appends its status event in the same
+        # script, and that event ends the loop below. So only a job still
+        # active when the stream opens can have more to wait for; for one that
+        # had ended, a read that does not block returns whatever is left.
+        follow = not request.history_only and job.state not in store.TERMINAL
         while True:
             if self._shutting_down:
                 # Notices are not stored, so this one carries the cursor of the
@@ -328,15 +333,9 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
                 return
             # XREAD after an explicit id returns what is already there at once,
             # so one loop both replays the history and follows the live tail.
-            # history_only: a read that does not block, so the stream ends at the last stored event.
-            replies = await self.aredis.xread(
-                {key: last}, count=500, block=None if request.history_only else _XREAD_BLOCK_MS
-            )
+            replies = await self.aredis.xread({key: last}, count=500, block=_XREAD_BLOCK_MS if follow else None)
             if not replies:
-                if request.history_only:
-                    return
-                job = await self._call(self.store.get_job, request.job_id)
-                if job.state in store.TERMINAL and not await self.aredis.xread({key: last}, count=1):
+                if not follow:
                     return
                 continue
             for entry_id, fields in replies[0][1]:

@@ -8,7 +8,8 @@ Keys (all under ``gradserve:``):
 
     job:{id}        hash    spec (JobSpec bytes), state, queue, times, reason, worker, steps, cancel flag,
                             attempt, owner (the running attempt's fencing token), losses (workers lost),
-                            seen:{kind} (the last step of each kind of event in the stream)
+                            last_step and seen:{kind} (the last step of the stream's metrics events,
+                            and of each other kind of event)
     jobs:{tenant}   zset    job id -> creation time, for listing a tenant's jobs newest first
     active:{tenant} set     the tenant's jobs that may still be QUEUED or RUNNING (pruned when counted)
     datasets:{tenant} set   the dataset ids the tenant uploaded (datasets are shared by content)
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import secrets
 import time
 from dataclasses import dataclass
@@ -83,6 +85,16 @@ DISPATCH_KEY = f"{PREFIX}dispatch"
 # after it was queued is sent again by a server's reaper. The one that queued
 # it sends it at once, so this only matters when that process died in between.
 DISPATCH_RETRY_S = 30
+# The lease a running attempt holds its job under (GRADSERVE_LEASE_TTL_S). The
+# worker renews it every third of it; the reaper presumes a worker dead when
+# renewals stop for this long, and after a Redis outage waits this long before
+# reaping, so both sides must read the same setting.
+DEFAULT_LEASE_TTL_S = 10.0
+
+
+def lease_ttl_s() -> float:
+    """The lease the workers hold their jobs under, as configured for this deployment."""
+    return float(os.environ.get("GRADSERVE_LEASE_TTL_S", DEFAULT_LEASE_TTL_S))
 
 
 def timestamp(seconds: float) -> Timestamp:
@@ -196,10 +208,9 @@ end
 #   Returns {1, entry id} appended, {2} skipped, {0, state, attempt} fenced off.
 _APPEND = _FENCE + """
 if ARGV[5] ~= '' then
-  local seen = 'seen:' .. ARGV[4]
+  local seen = ARGV[4] == 'metrics' and 'last_step' or ('seen:' .. ARGV[4])
   if tonumber(ARGV[5]) <= tonumber(redis.call('HGET', KEYS[1], seen) or '-1') then return {2} end
   redis.call('HSET', KEYS[1], seen, ARGV[5])
-  if ARGV[4] == 'metrics' then redis.call('HSET', KEYS[1], 'last_step', ARGV[5]) end
 end
 return {1, redis.call('XADD', KEYS[2], '*', 'e', ARGV[6])}
 """

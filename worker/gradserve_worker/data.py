@@ -99,10 +99,10 @@ class Window(NamedTuple):
     carry_at: int  # the state after this many steps starts the next window; len(X) when it continues past the end
 
 
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """A generator seeded from (seed, epoch) alone, so any epoch's windows can be
-    rebuilt on resume without replaying the epochs before it."""
-    digest = hashlib.blake2b(f"{seed}:{epoch}".encode(), digest_size=8).digest()
+def seeded_generator(*key) -> torch.Generator:
+    """A generator seeded from `key` alone (like (seed, epoch)), so that any epoch's
+    windows or any step's batch can be rebuilt on resume without replaying the ones before it."""
+    digest = hashlib.blake2b(":".join(map(str, key)).encode(), digest_size=8).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
 
 
@@ -217,7 +217,7 @@ def epoch_windows(corpus: torch.Tensor, partition: str, batch_size: int, num_ste
 
     num_steps is the window (TBPTT's k1); k2, when given, how far each window reaches back.
     """
-    return PARTITIONS[partition](corpus, batch_size, num_steps, epoch_generator(seed, epoch), k2)
+    return PARTITIONS[partition](corpus, batch_size, num_steps, seeded_generator(seed, epoch), k2)
 
 
 def whole_rows(corpus: torch.Tensor, batch_size: int) -> SequentialWindows:

@@ -24,7 +24,7 @@ import redis
 
 from gradserve.spec import SYNTHETIC_TASKS
 from gradserve.v1 import jobs_pb2
-from gradserve_server.store import Fenced, JobStore, Lease, NotFound, Refused
+from gradserve_server.store import Fenced, JobStore, Lease, NotFound, Refused, lease_ttl_s
 from gradserve_worker.events import to_event
 from gradserve_worker.trainer import CheckpointReady, StepMetrics, TrainConfig, TrainingDiverged, train
 
@@ -33,10 +33,6 @@ log = logging.getLogger("gradserve.worker")
 # How often a running job asks Redis whether it was cancelled: often enough
 # that a cancel lands within about a second, rarely enough to cost nothing.
 CANCEL_POLL_S = 0.5
-# The lease a running attempt holds its job under, renewed every third of it.
-# When renewals stop for this long the server's reaper presumes the worker
-# dead and gives the job to the next attempt.
-DEFAULT_LEASE_TTL_S = 10.0
 # How long writes keep retrying while Redis is unreachable (restarting, say)
 # before the attempt gives up and leaves the job to the reaper.
 DEFAULT_REDIS_RETRY_S = 60.0
@@ -46,10 +42,6 @@ DEFAULT_REDIS_RETRY_S = 60.0
 CRASH_AT_STEP_ENV = "GRADSERVE_TEST_CRASH_AT_STEP"
 
 _UNREACHABLE = (redis.ConnectionError, redis.TimeoutError)
-
-
-def lease_ttl_s() -> float:
-    return float(os.environ.get("GRADSERVE_LEASE_TTL_S", DEFAULT_LEASE_TTL_S))
 
 
 def redis_retry_s() -> float:
@@ -127,7 +119,7 @@ class LeaseKeeper:
                 log.warning("job %s: cannot renew the lease (%s)", self.lease.job_id, e)
 
 
-def run_job(job_store: JobStore, job_id: str, worker: str, *, attempt: int = 0, lease_ttl: float | None = None,
+def run_job(job_store: JobStore, job_id: str, worker: str, *, attempt: int = 0,
             shutdown: threading.Event | None = None,
             requeue: Callable[[str, int, str], None] | None = None) -> None:
     """Run `attempt` of `job_id` (0: the current one) until the job ends, is handed back, or is lost.
@@ -138,7 +130,7 @@ def run_job(job_store: JobStore, job_id: str, worker: str, *, attempt: int = 0, 
     `requeue(job_id, attempt, queue)` then sends the next attempt's task (if
     it fails, or is not given, a server's reaper sends it from the outbox).
     """
-    ttl = lease_ttl or lease_ttl_s()
+    ttl = lease_ttl_s()
     try:
         lease = _retrying(job_store.claim, job_id, attempt, worker, ttl)
     except (NotFound, Refused, Fenced) as e:

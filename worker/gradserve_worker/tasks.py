@@ -40,14 +40,14 @@ per-token language-model cross-entropies.
 
 from __future__ import annotations
 
-import hashlib
 import math
 
 import torch
 import torch.nn.functional as F
 from gradserve.spec import FULL_MAX_STEPS, min_tokens
 
-from gradserve_worker.data import build_corpus, epoch_windows, heldout_windows, split_heldout, whole_rows
+from gradserve_worker.data import (build_corpus, epoch_windows, heldout_windows, seeded_generator, split_heldout,
+                                   whole_rows)
 from gradserve_worker.truncation import Truncation, run_sequence, run_window
 
 HELDOUT_SEQUENCES = 512
@@ -179,8 +179,7 @@ def _check_text_size(config, n: int, n_train: int, n_val: int, plan: Truncation)
 
 def task_generator(seed: int, purpose: str, index: int = 0) -> torch.Generator:
     """A generator seeded from (seed, purpose, index) alone: step i's batch is the same on every run and resume."""
-    digest = hashlib.blake2b(f"{seed}:{purpose}:{index}".encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+    return seeded_generator(seed, purpose, index)
 
 
 class AddingTask:
