@@ -128,26 +128,6 @@ def is_terminal(event: jobs_pb2.Event) -> bool:
     return event.WhichOneof("kind") == "status" and event.status.state in TERMINAL
 
 
-# A state change and its status event are one atomic step, so a watcher that
-# sees the event can rely on the record, and a job can never be moved out of a
-# state twice (a cancel racing a worker's start, say).
-#   KEYS: job hash, event stream
-#   ARGV: allowed current states (comma separated), new state, event bytes, field, value, ...
-#   Returns {1, entry id} on success, {0, current state} when refused, {-1} when there is no job.
-_TRANSITION = """
-local state = redis.call('HGET', KEYS[1], 'state')
-if not state then return {-1} end
-for allowed in string.gmatch(ARGV[1], '[^,]+') do
-  if allowed == state then
-    local fields = {'state', ARGV[2]}
-    for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
-    redis.call('HSET', KEYS[1], unpack(fields))
-    return {1, redis.call('XADD', KEYS[2], '*', 'e', ARGV[3])}
-  end
-end
-return {0, state}
-"""
-
 # Attempts are how the runs of one job stay apart. Each run is an attempt,
 # numbered from 1; the worker that claims one draws a random token, and every
 # write it makes afterwards (events, checkpoints, the job's end) names both and
@@ -314,7 +294,6 @@ class JobStore:
 
     def __init__(self, client: redis.Redis):
         self.r = client
-        self._transition = client.register_script(_TRANSITION)
         self._cas = client.register_script(_CAS)
         self._append = client.register_script(_APPEND)
         self._checkpoint = client.register_script(_CHECKPOINT)
@@ -386,39 +365,24 @@ class JobStore:
         live = [int(s) for s in states if s is not None and int(s) not in TERMINAL]
         return live.count(jobs_pb2.QUEUED), live.count(jobs_pb2.RUNNING)
 
-    def transition(self, job_id: str, allowed: set[int], new_state: int, *, reason: str = "", worker: str = "",
-                   step: int = 0, fields: dict | None = None) -> str:
-        """Move the job to `new_state` if it is in one of `allowed`, with its status event; returns the cursor."""
-        extra = dict(fields or {})
-        if reason:
-            extra["reason"] = reason
-        if worker:
-            extra["worker"] = worker
-        if new_state in TERMINAL:
-            extra["finished"] = time.time()
-        event = status_event(job_id, new_state, reason=reason, worker=worker, step=step)
-        args = [",".join(str(s) for s in sorted(allowed)), new_state, encode_event(event)]
-        for k, v in extra.items():
-            args += [k, v]
-        result = self._transition(keys=[job_key(job_id), events_key(job_id)], args=args)
-        if result[0] == -1:
-            raise NotFound(job_id)
-        if result[0] == 0:
-            raise Refused(job_id, int(result[1]))
-        return result[1].decode()
-
     def request_cancel(self, job_id: str) -> jobs_pb2.Job:
         """Cancel a queued job now, or flag a running one for its worker to stop at its next step.
 
         Cancelling a cancelled job is a no-op; a job that already succeeded or failed is Refused.
         """
-        try:
-            self.transition(job_id, {jobs_pb2.QUEUED}, jobs_pb2.CANCELLED, reason="cancelled before it started")
-        except Refused as e:
-            if e.state == jobs_pb2.RUNNING:
+        reason = "cancelled before it started"
+        op = {"expect": {"state": jobs_pb2.QUEUED}, "dispatch": "del",
+              "set": {"state": jobs_pb2.CANCELLED, "reason": reason, "finished": time.time()}}
+        # A job the reaper queues again between the two reads goes round once more.
+        while not self._apply(job_id, op, status_event(job_id, jobs_pb2.CANCELLED, reason=reason))[0]:
+            state = int(self.r.hget(job_key(job_id), "state"))
+            if state == jobs_pb2.RUNNING:
                 self.r.hset(job_key(job_id), "cancel", 1)
-            elif e.state != jobs_pb2.CANCELLED:
-                raise
+                break
+            if state == jobs_pb2.CANCELLED:
+                break
+            if state != jobs_pb2.QUEUED:
+                raise Refused(job_id, state)
         return self.get_job(job_id)
 
     def cancel_requested(self, job_id: str) -> bool:
