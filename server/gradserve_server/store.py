@@ -323,7 +323,8 @@ class JobStore:
             p.zadd(DISPATCH_KEY, {job_id: resend_at})
             p.xadd(events_key(job_id), {"e": encode_event(event)})
             p.execute()
-        return self.get_job(job_id)
+        return jobs_pb2.Job(id=job_id, spec=spec, state=jobs_pb2.QUEUED, queue=queue, attempt=1, tenant=tenant,
+                            created_at=timestamp(now))
 
     def get_job(self, job_id: str) -> jobs_pb2.Job:
         raw = self.r.hgetall(job_key(job_id))
