@@ -4,7 +4,7 @@
     .venv/bin/python bench/run.py --steps 300 --reps 5 --models rnn_scratch,lstm --device cpu --out BENCHMARKS.md
 
 The configuration is the textbook's (d2l.ai chapter 9): The Time Machine
-(../shared/data/timemachine.txt beside the repository; it is not shipped),
+(tests/data/timemachine.txt, public domain; the product's packages ship no corpus),
 character tokens after d2l preprocessing (vocabulary 28), batch 32, num_steps
 35, SGD with lr 1, clipping at norm 1; rnn_scratch with 512 hidden units,
 rnn, gru and lstm with 256.
@@ -60,7 +60,7 @@ from gradserve_worker.data import build_corpus
 from gradserve_worker.trainer import StepMetrics, TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
-CORPUS = REPO.parent / "shared" / "data" / "timemachine.txt"
+CORPUS = REPO / "tests" / "data" / "timemachine.txt"
 MODELS = {"rnn_scratch": 512, "rnn": 256, "gru": 256, "lstm": 256}  # model -> hidden units, as in d2l
 BATCH_SIZE, NUM_STEPS, LR, CLIP = 32, 35, 1.0, 1.0
 TOKENS_PER_STEP = BATCH_SIZE * NUM_STEPS
@@ -78,7 +78,7 @@ IMPLS = ("gradserve", "d2l")
 
 def load_corpus() -> tuple[str, torch.Tensor, int]:
     if not CORPUS.exists():
-        sys.exit(f"bench: the corpus is missing: {CORPUS}; put The Time Machine there (it is not part of the repo)")
+        sys.exit(f"bench: the corpus is missing: {CORPUS}; it is part of the repository, so restore it from git")
     text = CORPUS.read_text(encoding="utf-8")
     vocab, corpus = build_corpus(text, "char", "d2l")
     return text, corpus, len(vocab)

@@ -23,7 +23,9 @@ import gradserve
 from gradserve_server import dev, store
 
 REPO = Path(__file__).resolve().parents[1]
-CORPUS = REPO.parent / "shared" / "data" / "timemachine.txt"
+# The Time Machine (public domain): the suite and the benchmarks read it from the repository itself.
+CORPUS = REPO / "tests" / "data" / "timemachine.txt"
+HARNESS = REPO / "tests" / "harness"
 
 
 @pytest.fixture(scope="session")
@@ -98,18 +100,25 @@ class Stack:
             self.server = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env})
         wait_serving(self.address, proc=self.server)
 
-    def start_worker(self, name: str, queues: str = "cpu", env: dict[str, str] | None = None) -> subprocess.Popen:
-        """Start worker `name`@test and wait until it advertises itself."""
+    def start_worker(self, name: str, queues: str = "cpu", env: dict[str, str] | None = None,
+                     node: str | None = None, crash_at_step: int = 0) -> subprocess.Popen:
+        """Start worker `name`@test (or named `node` exactly) and wait until it advertises itself.
+
+        With `crash_at_step`, each of its jobs' processes dies at that step (tests/harness/faulty_worker.py).
+        """
+        node = node or f"{name}@test"
+        program = (str(HARNESS / "faulty_worker.py"), "--crash-at-step", str(crash_at_step)) if crash_at_step else (
+            "-m", "gradserve_worker.main")
         with self._log(f"worker-{name}") as log:
-            proc = dev.start_worker(self.redis_url, queues=queues, name=f"{name}@test", log_file=log,
-                                    extra_env={**self.env, **(env or {})})
+            proc = dev.start_worker(self.redis_url, queues=queues, name=node, log_file=log,
+                                    extra_env={**self.env, **(env or {})}, program=program)
         self.workers.append(proc)
-        self.named[f"{name}@test"] = proc
+        self.named[node] = proc
         deadline = time.monotonic() + 60
         job_store = store.JobStore.from_url(self.redis_url)
         try:
             # By name: a worker killed a moment ago is still advertised until its heartbeat expires.
-            while f"{name}@test" not in {w.name for w in job_store.workers()}:
+            while node not in {w.name for w in job_store.workers()}:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"worker {name} did not come up:\n{self.logs()}")
                 time.sleep(0.2)

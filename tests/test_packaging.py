@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ast
 import json
+import re
 import subprocess
 import sys
 from importlib.metadata import requires
+from pathlib import Path
 
 from packaging.requirements import Requirement
 
@@ -40,3 +43,70 @@ def test_the_trainer_knows_nothing_of_celery_redis_or_grpc():
     loaded = _modules_loaded_by("import gradserve_worker.trainer")
     assert "torch" in loaded
     assert not loaded & {"celery", "redis", "grpc", "gradserve_server"}
+
+
+REPO = Path(__file__).resolve().parents[1]
+# What `make test` and `make bench` run: nothing of it may reach outside the clone.
+SELF_CONTAINED = ("tests", "bench", "Makefile", ".ci")
+# Ways a path can leave the repository: the checkout's parent folder, or the shared folder beside it.
+_OUTSIDE = re.compile(r"""REPO\.parent|\.parents\[\d+\]\s*/\s*["']\.\.|["']\.\./shared""")
+
+
+def test_tests_and_benchmarks_read_nothing_outside_the_repository():
+    offenders = []
+    for top in SELF_CONTAINED:
+        root = REPO / top
+        files = [root] if root.is_file() else [p for p in root.rglob("*") if p.is_file() and p.suffix in ("", ".py")]
+        for path in files:
+            for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+                if _OUTSIDE.search(line):
+                    offenders.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
+    assert not offenders, "these reach outside the clone:\n" + "\n".join(offenders)
+
+
+def test_the_corpus_the_suite_reads_is_in_the_repository(timemachine):
+    assert (REPO / "tests" / "data" / "timemachine.txt").read_text(encoding="utf-8") == timemachine
+    assert len(timemachine) > 100_000, "The Time Machine is about 170,000 characters"
+
+
+PACKAGES = {"gradserve": REPO / "client" / "gradserve", "gradserve_server": REPO / "server" / "gradserve_server",
+            "gradserve_worker": REPO / "worker" / "gradserve_worker"}
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Module -> the project modules it imports, anywhere in its body (imports inside functions count too)."""
+    modules = {}
+    for package, folder in PACKAGES.items():
+        for path in folder.rglob("*.py"):
+            parts = path.relative_to(folder).with_suffix("").parts
+            name = ".".join((package, *parts)).removesuffix(".__init__")
+            modules[name] = path
+    graph: dict[str, set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [f"{node.module}.{alias.name}" for alias in node.names] + [node.module]
+            else:
+                continue
+            graph[name] |= {t for t in targets if t in modules and t != name}
+    return graph
+
+
+def test_the_import_graph_has_no_cycle():
+    graph = _import_graph()
+    assert "gradserve_server.dev" in graph["gradserve_server.main"], "the scan must see the modules' imports"
+    done: set[str] = set()
+
+    def visit(name: str, path: list[str]) -> None:
+        if name in path:
+            raise AssertionError("import cycle: " + " -> ".join(path[path.index(name):] + [name]))
+        if name in done:
+            return
+        for target in sorted(graph[name]):
+            visit(target, path + [name])
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name, [])

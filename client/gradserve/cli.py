@@ -37,12 +37,12 @@ from google.protobuf import descriptor, json_format
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
 from rich.text import Text
 
 from gradserve import spec as specs
 from gradserve.client import DEFAULT_GENERATE_TOKENS, DEFAULT_SERVER, TERMINAL_STATES, Client, state_name
-from gradserve.errors import GradserveError, InvalidArgument, Unavailable
+from gradserve.cmdline import Parser, add_version, command
+from gradserve.errors import FailedPrecondition, GradserveError, InvalidArgument, Unavailable
 from gradserve.v1 import jobs_pb2
 
 EXIT_OK = 0
@@ -67,8 +67,9 @@ LIVE_BAR_WIDTH = 24
 DEFAULT_CHECKPOINT_FILE = "model.pt"
 # Enough of a content-hash id to tell datasets apart in a table.
 DATASET_ID_SHOWN = 11
-START_HINT = "start a local stack with `gradserve-server dev`"
-WORKER_HINT = "gradserve-worker --redis-url URL --queues cpu"
+# The list drops its least needed columns, last first, to fit the screen.
+LIST_COLUMNS = ("id", "state", "model", "step/max", "created", "dataset", "worker")
+WORKER_COLUMNS = ("name", "queues", "current job", "last seen", "device", "memory budget", "host", "pid")
 _TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 _FLOAT_TYPES = {descriptor.FieldDescriptor.TYPE_DOUBLE, descriptor.FieldDescriptor.TYPE_FLOAT}
 
@@ -242,81 +243,120 @@ def _plain(console: Console, text: str, style: str | None = None) -> None:
 
 
 def render_job(console: Console, job: jobs_pb2.Job, now: float | None = None) -> None:
-    """The job record as a two-column table, times with their durations."""
+    """The job record, one `key  value` line each, times with their durations."""
     now = time.time() if now is None else now
-    table = Table.grid(padding=(0, 2))
-    table.add_column(style="bold")
-    table.add_column(overflow="fold")
-
-    def row(key: str, value: str) -> None:
-        table.add_row(key, Text(value))
-
-    row("id", job.id)
-    row("state", state_name(job.state))
+    rows: list[tuple[str, str]] = [("id", job.id), ("state", state_name(job.state))]
     if job.reason:
-        row("reason", job.reason)
-    row("model", job.spec.model)
-    row("dataset", job.spec.dataset)
-    row("queue", job.queue or "-")
-    row("worker", job.worker or "-")
+        rows.append(("reason", job.reason))
+    if job.waiting:
+        rows.append(("waiting", job.waiting))
+    rows += [("model", job.spec.model), ("dataset", job.spec.dataset), ("queue", job.queue or "-"),
+             ("worker", job.worker or "-")]
     percent = job.last_step / job.spec.max_steps if job.spec.max_steps else 0.0
-    row("step", f"{_step_of(job)} ({percent:.0%})")
-    row("checkpoint", f"step {job.checkpoint_step}" if job.checkpoint_step else "none yet")
+    rows.append(("step", f"{_step_of(job)} ({percent:.0%})"))
+    rows.append(("checkpoint", f"step {job.checkpoint_step}" if job.checkpoint_step else "none yet"))
     if job.HasField("created_at"):
-        row("created", f"{_local_time(job.created_at)} ({_age(job.created_at, now)})")
+        rows.append(("created", f"{_local_time(job.created_at)} ({_age(job.created_at, now)})"))
     if job.HasField("started_at"):
         waited = _seconds(job.started_at) - _seconds(job.created_at)
-        row("started", f"{_local_time(job.started_at)} (queued for {human_duration(waited)})")
+        rows.append(("started", f"{_local_time(job.started_at)} (queued for {human_duration(waited)})"))
         if job.HasField("finished_at"):
             ran = _seconds(job.finished_at) - _seconds(job.started_at)
-            row("finished", f"{_local_time(job.finished_at)} (ran for {human_duration(ran)})")
+            rows.append(("finished", f"{_local_time(job.finished_at)} (ran for {human_duration(ran)})"))
         else:
-            row("running for", human_duration(now - _seconds(job.started_at)))
+            rows.append(("running for", human_duration(now - _seconds(job.started_at))))
     elif job.HasField("finished_at"):
-        row("finished", f"{_local_time(job.finished_at)} (never started)")
-    row("spec", spec_summary(job.spec))
-    console.print(table)
+        rows.append(("finished", f"{_local_time(job.finished_at)} (never started)"))
+    rows.append(("spec", spec_summary(job.spec)))
+    # Plain lines rather than a table: piped output carries no padding, and long values wrap on a screen.
+    width = max(len(key) for key, _ in rows)
+    for key, value in rows:
+        console.print(Text.assemble((key.ljust(width), "bold"), "  ", value), soft_wrap=True)
+
+
+def fit_columns(rows: Sequence[dict[str, str]], columns: Sequence[str], width: int) -> list[str]:
+    """The lines of a table of `rows` in `columns`, dropping trailing columns until every line fits `width`.
+
+    The first column is always kept. Cells are never cut short: an id must
+    stay whole to be copied.
+    """
+    keep = list(columns)
+    while True:
+        widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in keep}
+        if sum(widths.values()) + 2 * (len(keep) - 1) <= width or len(keep) == 1:
+            break
+        keep.pop()
+    lines = ["  ".join(c.ljust(widths[c]) for c in keep).rstrip()]
+    lines += ["  ".join(r[c].ljust(widths[c]) for c in keep).rstrip() for r in rows]
+    return lines
 
 
 def render_jobs(console: Console, jobs: Sequence[jobs_pb2.Job], now: float | None = None) -> None:
+    """A table of jobs that fits the console; QUEUED jobs that wait for a worker are starred, with the reason below."""
     if not jobs:
         console.print("no jobs")
         return
     now = time.time() if now is None else now
-    table = Table(box=None, header_style="bold", pad_edge=False)
-    # Ids are for copying, so they never shrink; the other columns give way on a narrow screen.
-    table.add_column("id", no_wrap=True, min_width=max(len(j.id) for j in jobs))
-    for name in ("state", "model", "dataset", "step/max", "created", "worker"):
-        table.add_column(name, no_wrap=True)
+    rows = [
+        {
+            "id": job.id,
+            "state": state_name(job.state) + ("*" if job.waiting else ""),
+            "model": job.spec.model,
+            "step/max": _step_of(job),
+            "created": _age(job.created_at, now) if job.HasField("created_at") else "-",
+            "dataset": short_dataset(job.spec.dataset),
+            "worker": job.worker or "-",
+        }
+        for job in jobs
+    ]
+    header, *lines = fit_columns(rows, LIST_COLUMNS, console.width)
+    _plain(console, header, style="bold")
+    for line in lines:
+        _plain(console, line)
+    waits: dict[str, int] = {}
     for job in jobs:
-        table.add_row(
-            job.id,
-            state_name(job.state),
-            job.spec.model,
-            Text(short_dataset(job.spec.dataset)),
-            _step_of(job),
-            _age(job.created_at, now) if job.HasField("created_at") else "-",
-            Text(job.worker or "-"),
-        )
-    console.print(table)
+        if job.waiting:
+            waits[job.waiting] = waits.get(job.waiting, 0) + 1
+    for reason, count in waits.items():
+        _plain(console, f"* {count} QUEUED job{'s' if count > 1 else ''} waiting: {reason}", style="dim")
+
+
+# A worker's heartbeat interval, for servers too old to report it.
+DEFAULT_HEARTBEAT_S = 5.0
+
+
+def last_seen(worker: jobs_pb2.Worker, now: float) -> str:
+    """How long ago the worker renewed its advertisement; one more than two beats late is marked overdue."""
+    if not worker.HasField("last_seen"):
+        return "-"
+    ago = now - _seconds(worker.last_seen)
+    overdue = ago > 2 * (worker.heartbeat_interval_s or DEFAULT_HEARTBEAT_S)
+    return f"{ago:.1f}s ago" + (" (overdue: likely dead)" if overdue else "")
 
 
 def render_workers(console: Console, workers: Sequence[jobs_pb2.Worker], now: float | None = None) -> None:
     if not workers:
-        _plain(console, f"no worker is alive; start one with `{WORKER_HINT}`")
+        _plain(console, f"no worker is alive; start one with `{command('gradserve-worker')} --redis-url URL "
+                        "--queues cpu`")
         return
     now = time.time() if now is None else now
-    table = Table(box=None, header_style="bold", pad_edge=False)
-    for name in ("name", "queues", "device", "memory budget", "host", "pid", "current job", "last seen"):
-        table.add_column(name)
-    for w in workers:
-        seen = f"{now - _seconds(w.last_seen):.1f}s ago" if w.HasField("last_seen") else "-"
-        table.add_row(
-            Text(w.name), ",".join(w.queues), Text(w.device),
-            human_bytes(w.memory_budget_bytes) if w.memory_budget_bytes else "-", Text(w.hostname), str(w.pid),
-            w.job_id or "idle", seen
-        )
-    console.print(table)
+    rows = [
+        {
+            "name": w.name,
+            "queues": ",".join(w.queues),
+            "current job": w.job_id or "idle",
+            "last seen": last_seen(w, now),
+            "device": w.device,
+            "memory budget": human_bytes(w.memory_budget_bytes) if w.memory_budget_bytes else "-",
+            "host": w.hostname,
+            "pid": str(w.pid),
+        }
+        for w in workers
+    ]
+    header, *lines = fit_columns(rows, WORKER_COLUMNS, console.width)
+    _plain(console, header, style="bold")
+    for line in lines:
+        _plain(console, line)
 
 
 def print_error(console: Console, error: GradserveError, server: str, hints: Iterable[str] = ()) -> None:
@@ -331,7 +371,8 @@ def print_error(console: Console, error: GradserveError, server: str, hints: Ite
         _plain(console, f"  {field}{flag}: {description}")
     hints = list(hints)
     if isinstance(error, Unavailable):
-        hints.insert(0, f"is the server running at {server}? {START_HINT}")
+        hints.insert(0, f"is the server running at {server}? start a local stack with "
+                        f"`{command('gradserve-server dev')}`")
     for hint in hints:
         _plain(console, f"hint: {hint}", style="dim")
 
@@ -353,7 +394,7 @@ class WatchState:
             self.final = event.status
 
     def resume_command(self) -> str:
-        return f"gradserve watch {self.job_id}" + (f" --cursor {self.cursor}" if self.cursor else "")
+        return command(f"gradserve watch {self.job_id}") + (f" --cursor {self.cursor}" if self.cursor else "")
 
 
 def stream_events(console: Console, events: Iterable[jobs_pb2.Event], state: WatchState, max_steps: int,
@@ -402,7 +443,7 @@ def follow(console: Console, err: Console, job, cursor: str, *, json_mode: bool,
     except KeyboardInterrupt:
         _plain(err, f"\nstopped watching; job {job.id} goes on.")
         _plain(err, f"resume:  {state.resume_command()}")
-        _plain(err, f"cancel:  gradserve cancel {job.id}")
+        _plain(err, f"cancel:  {command('gradserve cancel')} {job.id}")
         return EXIT_INTERRUPTED
     except GradserveError as e:
         print_error(err, e, server, [f"resume with `{state.resume_command()}`"])
@@ -418,7 +459,7 @@ def follow(console: Console, err: Console, job, cursor: str, *, json_mode: bool,
         if reason:
             _plain(console, f"reason: {reason}")
         if final_state == "SUCCEEDED":
-            _plain(console, f"get the model: gradserve download {job.id} -o {DEFAULT_CHECKPOINT_FILE}")
+            _plain(console, f"get the model: {command('gradserve download')} {job.id} -o {DEFAULT_CHECKPOINT_FILE}")
     return EXIT_BY_STATE.get(final_state, EXIT_FAILED)
 
 
@@ -474,14 +515,21 @@ def cmd_submit(ctx: Context) -> int:
         else:
             _plain(ctx.out, job.id)
             _plain(ctx.out, f"  {state_name(job.info.state)} on queue {job.info.queue}: {spec_summary(job.info.spec)}")
+        warn_waiting(ctx.err, job.info)
         if not ctx.args.follow:
             return EXIT_OK
         return follow(ctx.out, ctx.err, job, "", json_mode=ctx.args.json, server=ctx.args.server)
 
 
+def warn_waiting(err: Console, info: jobs_pb2.Job) -> None:
+    if info.waiting:
+        _plain(err, f"warning: {info.id} is QUEUED and waiting: {info.waiting}", style="yellow")
+
+
 def cmd_watch(ctx: Context) -> int:
     with ctx.client() as client:
         job = client.get_job(ctx.args.job)
+        warn_waiting(ctx.err, job.info)
         return follow(ctx.out, ctx.err, job, ctx.args.cursor, json_mode=ctx.args.json, server=ctx.args.server)
 
 
@@ -506,14 +554,24 @@ def cmd_list(ctx: Context) -> int:
 
 
 def cmd_cancel(ctx: Context) -> int:
+    # One rule: exit 0 whenever the job ends up not running, whether this
+    # cancelled it, asked it to stop, or it had already ended by itself.
     with ctx.client() as client:
-        info = client.get_job(ctx.args.job).cancel()
+        job = client.get_job(ctx.args.job)
+        if job.state not in TERMINAL_STATES or job.state == "CANCELLED":
+            try:
+                job.cancel()
+            except FailedPrecondition:
+                job.refresh()  # it ended between the two calls
+    info = job.info
     if ctx.args.json:
         print_json(ctx.out, as_dict(info))
-    elif info.state == jobs_pb2.RUNNING:
+    elif job.state == "RUNNING":
         _plain(ctx.out, f"{info.id} RUNNING: cancel requested; the job stops at its next step")
+    elif job.state in ("SUCCEEDED", "FAILED"):
+        _plain(ctx.out, f"{info.id} had already ended {job.state}; nothing to cancel")
     else:
-        _plain(ctx.out, f"{info.id} {state_name(info.state)}" + (f": {info.reason}" if info.reason else ""))
+        _plain(ctx.out, f"{info.id} {job.state}" + (f": {info.reason}" if info.reason else ""))
     return EXIT_OK
 
 
@@ -655,14 +713,16 @@ def _add_global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> N
     parser.add_argument("--key-file", default=unset, metavar="PEM", help="client private key, for mutual TLS")
 
 
-def _int_at_least(low: int) -> Callable[[str], int]:
-    """An argparse type: an integer no smaller than `low`."""
+def _int_at_least(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer no smaller than `low` (and, given `high`, no larger)."""
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
+        if high is not None and not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}], got {value}")
         if value < low:
             raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
         return value
@@ -675,8 +735,8 @@ def _temperature(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
-    if not value >= 0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"must be a number of at least 0, got {text}")
+    if not 0 <= value <= specs.MAX_TEMPERATURE:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be in [0, {specs.MAX_TEMPERATURE:g}], got {text}")
     return value
 
 
@@ -691,28 +751,29 @@ def _job_state(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="gradserve",
         description="Train recurrent language models (RNN/GRU/LSTM) on a gradserve server.",
         epilog="exit codes:\n" + EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_version(parser, "gradserve")
     _add_global_options(parser, suppress=False)
     globals_ = argparse.ArgumentParser(add_help=False)
     _add_global_options(globals_, suppress=True)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, handler, help: str, epilog: str | None = None) -> argparse.ArgumentParser:
+    def subcommand(name: str, handler, help: str, epilog: str | None = None) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, parents=[globals_], help=help, description=help, epilog=epilog,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
         sub.set_defaults(handler=handler)
         return sub
 
-    p = command("upload", cmd_upload, "upload a UTF-8 text file; prints its dataset id")
+    p = subcommand("upload", cmd_upload, "upload a UTF-8 text file; prints its dataset id")
     p.add_argument("file", type=Path, metavar="FILE")
     p.add_argument("--name", help="a label for people (default: the file's name)")
 
-    p = command("submit", cmd_submit, "submit a training job; prints its id and effective spec",
+    p = subcommand("submit", cmd_submit, "submit a training job; prints its id and effective spec",
                 epilog="exit codes (with --follow, as for watch):\n" + EXIT_CODES_HELP)
     p.add_argument(
         "--dataset", required=True,
@@ -722,49 +783,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--follow", action="store_true", help="then watch the job until it ends, as `gradserve watch` does")
     add_spec_flags(p)
 
-    p = command("watch", cmd_watch, "follow a job's progress until it ends",
+    p = subcommand("watch", cmd_watch, "follow a job's progress until it ends",
                 epilog="with --json: one event object per line, the last being the job's final status.\n\n"
                        "exit codes:\n" + EXIT_CODES_HELP)
     p.add_argument("job", metavar="JOB")
     p.add_argument("--cursor", default="", help="resume after this event (Ctrl-C prints the cursor to use)")
 
-    p = command("status", cmd_status, "show a job's record and effective spec")
+    p = subcommand("status", cmd_status, "show a job's record and effective spec")
     p.add_argument("job", metavar="JOB")
 
-    p = command("list", cmd_list, "list jobs, newest first")
+    p = subcommand("list", cmd_list, "list jobs, newest first")
     p.add_argument("--state", type=_job_state, metavar="STATE",
                    help="only jobs in this state: " + ", ".join(_JOB_STATES))
     p.add_argument("--limit", type=_int_at_least(1), default=DEFAULT_LIST_LIMIT,
                    help=f"at most this many (default {DEFAULT_LIST_LIMIT})")
 
-    p = command("cancel", cmd_cancel, "cancel a job: at once if queued, at its next step if running")
+    p = subcommand("cancel", cmd_cancel, "cancel a job: at once if queued, at its next step if running",
+                epilog="exits 0 once the job is cancelled, asked to stop, or had already ended (the output says\n"
+                       "which); 1 when it cannot be reached or found.")
     p.add_argument("job", metavar="JOB")
 
-    p = command("download", cmd_download, "write a job's latest checkpoint to a file")
+    p = subcommand("download", cmd_download, "write a job's latest checkpoint to a file")
     p.add_argument("job", metavar="JOB")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="FILE", help="where to write it")
 
-    p = command("generate", cmd_generate, "generate text from a job's latest checkpoint (running or finished)",
+    p = subcommand("generate", cmd_generate, "generate text from a job's latest checkpoint (running or finished)",
                 epilog="The model reads the prefix (preprocessed and split like the job's text; unknown tokens\n"
                        "become <unk>), then adds --num-tokens tokens: characters for char jobs, words for\n"
                        "word jobs. A worker started with `gradserve-worker --queues generate` does the work.")
     p.add_argument("job", metavar="JOB")
     p.add_argument("--prefix", default="", help="text to start from (default: none)")
-    p.add_argument("--num-tokens", type=_int_at_least(1), default=DEFAULT_GENERATE_TOKENS, metavar="N",
-                   help=f"tokens to add (default {DEFAULT_GENERATE_TOKENS}; the server allows up to 10000)")
+    p.add_argument("--num-tokens", type=_int_at_least(1, specs.MAX_GENERATE_TOKENS), default=DEFAULT_GENERATE_TOKENS,
+                   metavar="N", help=f"tokens to add, 1 to {specs.MAX_GENERATE_TOKENS} (default {DEFAULT_GENERATE_TOKENS})")
     p.add_argument("--temperature", type=_temperature, default=0.0, metavar="T",
                    help="0 (default) always takes the likeliest token; above 0 samples from softmax(logits / T)")
     p.add_argument("--seed", type=_int_at_least(0), default=0, metavar="S",
                    help="seed for sampling: the same seed gives the same text (default 0)")
 
-    p = command("plot", cmd_plot, "draw a job's loss, gradient norms and gradients through time to an image",
+    p = subcommand("plot", cmd_plot, "draw a job's loss, gradient norms and gradients through time to an image",
                 epilog="Works on a running job too: it plots the history so far. Needs matplotlib:\n"
                        "pip install 'gradserve[plot]'.")
     p.add_argument("job", metavar="JOB")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="FILE",
                    help="where to write it; the extension picks the format (.png, .svg, .pdf)")
 
-    command("workers", cmd_workers, "list the workers that are alive")
+    subcommand("workers", cmd_workers, "list the workers that are alive")
     return parser
 
 

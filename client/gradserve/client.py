@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import codecs
 import os
 import time
 from collections.abc import Iterator
@@ -37,6 +38,22 @@ SERVER_SHUTTING_DOWN = "SERVER_SHUTTING_DOWN"
 # server gives up a little before this deadline and says why.
 DEFAULT_GENERATE_TIMEOUT_S = 120.0
 DEFAULT_GENERATE_TOKENS = 100
+
+
+def first_non_utf8(data: bytes, chunk: int = UPLOAD_CHUNK_BYTES) -> int | None:
+    """The offset of the first byte that makes `data` invalid UTF-8, or None; decodes a chunk at a time."""
+    view, start = memoryview(data), 0
+    # A chunk holds at least one whole character (4 bytes at most), so each pass moves on.
+    chunk = max(chunk, 4)
+    while start < len(data):
+        end = start + chunk
+        try:
+            # Not final before the end: a character cut by the chunk's edge is left for the next chunk.
+            _, used = codecs.utf_8_decode(view[start:end], "strict", end >= len(data))
+        except UnicodeDecodeError as e:
+            return start + e.start
+        start += used
+    return None
 
 
 def state_name(state: int) -> str:
@@ -87,9 +104,18 @@ class Client:
     # ---------------------------------------------------------------- data
 
     def upload_text(self, path: str | os.PathLike, name: str | None = None) -> str:
-        """Upload a UTF-8 text file; returns its dataset id (the same id for the same content)."""
+        """Upload a UTF-8 text file; returns its dataset id (the same id for the same content).
+
+        A file that is not UTF-8 is refused here, before any byte is sent, with
+        InvalidArgument naming the file and the offset of its first bad byte.
+        """
         path = Path(path)
-        return self.upload_bytes(path.read_bytes(), name or path.name)
+        data = path.read_bytes()
+        bad = first_non_utf8(data)
+        if bad is not None:
+            reason = f"must be UTF-8 text; byte {data[bad]:#04x} at offset {bad} is not"
+            raise InvalidArgument(f"{path} {reason}", None, [(str(path), reason)])
+        return self.upload_bytes(data, name or path.name)
 
     def upload_bytes(self, data: bytes | str, name: str = "") -> str:
         """Upload text held in memory; returns its dataset id."""
@@ -152,7 +178,12 @@ class Client:
 
 
 class Job:
-    """A handle on one job. `info` is the record as last fetched; `refresh()` fetches it again."""
+    """A handle on one job. `info` is the record as last fetched; `refresh()` fetches it again.
+
+    The record's main fields read from the handle too, with the state by its
+    name: `job.state` is "QUEUED", "RUNNING", "SUCCEEDED", "FAILED" or
+    "CANCELLED", as of the last fetch.
+    """
 
     def __init__(self, client: Client, info: jobs_pb2.Job):
         self.client = client
@@ -162,8 +193,43 @@ class Job:
     def id(self) -> str:
         return self.info.id
 
+    @property
+    def state(self) -> str:
+        return state_name(self.info.state)
+
+    @property
+    def reason(self) -> str:
+        """Why the job FAILED or was CANCELLED."""
+        return self.info.reason
+
+    @property
+    def waiting(self) -> str:
+        """Why a QUEUED job is not running yet, and what would start it; "" otherwise."""
+        return self.info.waiting
+
+    @property
+    def last_step(self) -> int:
+        return self.info.last_step
+
+    @property
+    def checkpoint_step(self) -> int:
+        return self.info.checkpoint_step
+
+    @property
+    def worker(self) -> str:
+        return self.info.worker
+
+    @property
+    def attempt(self) -> int:
+        return self.info.attempt
+
+    @property
+    def spec(self) -> jobs_pb2.JobSpec:
+        """The complete, effective spec: every field the server defaulted is filled in."""
+        return self.info.spec
+
     def __repr__(self) -> str:
-        return f"<Job {self.id} {state_name(self.info.state)}>"
+        return f"<Job {self.id} {self.state}>"
 
     def refresh(self) -> jobs_pb2.Job:
         self.info = self.client._unary(self.client.stub.GetJob, jobs_pb2.GetJobRequest(job_id=self.id))
@@ -173,13 +239,17 @@ class Job:
         """The job's state now: QUEUED, RUNNING, SUCCEEDED, FAILED or CANCELLED."""
         return state_name(self.refresh().state)
 
-    def cancel(self) -> jobs_pb2.Job:
-        """Cancel the job: at once when queued, at its next step when running."""
-        self.info = self.client._unary(self.client.stub.CancelJob, jobs_pb2.CancelJobRequest(job_id=self.id))
-        return self.info
+    def cancel(self) -> "Job":
+        """Cancel the job: at once when queued, at its next step when running. Returns this handle, updated.
 
-    def wait(self, timeout: float | None = None) -> jobs_pb2.Job:
-        """Block until the job ends; returns its final record. Raises TimeoutError after `timeout` seconds.
+        Cancelling a cancelled job changes nothing; one that SUCCEEDED or FAILED
+        raises FailedPrecondition.
+        """
+        self.info = self.client._unary(self.client.stub.CancelJob, jobs_pb2.CancelJobRequest(job_id=self.id))
+        return self
+
+    def wait(self, timeout: float | None = None) -> "Job":
+        """Block until the job ends; returns this handle, holding the final record. Raises TimeoutError after `timeout` s.
 
         A server that goes away meanwhile is waited for, as events() does, up
         to the client's `reconnect_timeout` at a time.
@@ -189,7 +259,7 @@ class Job:
         while True:
             try:
                 if state_name(self.refresh().state) in TERMINAL_STATES:
-                    return self.info
+                    return self
                 down_since = None
             except Unavailable:
                 down_since = down_since or time.monotonic()
@@ -239,18 +309,21 @@ class Job:
                 call.cancel()
             down_since = down_since or time.monotonic()
             if time.monotonic() - down_since > self.client.reconnect_timeout:
-                raise Unavailable(
+                lost = Unavailable(
                     f"lost the event stream of {self.id} and could not reconnect to {self.client.target} for "
-                    f"{self.client.reconnect_timeout:g} s; resume later with events(cursor={cursor!r})"
+                    f"{self.client.reconnect_timeout:g} s" + (f"; the last event seen has cursor {cursor}" if cursor else "")
                 )
+                # Where to resume: events(cursor=e.cursor) continues right after the last event given.
+                lost.cursor = cursor
+                raise lost
             time.sleep(0.2)
 
-    def generate(self, prefix: str = "", num_chars: int = DEFAULT_GENERATE_TOKENS, *, temperature: float = 0.0,
+    def generate(self, prefix: str = "", num_tokens: int = DEFAULT_GENERATE_TOKENS, *, temperature: float = 0.0,
                  seed: int = 0, timeout: float = DEFAULT_GENERATE_TIMEOUT_S) -> jobs_pb2.GenerateResponse:
         """Text from the job's latest checkpoint, running or finished; `.text` holds it, `.step` the checkpoint's step.
 
         The model reads `prefix` (split and preprocessed as the job's text was;
-        tokens it never saw become <unk>), then adds `num_chars` tokens:
+        tokens it never saw become <unk>), then adds `num_tokens` tokens:
         characters for char jobs, words for word jobs. `.text` is the prefix as
         given followed by those tokens, so for preprocess=d2l jobs the added text
         is lowercase letters and spaces. temperature 0 always picks the likeliest
@@ -263,7 +336,7 @@ class Job:
         generate worker answers.
         """
         request = jobs_pb2.GenerateRequest(job_id=self.id)
-        for field, value in (("prefix", prefix), ("num_tokens", num_chars), ("temperature", temperature),
+        for field, value in (("prefix", prefix), ("num_tokens", num_tokens), ("temperature", temperature),
                              ("seed", seed)):
             try:
                 setattr(request, field, value)

@@ -93,8 +93,8 @@ FIELDS: tuple[Field, ...] = (
         choices=("fixed", "full", "randomized", "tbptt"),
     ),
     Field("tbptt_k1", None, "tbptt: steps between updates (default num_steps)", low=1, high=10_000),
-    Field("tbptt_k2", None, "tbptt: steps each backward pass reaches back, at least k1 (default 2 x k1)",
-          low=1, high=10_000),
+    Field("tbptt_k2", None, "tbptt: steps each backward pass reaches back, at least k1 (default 2 x k1, at most "
+          "10000)", low=1, high=10_000),
     Field("truncation_keep", 0.9, "randomized: chance that a gradient path goes one step further back",
           low=0.0, high=1.0, low_inclusive=False),
     Field("dropout", 0.0, "dropout on each recurrent layer's output", low=0.0, high=0.9),
@@ -114,11 +114,13 @@ FIELDS: tuple[Field, ...] = (
 BY_NAME = {f.name: f for f in FIELDS}
 
 
-# Defaults that depend on fields earlier in FIELDS.
+# Defaults that depend on fields earlier in FIELDS, each given a way to read those fields.
 _DERIVED = {
-    "lr": lambda spec: DEFAULT_LR.get(spec.optimizer, 1.0),
-    "tbptt_k1": lambda spec: spec.num_steps,
-    "tbptt_k2": lambda spec: 2 * spec.tbptt_k1,
+    # .get: complete() runs before validation, so the optimizer may still be an unknown name.
+    "lr": lambda get: DEFAULT_LR.get(get("optimizer"), 1.0),
+    "tbptt_k1": lambda get: get("num_steps"),
+    # Capped at the field's own limit: a default must never be the value that makes a spec invalid.
+    "tbptt_k2": lambda get: min(2 * get("tbptt_k1"), BY_NAME["tbptt_k2"].high),
 }
 
 
@@ -131,8 +133,18 @@ def complete(spec: jobs_pb2.JobSpec) -> jobs_pb2.JobSpec:
             if not getattr(full, f.name):
                 setattr(full, f.name, f.default)
         elif not full.HasField(f.name):
-            setattr(full, f.name, _DERIVED[f.name](full) if f.name in _DERIVED else f.default)
+            default = _DERIVED[f.name](lambda name: getattr(full, name)) if f.name in _DERIVED else f.default
+            setattr(full, f.name, default)
     return full
+
+
+def resolved(config, name: str):
+    """Field `name` of `config` (an object whose None means "unset", like the worker's TrainConfig), with the
+    default a complete spec would have given it; the same rule as `complete`."""
+    value = getattr(config, name)
+    if value is None and name in _DERIVED:
+        return _DERIVED[name](lambda other: resolved(config, other))
+    return value
 
 
 def violations(spec) -> list[tuple[str, str]]:
@@ -163,10 +175,15 @@ def violations(spec) -> list[tuple[str, str]]:
     if spec.nonlinearity != "tanh" and spec.model not in ("rnn", "rnn_scratch"):
         out.append(("nonlinearity", f"applies only to models rnn and rnn_scratch, not {spec.model}; leave it tanh"))
     k1, k2 = spec.tbptt_k1, spec.tbptt_k2
-    if k1 is not None and k2 is not None and k2 < k1:
+    if spec.truncation == "tbptt" and k1 is not None and k2 is not None and k2 < k1:
         out.append(("tbptt_k2", f"must be at least tbptt_k1 ({k1}), got {k2}"))
     return out
 
+
+# What one Generate request may ask for; the server enforces these, and the CLI checks them first.
+MAX_PREFIX_CHARS = 10_000
+MAX_GENERATE_TOKENS = 10_000
+MAX_TEMPERATURE = 100.0
 
 # truncation="full" on text backpropagates through whole rows of the corpus;
 # longer rows than this are refused rather than left to exhaust memory.
@@ -229,15 +246,29 @@ DEFAULT_MEMORY_BUDGET_BYTES = 4 * 2**30
 SYNTHETIC_VOCAB = {"builtin:adding": 2, "builtin:copy": 10}
 _GATES = {"rnn_scratch": 1, "rnn": 1, "gru": 3, "lstm": 4}
 _FLOAT_BYTES = 4
+# The training process's own resident memory before a job's tensors: Python,
+# torch (its libraries, thread pools and allocator) and the worker's modules,
+# as a worker's prefork child holds them, the pages it shares with its parent
+# included, since a budget counts them like any other. Measured as the whole
+# peak (VmHWM) of such a child training a tiny model: 268 MiB in
+# bench/memory.py's forked child (BENCHMARKS.md's first row), 283 MiB in a real
+# worker's pool child over a 3,000-step job. Counted with a third to spare.
+# (Two torch threads there; sixteen added about 1 MiB.)
+_PROCESS_BYTES = 384 * 2**20
 # Floats a training step holds at its peak per time step and sequence of the
 # backward window: per hidden unit and layer, by model, and per vocabulary
-# entry (one-hot input, logits, their softmax and gradients). Measured as the
-# rise in a CPU worker's resident memory (bench/memory.py, BENCHMARKS.md), and
-# counted as the tensors autograd saves (tests/worker/test_memory_estimate.py),
-# with about a quarter to spare: the backward allocates gradient buffers besides
-# the saved activations, and the allocator keeps freed blocks.
-_ACTIVATION_FLOATS = {"rnn_scratch": 12, "rnn": 8, "gru": 20, "lstm": 26}
-_VOCAB_FLOATS = 5
+# entry (one-hot input, logits, their softmax and gradients). Counted as the
+# tensors autograd saves (tests/worker/test_memory_estimate.py), and fitted to
+# the peaks bench/memory.py measures in a worker's forked child (BENCHMARKS.md),
+# where the estimate with _PROCESS_BYTES is 1.34x or more above each 10-step
+# peak. The backward allocates gradient buffers besides the saved activations,
+# gradient probes replay a window, and the allocator keeps freed blocks in a
+# heap that fragments, so the peak creeps up over a long job: rnn and
+# rnn_scratch rows 15-25% above their 10-step peaks after 300-500 steps, gru and
+# lstm rows 2-4% after 60-80. The margin is sized to stay 1.2x above those
+# (1.25x at the least).
+_ACTIVATION_FLOATS = {"rnn_scratch": 16, "rnn": 11, "gru": 21, "lstm": 26}
+_VOCAB_FLOATS = 6
 
 
 def parameter_count(spec, vocab_size: int) -> int:
@@ -265,12 +296,13 @@ def backprop_window(spec, steps_per_sequence: int) -> int:
 def memory_estimate_bytes(spec, vocab_size: int, window: int) -> int:
     """An estimate, on the generous side, of a job's memory at its peak.
 
-    That is weights, gradients, optimizer state, a checkpoint's serialized copy
-    (twice: torch.save's buffer and the bytes taken from it) and one backward
-    window's activations.
+    That is the training process's own (_PROCESS_BYTES), then weights,
+    gradients, optimizer state, a checkpoint's serialized copy (twice:
+    torch.save's buffer and the bytes taken from it) and one backward window's
+    activations.
     """
     optimizer_slots = 2 if spec.optimizer in ("adam", "adamw") else 0
     weights = parameter_count(spec, vocab_size) * (4 + optimizer_slots)
     per_step = (spec.num_layers * spec.hidden_size * _ACTIVATION_FLOATS[spec.model]
                 + _VOCAB_FLOATS * vocab_size + 2 * spec.embedding_size)
-    return _FLOAT_BYTES * (weights + spec.batch_size * window * per_step)
+    return _PROCESS_BYTES + _FLOAT_BYTES * (weights + spec.batch_size * window * per_step)

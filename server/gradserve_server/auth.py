@@ -17,13 +17,14 @@ from __future__ import annotations
 import contextvars
 import hashlib
 import hmac
-import os
 import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 
 import grpc
+
+from gradserve.cmdline import Parser, add_version
 
 # The tenant of the call being served; "" when authentication is off.
 current_tenant: contextvars.ContextVar[str] = contextvars.ContextVar("gradserve_tenant", default="")
@@ -53,7 +54,7 @@ def parse_tokens(text: str, source: str) -> dict[bytes, str]:
     return tokens
 
 
-def load_tokens(tokens_file: str | None, env: Mapping[str, str] = os.environ) -> dict[bytes, str]:
+def load_tokens(tokens_file: str | None, env: Mapping[str, str]) -> dict[bytes, str]:
     """Every configured token, from the file and the environment together."""
     tokens: dict[bytes, str] = {}
     if tokens_file:
@@ -155,10 +156,17 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
 def hash_token_main(argv: list[str]) -> None:
     """`gradserve-server hash-token TENANT`: read a token on stdin, print its tokens-file line."""
-    if len(argv) != 1 or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", argv[0]):
-        sys.exit("usage: gradserve-server hash-token TENANT < token   (tenant: letters, digits, _.-)")
+    p = Parser(prog="gradserve-server hash-token",
+               description="Read a bearer token on stdin and print the --tokens-file line for TENANT: the tenant "
+               "and the token's SHA-256 digest (the token itself is never stored).",
+               epilog="example: gradserve-server hash-token alice < alice.token >> tokens")
+    add_version(p, "gradserve-server")
+    p.add_argument("tenant", metavar="TENANT", help="who the token belongs to: 1-64 letters, digits, _ . -")
+    args = p.parse_args(argv)
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", args.tenant):
+        p.error(f"TENANT must be 1-64 letters, digits, _ . or -, got {args.tenant!r}")
     token = sys.stdin.readline().strip()
     if len(token) < 16:
         sys.exit("gradserve-server hash-token: a token must be at least 16 characters; "
                  "`python -c 'import secrets; print(secrets.token_urlsafe(32))'` makes a good one")
-    print(f"{argv[0]} {hash_token(token)}")
+    print(f"{args.tenant} {hash_token(token)}")

@@ -12,7 +12,6 @@ real Redis and worker processes.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
@@ -28,9 +27,12 @@ from pathlib import Path
 
 import redis
 
+from gradserve.cmdline import Parser, add_version, command
 from gradserve_server import store
-from gradserve_server.main import serve
 from gradserve_server.queue import GENERATE_QUEUE
+from gradserve_server.service import ListenError
+from gradserve_server.serving import serve
+from gradserve_server.settings import Shared
 
 WORKER_READY_S = 90.0
 WORKER_STOP_GRACE_S = 15.0
@@ -71,24 +73,19 @@ def start_redis(port: int, workdir: Path, *, appendonly: bool = False, log_file=
     proc = subprocess.Popen(args, stdout=log_file or subprocess.DEVNULL, stderr=subprocess.STDOUT)
     login = f"{user}:{password}@" if password else ""
     url = f"redis://{login}127.0.0.1:{port}/0"
-    deadline = time.monotonic() + 10
-    client = redis.Redis.from_url(url, socket_connect_timeout=0.5)
-    while True:
-        try:
-            client.ping()
-            client.close()
-            return proc
-        except redis.RedisError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                stop_process(proc)
-                raise RuntimeError(f"redis-server on port {port} did not start")
-            time.sleep(0.05)
+    try:
+        store.wait_for_redis(url, 10, alive=lambda: proc.poll() is None)
+    except redis.RedisError:
+        stop_process(proc)
+        raise RuntimeError(f"redis-server on port {port} did not start") from None
+    return proc
 
 
 def start_worker(redis_url: str, *, queues: str = "cpu", name: str | None = None, threads: int = 1, log_file=None,
-                 extra_env: dict | None = None) -> subprocess.Popen:
-    args = [sys.executable, "-m", "gradserve_worker.main", "--redis-url", redis_url, "--queues", queues,
-            "--threads", str(threads)]
+                 extra_env: dict | None = None, program: tuple[str, ...] = ("-m", "gradserve_worker.main"),
+                 ) -> subprocess.Popen:
+    """A worker process in a session of its own; `program` is what Python runs, with the worker's flags after it."""
+    args = [sys.executable, *program, "--redis-url", redis_url, "--queues", queues, "--threads", str(threads)]
     if name:
         args += ["--name", name]
     env = {**os.environ, **(extra_env or {})}
@@ -131,7 +128,7 @@ def wait_for_workers(redis_url: str, count: int, timeout: float, procs=()) -> li
                 )
             time.sleep(0.2)
     finally:
-        job_store.r.close()
+        job_store.close()
 
 
 async def _run_stack(args) -> int:
@@ -141,13 +138,14 @@ async def _run_stack(args) -> int:
     workers: list[subprocess.Popen] = []
     exit_code = 0
 
-    async def run_then_stop(command: str, address: str, stop: asyncio.Event) -> None:
+    async def run_then_stop(shell_command: str, address: str, stop: asyncio.Event) -> None:
         nonlocal exit_code
-        proc = await asyncio.create_subprocess_shell(command, env={**os.environ, "GRADSERVE_SERVER": address})
+        proc = await asyncio.create_subprocess_shell(shell_command, env={**os.environ, "GRADSERVE_SERVER": address})
         exit_code = await proc.wait()
         # The command's own output may end with hints (download, generate) that need a running stack.
         print("\nThe --run command is done, so the dev stack stops now; its jobs, datasets and checkpoints go with "
-              "it. `gradserve-server dev` without --run keeps a stack up for them.", flush=True)
+              f"it, and hints above that name a job need a stack that stays up: `{command('gradserve-server dev')}` "
+              "without --run keeps one.", flush=True)
         stop.set()
 
     async def on_ready(address: str, stop: asyncio.Event) -> None:
@@ -167,12 +165,14 @@ async def _run_stack(args) -> int:
             asyncio.create_task(run_then_stop(args.run, address, stop))
         else:
             print(
-                f"\nReady. In another shell:  GRADSERVE_SERVER={address} gradserve submit "
+                f"\nReady. In another shell:  GRADSERVE_SERVER={address} {command('gradserve submit')} "
                 "--dataset builtin:pydocs --follow\nCtrl-C stops everything.",
                 flush=True,
             )
 
     try:
+        # Checked before anything starts, rather than after Redis and the workers are up.
+        _check_listen(args.listen)
         port = free_port()
         redis_proc = start_redis(port, workdir)
         redis_url = f"redis://127.0.0.1:{port}/0"
@@ -187,7 +187,11 @@ async def _run_stack(args) -> int:
         with open(workdir / "worker-generate.log", "wb") as log_file:
             workers.append(start_worker(redis_url, queues=GENERATE_QUEUE, name=f"generate-0@{socket.gethostname()}",
                                         threads=1, log_file=log_file))
-        await serve(redis_url, args.listen, max_dataset_bytes=int(args.max_dataset_mb * 1024 * 1024), on_ready=on_ready)
+        await serve(redis_url, args.listen, shared=args.shared, max_dataset_bytes=int(args.max_dataset_mb * 1024 * 1024),
+                    on_ready=on_ready)
+    except ListenError as e:
+        print(f"gradserve-server dev: {e}", file=sys.stderr, flush=True)
+        exit_code = 1
     finally:
         print("stopping workers and redis", flush=True)
         for proc in workers:
@@ -198,8 +202,21 @@ async def _run_stack(args) -> int:
     return exit_code
 
 
+def _check_listen(listen: str) -> None:
+    """Raise ListenError when `listen`'s port is taken; port 0 is always free."""
+    host, _, port = listen.rpartition(":")
+    if port == "0":
+        return
+    with socket.socket(socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET) as s:
+        try:
+            s.bind((host.strip("[]") or "0.0.0.0", int(port)))
+        except (OSError, ValueError):
+            raise ListenError(listen) from None
+
+
 def main(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(prog="gradserve-server dev", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="gradserve-server dev", description=__doc__.split("\n\n")[0])
+    add_version(p, "gradserve-server")
     p.add_argument("--workers", type=int, default=1, help="CPU workers to start (default 1)")
     p.add_argument(
         "--listen",
@@ -216,5 +233,10 @@ def main(argv: list[str]) -> None:
     args = p.parse_args(argv)
     if args.workers < 1:
         p.error("--workers must be at least 1")
+    try:
+        # The workers it starts inherit this environment, so they read the same settings.
+        args.shared = Shared.from_env(os.environ)
+    except ValueError as e:
+        p.error(str(e))
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     sys.exit(asyncio.run(_run_stack(args)))

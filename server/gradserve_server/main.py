@@ -5,7 +5,7 @@
     gradserve-server hash-token TENANT < token  # a line for --tokens-file
 
 Every flag also reads an environment variable (GRADSERVE_REDIS_URL,
-GRADSERVE_LISTEN, GRADSERVE_MAX_DATASET_MB, GRADSERVE_MAX_ATTEMPTS,
+GRADSERVE_LISTEN, GRADSERVE_MAX_DATASET_MB, GRADSERVE_MAX_UPLOADS, GRADSERVE_MAX_ATTEMPTS,
 GRADSERVE_REAP_INTERVAL_S, GRADSERVE_TOKENS_FILE, GRADSERVE_QUOTA_QUEUED,
 GRADSERVE_QUOTA_RUNNING, GRADSERVE_TLS_CERT, GRADSERVE_TLS_KEY,
 GRADSERVE_TLS_CLIENT_CA). With tokens configured, every call needs a bearer
@@ -13,9 +13,10 @@ token and sees only its tenant's jobs and datasets.
 
 Besides serving, the server runs a reaper (`reaper.Reaper`) that gives the
 jobs of workers that died to new attempts. SIGTERM or SIGINT stops it
-gracefully: the health check turns NOT_SERVING, open event streams end with a
-SERVER_SHUTTING_DOWN notice a DRAIN_S later (clients reconnect from their last
-cursor), calls in flight get STOP_GRACE_S to finish, and the process exits.
+gracefully (`serving.serve`): the health check turns NOT_SERVING, open event
+streams end with a SERVER_SHUTTING_DOWN notice a DRAIN_S later (clients
+reconnect from their last cursor), calls in flight get STOP_GRACE_S to
+finish, and the process exits.
 """
 
 from __future__ import annotations
@@ -24,85 +25,26 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import sys
-import time
 
-import redis
-
-from gradserve_server import auth, corpus
-from gradserve_server.reaper import DEFAULT_INTERVAL_S, DEFAULT_MAX_ATTEMPTS, Reaper
-from gradserve_server.service import create_server, mark_serving, tls_credentials
+from gradserve.cmdline import Parser, add_version
+from gradserve_server import auth, dev
+from gradserve_server.reaper import DEFAULT_INTERVAL_S, DEFAULT_MAX_ATTEMPTS
+from gradserve_server.service import DEFAULT_MAX_UPLOADS, ListenError, tls_credentials
+from gradserve_server.serving import serve, wait_for_redis
+from gradserve_server.settings import Shared
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
-STOP_GRACE_S = 5.0
-# After a stop signal the server says NOT_SERVING but still answers for this
-# long, so that a balancer polling its health can move new calls elsewhere
-# before the port closes.
-DRAIN_S = 1.0
-REDIS_WAIT_S = 15.0
-
 log = logging.getLogger("gradserve.server")
 
 
-def wait_for_redis(url: str, timeout: float = REDIS_WAIT_S) -> None:
-    """Return once Redis answers PING; exit with a message saying what to check if it never does."""
-    deadline = time.monotonic() + timeout
-    client = redis.Redis.from_url(url, socket_connect_timeout=1)
-    while True:
-        try:
-            client.ping()
-            client.close()
-            return
-        except redis.RedisError as e:
-            if time.monotonic() > deadline:
-                sys.exit(f"gradserve-server: cannot reach Redis at {url} ({e}); check --redis-url and that Redis is running")
-            time.sleep(0.2)
-
-
-async def serve(redis_url: str, listen: str, *, max_dataset_bytes: int, on_ready=None,
-                max_attempts: int = DEFAULT_MAX_ATTEMPTS, reap_interval: float = DEFAULT_INTERVAL_S,
-                **server_options) -> None:
-    """Serve and reap until SIGINT or SIGTERM; then stop taking calls and finish the ones in flight.
-
-    `server_options` go to `create_server`: tokens, credentials, quotas.
-    """
-    server, port, service, health_servicer = create_server(redis_url, listen, max_dataset_bytes=max_dataset_bytes,
-                                                           **server_options)
-    await server.start()
-    await mark_serving(health_servicer, True)
-    reaper = Reaper(redis_url, max_attempts=max_attempts, interval=reap_interval)
-    reaping = asyncio.create_task(reaper.run())
-    host = listen.rsplit(":", 1)[0]
-    address = f"{host}:{port}"
-    log.info("listening on %s (redis %s)", address, redis_url)
-    # The first job on a built-in corpus would otherwise wait seconds for it.
-    warm = asyncio.create_task(service.builtin_dataset(next(iter(corpus.BUILTINS))))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    if on_ready is not None:
-        await on_ready(address, stop)
-    await stop.wait()
-    log.info("shutting down")
-    # Health first, so that balancers send new calls elsewhere; then the open
-    # streams end, telling their clients to reconnect, here or elsewhere.
-    await health_servicer.enter_graceful_shutdown()
-    await asyncio.sleep(DRAIN_S)
-    service.end_streams()
-    reaping.cancel()
-    await server.stop(STOP_GRACE_S)
-    warm.cancel()
-    await service.close()
-    reaper.close()
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="gradserve-server",
-        description="Serve gradserve's JobService. `gradserve-server dev --help` runs a whole local stack instead.",
+        description="Serve gradserve's JobService. `gradserve-server dev --help` runs a whole local stack instead; "
+        "`gradserve-server hash-token --help` makes a line for --tokens-file.",
     )
+    add_version(p, "gradserve-server")
     p.add_argument(
         "--redis-url",
         default=os.environ.get("GRADSERVE_REDIS_URL"),
@@ -118,6 +60,13 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=float(os.environ.get("GRADSERVE_MAX_DATASET_MB", "64")),
         help="largest dataset an upload may carry, in MiB (env GRADSERVE_MAX_DATASET_MB, default 64)",
+    )
+    p.add_argument(
+        "--max-uploads",
+        type=int,
+        default=int(os.environ.get("GRADSERVE_MAX_UPLOADS", DEFAULT_MAX_UPLOADS)),
+        help="uploads received at once, each holding its bytes and up to about 60 MiB more; another waits up to "
+        f"10 s for a slot, then gets RESOURCE_EXHAUSTED (env GRADSERVE_MAX_UPLOADS, default {DEFAULT_MAX_UPLOADS})",
     )
     p.add_argument(
         "--max-attempts",
@@ -153,8 +102,6 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["dev"]:
-        from gradserve_server import dev
-
         dev.main(argv[1:])
         return
     if argv[:1] == ["hash-token"]:
@@ -171,12 +118,15 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"gradserve-server: --max-attempts must be at least 1, got {args.max_attempts}")
     if args.reap_interval <= 0:
         sys.exit(f"gradserve-server: --reap-interval must be above 0, got {args.reap_interval}")
+    if args.max_uploads < 1:
+        sys.exit(f"gradserve-server: --max-uploads must be at least 1, got {args.max_uploads}")
     if args.quota_queued < 0 or args.quota_running < 0:
         sys.exit("gradserve-server: --quota-queued and --quota-running must be 0 (no cap) or more")
     if bool(args.tls_cert) != bool(args.tls_key) or (args.tls_client_ca and not args.tls_cert):
         sys.exit("gradserve-server: TLS needs both --tls-cert and --tls-key (and --tls-client-ca only with them)")
     try:
-        tokens = auth.load_tokens(args.tokens_file)
+        shared = Shared.from_env(os.environ)
+        tokens = auth.load_tokens(args.tokens_file, os.environ)
         credentials = tls_credentials(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
     except (OSError, ValueError) as e:
         sys.exit(f"gradserve-server: {e}")
@@ -184,9 +134,14 @@ def main(argv: list[str] | None = None) -> None:
              f"on ({len(set(tokens.values()))} tenants)" if tokens else "OFF: anyone who reaches the port may use it",
              ("mutual TLS" if args.tls_client_ca else "TLS") if credentials else "plaintext")
     wait_for_redis(args.redis_url)
-    asyncio.run(serve(args.redis_url, args.listen, max_dataset_bytes=int(args.max_dataset_mb * 1024 * 1024),
-                      max_attempts=args.max_attempts, reap_interval=args.reap_interval, tokens=tokens,
-                      credentials=credentials, quota_queued=args.quota_queued, quota_running=args.quota_running))
+    try:
+        asyncio.run(serve(args.redis_url, args.listen, shared=shared,
+                          max_dataset_bytes=int(args.max_dataset_mb * 1024 * 1024),
+                          max_attempts=args.max_attempts, reap_interval=args.reap_interval, tokens=tokens,
+                          credentials=credentials, quota_queued=args.quota_queued, quota_running=args.quota_running,
+                          max_uploads=args.max_uploads))
+    except ListenError as e:
+        sys.exit(f"gradserve-server: {e}")
 
 
 if __name__ == "__main__":

@@ -12,10 +12,9 @@ delivery for a job that is not QUEUED at that attempt is dropped.
 
 from __future__ import annotations
 
-import os
-
 from celery import Celery
 
+from gradserve_server.settings import DEFAULT_VISIBILITY_TIMEOUT_S
 from gradserve_server.store import JobStore
 
 TRAIN_TASK = "gradserve.train"
@@ -25,17 +24,11 @@ QUEUES = ("cpu", "gpu")
 GENERATE_TASK = "gradserve.generate"
 GENERATE_QUEUE = "generate"
 
-# Redis hands an unacknowledged task to another worker once this many seconds
-# have passed since delivery. Whether a job's worker is alive is for its lease
-# to say (seconds, see store.claim), not for this redelivery, which would only
-# bring back a task whose job is running or done; so it stays far above any
-# job we expect (one week).
-DEFAULT_VISIBILITY_TIMEOUT_S = 7 * 24 * 3600
 
 
-def make_celery(redis_url: str) -> Celery:
+def make_celery(redis_url: str, visibility_timeout_s: int = DEFAULT_VISIBILITY_TIMEOUT_S) -> Celery:
+    """The app; Redis hands a task unacknowledged for `visibility_timeout_s` to another worker (settings.Shared)."""
     app = Celery("gradserve", broker=redis_url)
-    visibility = int(os.environ.get("GRADSERVE_VISIBILITY_TIMEOUT_S", DEFAULT_VISIBILITY_TIMEOUT_S))
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
@@ -52,7 +45,7 @@ def make_celery(redis_url: str) -> Celery:
         # its lease in Redis decides whether it lives on, so the task runs on.
         worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_prefetch_multiplier=1,
-        broker_transport_options={"visibility_timeout": visibility},
+        broker_transport_options={"visibility_timeout": visibility_timeout_s},
         broker_connection_retry_on_startup=True,
         task_default_queue="cpu",
         worker_hijack_root_logger=False,

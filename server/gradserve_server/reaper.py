@@ -23,7 +23,8 @@ import redis
 
 from gradserve.v1 import jobs_pb2
 from gradserve_server.queue import dispatch, make_celery
-from gradserve_server.store import JobStore, lease_ttl_s
+from gradserve_server.settings import Shared
+from gradserve_server.store import JobStore
 
 log = logging.getLogger("gradserve.reaper")
 
@@ -32,23 +33,24 @@ DEFAULT_MAX_ATTEMPTS = 3
 
 
 class Reaper:
-    def __init__(self, redis_url: str, *, max_attempts: int = DEFAULT_MAX_ATTEMPTS,
-                 interval: float = DEFAULT_INTERVAL_S, outage_grace: float | None = None):
+    def __init__(self, redis_url: str, *, shared: Shared = Shared(), max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+                 interval: float = DEFAULT_INTERVAL_S):
         self.store = JobStore.from_url(redis_url)
-        self.celery = make_celery(redis_url)
+        self.celery = make_celery(redis_url, shared.visibility_timeout_s)
         self.max_attempts = max_attempts
         self.interval = interval
-        self.outage_grace = lease_ttl_s() if outage_grace is None else outage_grace
+        # After an outage, leases may have lapsed while no worker could renew them: give them one lease's length.
+        self.outage_grace = shared.lease_ttl_s
         self._redis_run_id = ""
         self._lost_redis = False
         self._reap_after_ms = 0
 
     def close(self) -> None:
-        self.store.r.close()
+        self.store.close()
 
     def tick(self) -> None:
         """One pass: reap expired leases, then send the due tasks of the outbox."""
-        run_id = self.store.r.info("server")["run_id"]
+        run_id = self.store.run_id()
         restarted = self._redis_run_id not in ("", run_id)
         if self._lost_redis or restarted:
             # Redis was out of reach, or restarted between two passes: leases may

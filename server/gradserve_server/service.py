@@ -1,137 +1,101 @@
 """The JobService servicer and the `create_server` factory.
 
-Every RPC validates its request before touching Redis. Errors leave as gRPC
-status codes that mean what gRPC says they mean; invalid fields also carry a
-``google.rpc.BadRequest`` with one violation per field, so clients can point at
-the field without parsing the message.
+Every RPC validates its request before touching Redis. A call that fails
+raises one of `errors`' exceptions, with the message its caller reads, and
+`errors.rpc` turns it into the gRPC status that means what gRPC says it means;
+invalid fields also carry a ``google.rpc.BadRequest`` with one violation per
+field, so clients can point at the field without parsing the message.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
-import inspect
-import json
+import codecs
 import logging
 import math
+import mmap
 import re
 import secrets
 import time
 from pathlib import Path
 
 import grpc
-import redis
-import redis.asyncio as aioredis
-from google.protobuf import any_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from gradserve import spec as specs
 from gradserve import text
 from gradserve.v1 import jobs_pb2, jobs_pb2_grpc
-from gradserve_server import auth, corpus, store
+from gradserve_server import auth, corpus, errors, store
 from gradserve_server.decoding import StrictDecoding
 from gradserve_server.queue import GENERATE_QUEUE, GENERATE_TASK, dispatch, make_celery
+from gradserve_server.settings import Shared
 
 log = logging.getLogger("gradserve.server")
 
 SERVICE_NAME = jobs_pb2.DESCRIPTOR.services_by_name["JobService"].full_name
 DEFAULT_MAX_DATASET_BYTES = 64 * 1024 * 1024
+# Uploads received at once; each holds its bytes and a few tens of MiB more (see _receive_dataset), so this
+# caps their memory.
+DEFAULT_MAX_UPLOADS = 2
+# How long an upload past that cap waits for a slot (less when the caller's deadline is nearer) before
+# RESOURCE_EXHAUSTED.
+UPLOAD_WAIT_S = 10.0
 CHUNK_BYTES = 1024 * 1024
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX = 50, 1000
 _CURSOR = re.compile(r"\d{1,20}-\d{1,20}")
-# A blocking XREAD must return well inside redis-py's 5 s socket timeout.
-_XREAD_BLOCK_MS = 1000
-MAX_PREFIX_CHARS = 10_000
-MAX_GENERATE_TOKENS = 10_000
-MAX_TEMPERATURE = 100.0
+# How long one read of a followed stream waits for an event before looking
+# again (for the server's shutdown, say).
+_FOLLOW_POLL_S = 1.0
 # How long Generate waits for a generate worker's reply (less when the
 # caller's deadline is nearer), and what it keeps of that deadline for the answer.
 GENERATE_WAIT_S = 120.0
 _DEADLINE_MARGIN_S = 0.5
-# Each BLPOP returns well inside redis-py's socket timeout, and never asks for
-# less than Redis's millisecond resolution (a timeout of 0 would block forever).
-_BLPOP_MAX_S, _BLPOP_MIN_S = 1.0, 0.05
+# The shortest wait Generate asks for, even past the caller's deadline: one round trip.
+_GENERATE_MIN_WAIT_S = 0.05
 GENERATE_WORKER_HINT = "gradserve-worker --redis-url URL --queues generate (`gradserve-server dev` starts one)"
-# The statuses a generate worker may answer with; anything else is INTERNAL.
-_REPLY_CODES = {
-    "NOT_FOUND": grpc.StatusCode.NOT_FOUND,
-    "FAILED_PRECONDITION": grpc.StatusCode.FAILED_PRECONDITION,
-    "INTERNAL": grpc.StatusCode.INTERNAL,
-}
 
 
-class _Invalid(Exception):
-    def __init__(self, violations: list[tuple[str, str]]):
-        self.violations = violations
+# Stream ids are two unsigned 64-bit integers, milliseconds and a sequence number.
+_CURSOR_PART_MAX = 2**64 - 1
 
 
-class _QuotaExceeded(Exception):
-    pass
-
-
-def _bad_request_trailer(violations: list[tuple[str, str]]) -> tuple[str, tuple]:
-    bad = error_details_pb2.BadRequest(
-        field_violations=[error_details_pb2.BadRequest.FieldViolation(field=f, description=d) for f, d in violations]
-    )
-    detail = any_pb2.Any()
-    detail.Pack(bad)
-    message = "; ".join(f"{f} {d}" for f, d in violations)
-    status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=message, details=[detail])
-    return message, (("grpc-status-details-bin", status.SerializeToString()),)
-
-
-async def _abort_for(context: grpc.aio.ServicerContext, exc: Exception) -> None:
-    """Turn a known failure into the status code that describes it; anything else propagates."""
-    if isinstance(exc, _Invalid):
-        message, trailer = _bad_request_trailer(exc.violations)
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message, trailing_metadata=trailer)
-    if isinstance(exc, store.NotFound):
-        await context.abort(grpc.StatusCode.NOT_FOUND, f"{exc.args[0]} not found")
-    if isinstance(exc, _QuotaExceeded):
-        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-    if isinstance(exc, store.Refused):
-        await context.abort(
-            grpc.StatusCode.FAILED_PRECONDITION, f"{exc}: only QUEUED or RUNNING jobs can be cancelled"
-        )
-    if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
-        log.warning("redis unreachable: %s", exc)
-        await context.abort(grpc.StatusCode.UNAVAILABLE, "the job store (Redis) is unreachable; retry shortly")
-
-
-_EXPECTED = (_Invalid, _QuotaExceeded, store.NotFound, store.Refused, redis.ConnectionError, redis.TimeoutError)
-
-
-def _rpc(method):
-    """Map the store's and the validator's exceptions to status codes, for unary and streaming methods alike."""
-    if inspect.isasyncgenfunction(method):
-
-        @functools.wraps(method)
-        async def stream(self, request, context):
-            try:
-                async for item in method(self, request, context):
-                    yield item
-            except _EXPECTED as e:
-                await _abort_for(context, e)
-
-        return stream
-
-    @functools.wraps(method)
-    async def unary(self, request, context):
-        try:
-            return await method(self, request, context)
-        except _EXPECTED as e:
-            await _abort_for(context, e)
-
-    return unary
+def _parse_cursor(cursor: str) -> tuple[int, int]:
+    """A cursor as (milliseconds, sequence), refusing anything that is not a Redis stream id."""
+    if _CURSOR.fullmatch(cursor):
+        parts = tuple(int(p) for p in cursor.split("-"))
+        if max(parts) <= _CURSOR_PART_MAX:
+            return parts
+    raise errors.Invalid([("cursor", f"must be a cursor from an earlier event (like 1700000000000-0: two whole numbers "
+                               f"up to {_CURSOR_PART_MAX}), got {cursor[:80]!r}")])
 
 
 def _require_id(value: str, field: str, prefix: str) -> None:
     if not value:
-        raise _Invalid([(field, f"is required: a {prefix}... id")])
+        raise errors.Invalid([(field, f"is required: a {prefix}... id")])
     if not value.startswith(prefix) or len(value) > 200:
-        raise _Invalid([(field, f"must be a {prefix}... id, got {value[:80]!r}")])
+        raise errors.Invalid([(field, f"must be a {prefix}... id, got {value[:80]!r}")])
+
+
+# How to start a worker for each queue, as the hint in a waiting job's record says it.
+WORKER_HINTS = {
+    "cpu": "gradserve-worker --redis-url URL --queues cpu",
+    "gpu": "gradserve-worker --redis-url URL --queues gpu, on a machine with a CUDA GPU",
+}
+
+
+def waiting_reason(queue: str, workers: list[jobs_pb2.Worker]) -> str:
+    """Why a job QUEUED on `queue` is not running, given the live workers; "" when a worker is free for it."""
+    serving = [w for w in workers if queue in w.queues]
+    hint = WORKER_HINTS.get(queue, f"gradserve-worker --redis-url URL --queues {queue}")
+    if not serving:
+        return (f"no live worker serves the {queue} queue, so the job waits until one does; start one: {hint}"
+                + ("" if queue == "cpu" else ", or submit with --device cpu"))
+    if all(w.job_id for w in serving):
+        busy = f"all {len(serving)} workers of the {queue} queue are" if len(serving) > 1 else (
+            f"the one worker of the {queue} queue is")
+        return f"{busy} busy; the job starts when one is free, or add one: {hint}"
+    return ""
 
 
 class JobService(jobs_pb2_grpc.JobServiceServicer):
@@ -141,19 +105,23 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
     at submission; 0 means no cap.
     """
 
-    def __init__(self, redis_url: str, *, max_dataset_bytes: int = DEFAULT_MAX_DATASET_BYTES,
-                 quota_queued: int = 0, quota_running: int = 0):
+    def __init__(self, redis_url: str, *, shared: Shared = Shared(), max_dataset_bytes: int = DEFAULT_MAX_DATASET_BYTES,
+                 quota_queued: int = 0, quota_running: int = 0, max_uploads: int = DEFAULT_MAX_UPLOADS):
         self.store = store.JobStore.from_url(redis_url)
-        self.aredis = aioredis.Redis.from_url(redis_url)
-        self.celery = make_celery(redis_url)
+        self.astore = store.AsyncJobStore.from_url(redis_url)
+        self.celery = make_celery(redis_url, shared.visibility_timeout_s)
         self.max_dataset_bytes = max_dataset_bytes
         self.quota_queued, self.quota_running = quota_queued, quota_running
+        if max_uploads < 1:
+            raise ValueError(f"max_uploads must be at least 1, got {max_uploads}")
+        self.max_uploads = max_uploads
+        self._upload_slots = asyncio.Semaphore(max_uploads)
         self._builtin_lock = asyncio.Lock()
         self._shutting_down = False
 
     async def close(self) -> None:
-        await self.aredis.aclose()
-        self.store.r.close()
+        await self.astore.close()
+        self.store.close()
 
     def end_streams(self) -> None:
         """The server is going away: every open StreamEvents ends within a second with a SERVER_SHUTTING_DOWN notice."""
@@ -177,7 +145,7 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
         who = f"tenant {tenant!r}" if tenant else "this server"
         for name, count, limit in (("queued", queued, self.quota_queued), ("running", running, self.quota_running)):
             if limit and count >= limit:
-                raise _QuotaExceeded(
+                raise errors.Exhausted(
                     f"quota exceeded: {who} has {count} {name} jobs and the {name}-jobs quota is {limit}; "
                     "wait for some to finish, or cancel some (`gradserve list`, `gradserve cancel`)"
                 )
@@ -193,10 +161,43 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
             info = await self._store_dataset(data, name)
             return await self._call(self.store.set_builtin_dataset_id, name, info.id)
 
-    async def _store_dataset(self, data: bytes, name: str, tenant: str = "") -> jobs_pb2.Dataset:
-        decoded = data.decode("utf-8")
-        stats = await asyncio.to_thread(text.text_stats, decoded)
-        return await self._call(self.store.put_dataset, data, name, len(decoded), stats, tenant)
+    async def _store_dataset(self, data: bytes | memoryview, name: str, tenant: str = "",
+                             stats: dict[str, int] | None = None) -> jobs_pb2.Dataset:
+        """Store UTF-8 `data`, with its `text.text_stats` (computed here unless given)."""
+        if stats is None:
+            stats = await asyncio.to_thread(text.text_stats, data.decode("utf-8"))
+        return await self._call(self.store.put_dataset, data, name, stats["tokens:char:none"], stats, tenant)
+
+    async def _take_upload_slot(self, context) -> None:
+        """Wait (briefly) until fewer than max_uploads uploads are being received; else refuse as busy."""
+        slots = self._upload_slots
+        if not slots.locked():
+            await slots.acquire()
+            return
+        wait_s = UPLOAD_WAIT_S
+        remaining = context.time_remaining()
+        if remaining is not None:
+            wait_s = min(wait_s, remaining - _DEADLINE_MARGIN_S)
+        try:
+            if wait_s <= 0:
+                raise TimeoutError
+            await asyncio.wait_for(slots.acquire(), wait_s)
+        except TimeoutError:
+            raise errors.Exhausted(
+                f"server busy: {self.max_uploads} uploads already in progress (--max-uploads {self.max_uploads}); "
+                "retry shortly"
+            ) from None
+
+    @staticmethod
+    def _count_text(stats: text.TextStats, decoder, chunk: bytes, offset: int, final: bool = False) -> None:
+        """Decode the next `chunk` of an upload (its bytes from `offset` on) and add it to `stats`."""
+        held = len(decoder.getstate()[0])  # the end of the previous chunk, when it cut a character
+        try:
+            stats.add(decoder.decode(chunk, final))
+        except UnicodeDecodeError as e:
+            # e.object is the held bytes and then this chunk: offsets count over the whole upload.
+            raise errors.Invalid([("chunk", f"must be UTF-8 text; byte {e.object[e.start]:#04x} at offset "
+                                      f"{offset - held + e.start} is not")]) from e
 
     async def _text_tokens(self, spec: jobs_pb2.JobSpec, context) -> tuple[int, int]:
         """(tokens, distinct tokens) of the spec's text, refusing text too short for one minibatch."""
@@ -213,13 +214,12 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
                 self.store.dataset_tokens, dataset_id, spec.tokenization, spec.preprocess
             )
         except store.NotFound:
-            await context.abort(
-                grpc.StatusCode.NOT_FOUND,
-                f"dataset {spec.dataset} not found; upload it first (Client.upload_text or `gradserve upload`)",
-            )
+            raise errors.NotFound(
+                f"dataset {spec.dataset} not found; upload it first (Client.upload_text or `gradserve upload`)"
+            ) from None
         problems = specs.text_violations(spec, tokens)
         if problems:
-            raise _Invalid([(f"spec.{f}", d) for f, d in problems])
+            raise errors.Invalid([(f"spec.{f}", d) for f, d in problems])
         return tokens, vocab_size
 
     @staticmethod
@@ -240,16 +240,26 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
         hint = "use truncation fixed, or a shorter text" if spec.truncation == "full" else (
             "lower hidden_size, batch_size or num_steps"
         )
-        raise _Invalid(
+        raise errors.Invalid(
             [
                 (
                     field,
-                    f"needs an estimated {estimate / mib:,.0f} MiB (weights, gradients, optimizer state and "
-                    f"activations over a {window}-step backward window), over the {queue} workers' budget of "
-                    f"{budget / mib:,.0f} MiB; {hint}",
+                    f"needs an estimated {estimate / mib:,.0f} MiB (the training process itself, weights, gradients, "
+                    f"optimizer state and activations over a {window}-step backward window), over the {queue} "
+                    f"workers' budget of {budget / mib:,.0f} MiB; {hint}",
                 )
             ]
         )
+
+    async def _explain_waits(self, jobs: list[jobs_pb2.Job], workers: list[jobs_pb2.Worker] | None = None) -> None:
+        """Say in each QUEUED job's `waiting` why it is not running yet; reads the workers only when one is queued."""
+        queued = [j for j in jobs if j.state == jobs_pb2.QUEUED]
+        if not queued:
+            return
+        if workers is None:
+            workers = await self._call(self.store.workers)
+        for job in queued:
+            job.waiting = waiting_reason(job.queue, workers)
 
     @staticmethod
     def _queue_for(device: str, workers: list[jobs_pb2.Worker]) -> str:
@@ -261,12 +271,12 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
 
     # --------------------------------------------------------------- RPCs
 
-    @_rpc
+    @errors.rpc
     async def SubmitJob(self, request, context):
         spec = specs.complete(request.spec)
         problems = specs.violations(spec)
         if problems:
-            raise _Invalid([(f"spec.{f}", d) for f, d in problems])
+            raise errors.Invalid([(f"spec.{f}", d) for f, d in problems])
         if spec.dataset in specs.SYNTHETIC_TASKS:
             vocab_size, steps_per_sequence = specs.SYNTHETIC_VOCAB[spec.dataset], specs.sequence_length(spec)
         else:
@@ -281,14 +291,17 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
         job = await self._call(self.store.create_job, job_id, spec, queue, auth.current_tenant.get())
         await self._call(dispatch, self.celery, self.store, job_id, job.attempt, queue)
         log.info("job %s queued on %s: %s %s", job_id, queue, spec.model, spec.dataset)
+        await self._explain_waits([job], workers)
         return job
 
-    @_rpc
+    @errors.rpc
     async def GetJob(self, request, context):
         _require_id(request.job_id, "job_id", "job-")
-        return await self._owned_job(request.job_id)
+        job = await self._owned_job(request.job_id)
+        await self._explain_waits([job])
+        return job
 
-    @_rpc
+    @errors.rpc
     async def ListJobs(self, request, context):
         problems = []
         if request.limit > LIST_LIMIT_MAX:
@@ -296,26 +309,39 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
         if request.state not in jobs_pb2.JobState.values():
             problems.append(("state", f"must be a JobState, got {request.state}"))
         if problems:
-            raise _Invalid(problems)
+            raise errors.Invalid(problems)
         jobs = await self._call(
             self.store.list_jobs, request.limit or LIST_LIMIT_DEFAULT, request.state, auth.current_tenant.get()
         )
+        await self._explain_waits(jobs)
         return jobs_pb2.ListJobsResponse(jobs=jobs)
 
-    @_rpc
+    @errors.rpc
     async def CancelJob(self, request, context):
         _require_id(request.job_id, "job_id", "job-")
         await self._owned_job(request.job_id)
-        return await self._call(self.store.request_cancel, request.job_id)
+        try:
+            return await self._call(self.store.request_cancel, request.job_id)
+        except store.Refused as e:
+            raise errors.Precondition(f"{e}: only QUEUED or RUNNING jobs can be cancelled") from None
 
-    @_rpc
+    @errors.rpc
     async def StreamEvents(self, request, context):
         _require_id(request.job_id, "job_id", "job-")
-        if request.cursor and not _CURSOR.fullmatch(request.cursor):
-            raise _Invalid([("cursor", f"must be a cursor from an earlier event (like 1700000000000-0), got {request.cursor[:80]!r}")])
+        after = _parse_cursor(request.cursor) if request.cursor else (0, 0)
         job = await self._owned_job(request.job_id)
-        key = store.events_key(request.job_id)
         last = request.cursor or "0-0"
+        # A cursor past the newest event came from no event of this job, or
+        # from events a Redis restarted from its AOF lost. For a job that has
+        # ended, or a cursor from the future, nothing will ever come after it:
+        # waiting would last until the deadline, or for ever. (A running job's
+        # new events do pass a lost tail's cursor, so that watcher may follow.)
+        newest = await self._call(self.store.last_cursor, request.job_id)
+        if after > _parse_cursor(newest) and (
+                job.state in store.TERMINAL or after[0] > await self._call(self.store.now_ms)):
+            raise errors.Invalid([("cursor", f"is past the last event of job {request.job_id}: got {request.cursor}, and "
+                                       f"its last event's cursor is {newest}; resume from the cursor of an event "
+                                       "you received, or give none to replay the whole history")])
         # Every move to a terminal state appends its status event in the same
         # script, and that event ends the loop below. So only a job still
         # active when the stream opens can have more to wait for; for one that
@@ -333,100 +359,126 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
                 return
             # XREAD after an explicit id returns what is already there at once,
             # so one loop both replays the history and follows the live tail.
-            replies = await self.aredis.xread({key: last}, count=500, block=_XREAD_BLOCK_MS if follow else None)
-            if not replies:
-                if not follow:
-                    return
-                continue
-            for entry_id, fields in replies[0][1]:
-                event = store.decode_event(entry_id, fields)
+            events = await self.astore.read_events(request.job_id, last, count=500,
+                                                   block_s=_FOLLOW_POLL_S if follow else None)
+            if not events and not follow:
+                return
+            for event in events:
                 yield event
                 last = event.cursor
                 if store.is_terminal(event):
                     return
 
-    @_rpc
+    @errors.rpc
     async def UploadDataset(self, request_iterator, context):
-        name, parts, size = "", [], 0
+        # A slot first, before reading a byte: until then gRPC's flow control keeps the upload in the client.
+        await self._take_upload_slot(context)
+        try:
+            return await self._receive_dataset(request_iterator)
+        finally:
+            self._upload_slots.release()
+
+    async def _receive_dataset(self, request_iterator) -> jobs_pb2.Dataset:
+        """Receive, check and store one upload, holding its bytes once and little else.
+
+        The chunks are written one after the other into an anonymous memory map as large as the
+        biggest dataset allowed: only the pages written become resident, and closing it gives them
+        straight back to the system, whatever the allocator holds on to. The store takes a view of
+        it (any bytes-like value does), so the text is never copied whole. Each chunk is decoded and
+        counted (text.TextStats) as it arrives, so neither the decoded text nor its words are ever
+        held whole either.
+        """
+        buffer = mmap.mmap(-1, max(self.max_dataset_bytes, 1))
+        try:
+            return await self._receive_into(buffer, request_iterator)
+        finally:
+            try:
+                buffer.close()
+            except BufferError:  # a view outlived the call (an exception's traceback): the GC unmaps it
+                pass
+
+    async def _receive_into(self, buffer: mmap.mmap, request_iterator) -> jobs_pb2.Dataset:
+        name, size = "", 0
+        stats, decoder = text.TextStats(), codecs.getincrementaldecoder("utf-8")()
         first = True
         async for request in request_iterator:
             part = request.WhichOneof("part")
             if first:
                 if part != "info":
-                    raise _Invalid([("info", "must come first: send DatasetInfo before any chunk")])
+                    raise errors.Invalid([("info", "must come first: send DatasetInfo before any chunk")])
                 name = request.info.name
                 if len(name) > 200:
-                    raise _Invalid([("info.name", f"must be at most 200 characters, got {len(name)}")])
+                    raise errors.Invalid([("info.name", f"must be at most 200 characters, got {len(name)}")])
                 first = False
                 continue
             if part != "chunk":
-                raise _Invalid([("chunk", "expected a chunk; DatasetInfo may only come first")])
-            size += len(request.chunk)
+                raise errors.Invalid([("chunk", "expected a chunk; DatasetInfo may only come first")])
+            chunk = request.chunk
+            del request  # the message holds the chunk's bytes too
+            size += len(chunk)
             if size > self.max_dataset_bytes:
-                raise _Invalid(
+                raise errors.Invalid(
                     [("chunk", f"dataset exceeds this server's limit of {self.max_dataset_bytes} bytes; split it or ask for a larger --max-dataset-mb")]
                 )
-            parts.append(request.chunk)
-        data = b"".join(parts)
-        if not data:
-            raise _Invalid([("chunk", "the dataset is empty: send at least one chunk of UTF-8 text")])
-        try:
-            return await self._store_dataset(data, name, auth.current_tenant.get())
-        except UnicodeDecodeError as e:
-            raise _Invalid([("chunk", f"must be UTF-8 text; byte {data[e.start]:#04x} at offset {e.start} is not")]) from e
+            buffer.write(chunk)
+            await asyncio.to_thread(self._count_text, stats, decoder, chunk, size - len(chunk))
+            del chunk
+        if not size:
+            raise errors.Invalid([("chunk", "the dataset is empty: send at least one chunk of UTF-8 text")])
+        await asyncio.to_thread(self._count_text, stats, decoder, b"", size, True)
+        with memoryview(buffer)[:size] as data:
+            return await self._store_dataset(data, name, auth.current_tenant.get(),
+                                             await asyncio.to_thread(stats.result))
 
-    @_rpc
+    @errors.rpc
     async def DownloadCheckpoint(self, request, context):
         _require_id(request.job_id, "job_id", "job-")
         await self._owned_job(request.job_id)
         try:
             step, data = await self._call(self.store.get_checkpoint, request.job_id)
         except store.NotFound:
-            await context.abort(
-                grpc.StatusCode.NOT_FOUND,
-                f"job {request.job_id} has no checkpoint yet; one is written every checkpoint_every steps and at the end",
-            )
+            raise errors.NotFound(
+                f"job {request.job_id} has no checkpoint yet; one is written every checkpoint_every steps and at the end"
+            ) from None
         for start in range(0, len(data), CHUNK_BYTES):
             yield jobs_pb2.CheckpointChunk(data=data[start : start + CHUNK_BYTES], step=step, total_bytes=len(data))
 
-    @_rpc
+    @errors.rpc
     async def ListWorkers(self, request, context):
         return jobs_pb2.ListWorkersResponse(workers=await self._call(self.store.workers))
 
-    @_rpc
+    @errors.rpc
     async def Generate(self, request, context):
         # The model runs on a generate worker, never here: this server has no
         # torch. The task carries a request id, and the worker pushes its reply
         # to a Redis list of that id, which this call waits on.
         _require_id(request.job_id, "job_id", "job-")
         problems = []
-        if len(request.prefix) > MAX_PREFIX_CHARS:
-            problems.append(("prefix", f"must be at most {MAX_PREFIX_CHARS} characters, got {len(request.prefix)}"))
-        if not 1 <= request.num_tokens <= MAX_GENERATE_TOKENS:
-            problems.append(("num_tokens", f"must be in [1, {MAX_GENERATE_TOKENS}], got {request.num_tokens}"))
-        if not (math.isfinite(request.temperature) and 0 <= request.temperature <= MAX_TEMPERATURE):
-            problems.append(("temperature", f"must be a finite number in [0, {MAX_TEMPERATURE:g}] (0 picks the "
+        if len(request.prefix) > specs.MAX_PREFIX_CHARS:
+            problems.append(("prefix", f"must be at most {specs.MAX_PREFIX_CHARS} characters, got {len(request.prefix)}"))
+        if not 1 <= request.num_tokens <= specs.MAX_GENERATE_TOKENS:
+            problems.append(("num_tokens", f"must be in [1, {specs.MAX_GENERATE_TOKENS}], got {request.num_tokens}"))
+        if not (math.isfinite(request.temperature) and 0 <= request.temperature <= specs.MAX_TEMPERATURE):
+            problems.append(("temperature", f"must be a finite number in [0, {specs.MAX_TEMPERATURE:g}] (0 picks the "
                                             f"likeliest token), got {request.temperature}"))
         if problems:
-            raise _Invalid(problems)
+            raise errors.Invalid(problems)
         job = await self._owned_job(request.job_id)
         if job.spec.dataset in specs.SYNTHETIC_TASKS:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                f"job {job.id} trains on {job.spec.dataset}, a synthetic task with no text to generate")
+            raise errors.Precondition(f"job {job.id} trains on {job.spec.dataset}, a synthetic task with no text to "
+                                      "generate")
         if not job.checkpoint_step:
-            await context.abort(
-                grpc.StatusCode.NOT_FOUND,
+            raise errors.NotFound(
                 f"job {job.id} has no checkpoint yet; one is written every {job.spec.checkpoint_every} steps and "
-                "at the end: try again after that",
+                "at the end: try again after that"
             )
         workers = await self._call(self.store.workers)
         if not any(GENERATE_QUEUE in w.queues for w in workers):
-            await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                f"no worker serves the {GENERATE_QUEUE} queue; start one: {GENERATE_WORKER_HINT}")
+            raise errors.Unavailable(f"no worker serves the {GENERATE_QUEUE} queue; start one: {GENERATE_WORKER_HINT}")
         wait_s = GENERATE_WAIT_S
         remaining = context.time_remaining()
         if remaining is not None:
-            wait_s = max(_BLPOP_MIN_S, min(wait_s, remaining - _DEADLINE_MARGIN_S))
+            wait_s = max(_GENERATE_MIN_WAIT_S, min(wait_s, remaining - _DEADLINE_MARGIN_S))
         request_id = secrets.token_hex(16)
         task = dict(request_id=request_id, job_id=job.id, prefix=request.prefix, num_tokens=request.num_tokens,
                     temperature=request.temperature, seed=request.seed)
@@ -434,27 +486,17 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
         give_up_at = time.monotonic() + wait_s
         await self._call(self.celery.send_task, GENERATE_TASK, kwargs=task, queue=GENERATE_QUEUE, expires=wait_s)
         # Sending can take a while (a first connection to the broker); the caller's deadline still holds.
-        reply = await self._wait_for_reply(request_id, give_up_at - time.monotonic())
+        reply = await self.astore.wait_reply(request_id, give_up_at - time.monotonic())
         if reply is None:
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE,
+            raise errors.Unavailable(
                 f"no generate worker answered within {wait_s:.0f} s: they may all be busy or stuck; check "
-                f"`gradserve workers` for one on the {GENERATE_QUEUE} queue, or start another: {GENERATE_WORKER_HINT}",
+                f"`gradserve workers` for one on the {GENERATE_QUEUE} queue, or start another: {GENERATE_WORKER_HINT}"
             )
         if "error" in reply:
             error = reply["error"]
-            await context.abort(_REPLY_CODES.get(error["code"], grpc.StatusCode.INTERNAL), error["message"])
+            # A worker's answer names its status; one this server does not know is its bug, so INTERNAL.
+            raise errors.BY_CODE_NAME.get(error["code"], errors.ServiceError)(error["message"])
         return jobs_pb2.GenerateResponse(text=reply["text"], step=reply["step"])
-
-    async def _wait_for_reply(self, request_id: str, wait_s: float) -> dict | None:
-        """The generate worker's reply to `request_id`, or None when none came within `wait_s`."""
-        key = store.reply_key(request_id)
-        deadline = time.monotonic() + wait_s
-        while (left := deadline - time.monotonic()) > 0:
-            popped = await self.aredis.blpop([key], timeout=max(_BLPOP_MIN_S, min(_BLPOP_MAX_S, left)))
-            if popped:
-                return json.loads(popped[1])
-        return None
 
 
 def create_server(redis_url: str, listen: str, *, tokens: dict[bytes, str] | None = None,
@@ -472,16 +514,30 @@ def create_server(redis_url: str, listen: str, *, tokens: dict[bytes, str] | Non
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            # gRPC turns SO_REUSEPORT on by default, so a second server on a
+            # taken port would start and silently split the calls with the first.
+            ("grpc.so_reuseport", 0),
         ],
     )
     service = JobService(redis_url, **service_options)
     jobs_pb2_grpc.add_JobServiceServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_secure_port(listen, credentials) if credentials else server.add_insecure_port(listen)
+    try:
+        port = server.add_secure_port(listen, credentials) if credentials else server.add_insecure_port(listen)
+    except RuntimeError:
+        port = 0
     if port == 0:
-        raise OSError(f"cannot listen on {listen}: the address is in use or not local")
+        raise ListenError(listen)
     return server, port, service, health_servicer
+
+
+class ListenError(OSError):
+    """The address to serve on cannot be bound: most often another server holds the port."""
+
+    def __init__(self, listen: str):
+        super().__init__(f"cannot listen on {listen}: the port is in use (another gradserve-server?) or the "
+                         "address is not this machine's; pick another with --listen HOST:PORT (port 0 picks a free one)")
 
 
 def tls_credentials(cert_file: str, key_file: str, client_ca_file: str | None = None) -> grpc.ServerCredentials:

@@ -27,19 +27,24 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import logging
 import secrets
 import time
 from dataclasses import dataclass
 
 import redis
+import redis.asyncio as aioredis
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from gradserve.v1 import jobs_pb2
 
+log = logging.getLogger("gradserve.store")
+
 PREFIX = "gradserve:"
 TERMINAL = frozenset({jobs_pb2.SUCCEEDED, jobs_pb2.FAILED, jobs_pb2.CANCELLED})
 WORKER_TTL_S = 15
+# How often a worker renews its advertisement: three beats to a TTL, so one lost beat loses nothing.
+HEARTBEAT_S = WORKER_TTL_S / 3
 
 
 def job_key(job_id: str) -> str:
@@ -78,6 +83,15 @@ def builtin_key(name: str) -> str:
     return f"{PREFIX}builtin:{name}"
 
 
+def reply_key(request_id: str) -> str:
+    return f"{PREFIX}reply:{request_id}"
+
+
+# How long a generate reply waits to be read: long enough for a server still
+# waiting for it; short enough that replies nobody reads (the caller gave up)
+# do not pile up.
+REPLY_TTL_S = 60
+
 LEASES_KEY = f"{PREFIX}leases"
 DISPATCH_KEY = f"{PREFIX}dispatch"
 
@@ -85,16 +99,6 @@ DISPATCH_KEY = f"{PREFIX}dispatch"
 # after it was queued is sent again by a server's reaper. The one that queued
 # it sends it at once, so this only matters when that process died in between.
 DISPATCH_RETRY_S = 30
-# The lease a running attempt holds its job under (GRADSERVE_LEASE_TTL_S). The
-# worker renews it every third of it; the reaper presumes a worker dead when
-# renewals stop for this long, and after a Redis outage waits this long before
-# reaping, so both sides must read the same setting.
-DEFAULT_LEASE_TTL_S = 10.0
-
-
-def lease_ttl_s() -> float:
-    """The lease the workers hold their jobs under, as configured for this deployment."""
-    return float(os.environ.get("GRADSERVE_LEASE_TTL_S", DEFAULT_LEASE_TTL_S))
 
 
 def timestamp(seconds: float) -> Timestamp:
@@ -281,6 +285,24 @@ def _text(value: bytes | str | None) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def wait_for_redis(url: str, timeout: float, *, alive=lambda: True) -> None:
+    """Return once the Redis at `url` answers PING; raise the last redis.RedisError after `timeout`
+    seconds, or as soon as `alive()` says the server being waited for has died."""
+    client = redis.Redis.from_url(url, socket_connect_timeout=0.5)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                client.ping()
+                return
+            except redis.RedisError:
+                if not alive() or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+    finally:
+        client.close()
+
+
 def new_job_id() -> str:
     return "job-" + secrets.token_hex(10)
 
@@ -301,9 +323,20 @@ class JobStore:
         self._dispatched = client.register_script(_DISPATCHED)
 
     @classmethod
-    def from_url(cls, url: str) -> "JobStore":
+    def from_url(cls, url: str, **options) -> "JobStore":
         # redis-py 8 sets a 5 s socket timeout by default; nothing here blocks that long.
-        return cls(redis.Redis.from_url(url, health_check_interval=30))
+        return cls(redis.Redis.from_url(url, **{"health_check_interval": 30, **options}))
+
+    def close(self) -> None:
+        self.r.close()
+
+    def ping(self) -> None:
+        """Raise redis.RedisError unless Redis answers."""
+        self.r.ping()
+
+    def run_id(self) -> str:
+        """The running Redis process's id: it changes when Redis restarts."""
+        return self.r.info("server")["run_id"]
 
     # ---------------------------------------------------------------- jobs
 
@@ -624,6 +657,11 @@ class JobStore:
         )
         return self._fenced_result(lease, result)
 
+    def last_cursor(self, job_id: str) -> str:
+        """The cursor of the job's newest event ("0-0" when it has none)."""
+        newest = self.r.xrevrange(events_key(job_id), count=1)
+        return _text(newest[0][0]) if newest else "0-0"
+
     def events_after(self, job_id: str, cursor: str = "", count: int = 1000) -> list[jobs_pb2.Event]:
         """Events strictly after `cursor` (all of them when it is empty), oldest first."""
         start = f"({cursor}" if cursor else "-"
@@ -707,6 +745,21 @@ class JobStore:
             raise NotFound(job_id)
         return int(step), data
 
+    def checkpoint_step(self, job_id: str) -> int:
+        """The step of the job's latest checkpoint (0: none), read without its bytes."""
+        step = self.r.hget(checkpoint_key(job_id), "step")
+        return int(step) if step is not None else 0
+
+    # ------------------------------------------------------------- replies
+
+    def put_reply(self, request_id: str, reply: dict) -> None:
+        """Hand a generate worker's reply to the server that waits for it (AsyncJobStore.wait_reply)."""
+        key = reply_key(request_id)
+        with self.r.pipeline(transaction=True) as p:
+            p.lpush(key, json.dumps(reply))
+            p.expire(key, REPLY_TTL_S)
+            p.execute()
+
     # ------------------------------------------------------------- workers
 
     def heartbeat(self, name: str, advert: dict) -> None:
@@ -716,39 +769,66 @@ class JobStore:
             p.execute()
 
     def set_worker_job(self, name: str, job_id: str) -> None:
-        if job_id:
-            self.r.hset(worker_key(name), "job_id", job_id)
-        else:
-            self.r.hdel(worker_key(name), "job_id")
+        """Record the job a worker runs now ("" for none) in its advertisement.
+
+        The write renews the entry's expiry too: a worker that dies mid-job
+        must not leave an entry behind that never expires.
+        """
+        with self.r.pipeline(transaction=True) as p:
+            if job_id:
+                p.hset(worker_key(name), "job_id", job_id)
+            else:
+                p.hdel(worker_key(name), "job_id")
+            p.expire(worker_key(name), WORKER_TTL_S)
+            p.execute()
 
     def remove_worker(self, name: str) -> None:
         self.r.delete(worker_key(name))
 
     def workers(self) -> list[jobs_pb2.Worker]:
+        """The advertised workers. An entry that is not a whole advertisement is skipped, and logged once.
+
+        Such an entry can only come from outside this version's workers (an
+        older release, a hand-made key); it must never fail the calls that
+        read the list, such as every SubmitJob.
+        """
         keys = sorted(self.r.scan_iter(match=worker_key("*"), count=500))
         with self.r.pipeline(transaction=False) as p:
             for k in keys:
                 p.hgetall(k)
             raws = p.execute()
         out = []
-        for raw in raws:
+        for key, raw in zip(keys, raws):
             if not raw:
                 continue
-            g = {k.decode(): v.decode() for k, v in raw.items()}
-            out.append(
-                jobs_pb2.Worker(
-                    name=g["name"],
-                    queues=g.get("queues", "").split(","),
-                    device=g.get("device", ""),
-                    hostname=g.get("hostname", ""),
-                    pid=int(g.get("pid", 0)),
-                    started_at=timestamp(float(g.get("started", 0))),
-                    last_seen=timestamp(float(g["last_seen"])),
-                    job_id=g.get("job_id", ""),
-                    memory_budget_bytes=int(g.get("memory_budget", 0)),
-                )
-            )
+            try:
+                out.append(_worker_from_hash(raw))
+            except (KeyError, ValueError, UnicodeDecodeError) as e:
+                name = _text(key)
+                if name not in _malformed_workers_logged:
+                    _malformed_workers_logged.add(name)
+                    log.warning("skipping the malformed worker entry %s (%s: %s)", name, type(e).__name__, e)
         return out
+
+
+# Worker entries already reported as malformed, so that each costs one log line, not one per read.
+_malformed_workers_logged: set[str] = set()
+
+
+def _worker_from_hash(raw: dict) -> jobs_pb2.Worker:
+    g = {k.decode(): v.decode() for k, v in raw.items()}
+    return jobs_pb2.Worker(
+        name=g["name"],
+        queues=g.get("queues", "").split(","),
+        device=g.get("device", ""),
+        hostname=g.get("hostname", ""),
+        pid=int(g.get("pid", 0)),
+        started_at=timestamp(float(g.get("started", 0))),
+        last_seen=timestamp(float(g["last_seen"])),
+        job_id=g.get("job_id", ""),
+        memory_budget_bytes=int(g.get("memory_budget", 0)),
+        heartbeat_interval_s=float(g.get("heartbeat_interval_s", HEARTBEAT_S)),
+    )
 
 
 def _job_from_hash(job_id: str, raw: dict) -> jobs_pb2.Job:
@@ -771,27 +851,44 @@ def _job_from_hash(job_id: str, raw: dict) -> jobs_pb2.Job:
     return job
 
 
-# ------------------------------------------------------------ generate replies
+# ------------------------------------------------------------------ the async face
 
-# Long enough for a server still waiting to read it; short enough that replies
-# nobody reads (the caller gave up) do not pile up.
-REPLY_TTL_S = 60
-
-
-def reply_key(request_id: str) -> str:
-    return f"{PREFIX}reply:{request_id}"
+# A blocking read must return well inside redis-py's 5 s socket timeout, and
+# never ask for less than Redis's millisecond resolution (0 would block forever).
+_BLOCK_MAX_S, _BLOCK_MIN_S = 1.0, 0.05
 
 
-def put_reply(client: redis.Redis, request_id: str, reply: dict) -> None:
-    """Hand a generate worker's reply to the server that waits for it with BLPOP."""
-    key = reply_key(request_id)
-    with client.pipeline(transaction=True) as p:
-        p.lpush(key, json.dumps(reply))
-        p.expire(key, REPLY_TTL_S)
-        p.execute()
+class AsyncJobStore:
+    """The reads the server's event loop waits on (event streams, generate replies), without a thread each.
 
+    Everything else goes through JobStore from a thread; both know the same layout.
+    """
 
-def checkpoint_step(client: redis.Redis, job_id: str) -> int:
-    """The step of the job's latest checkpoint (0: none), read without its bytes."""
-    step = client.hget(checkpoint_key(job_id), "step")
-    return int(step) if step is not None else 0
+    def __init__(self, client: aioredis.Redis):
+        self.r = client
+
+    @classmethod
+    def from_url(cls, url: str) -> "AsyncJobStore":
+        return cls(aioredis.Redis.from_url(url))
+
+    async def close(self) -> None:
+        await self.r.aclose()
+
+    async def read_events(self, job_id: str, after: str, *, count: int, block_s: float | None) -> list[jobs_pb2.Event]:
+        """Up to `count` events after cursor `after` ("0-0": from the start), oldest first.
+
+        With `block_s`, waits up to that long (at most a second) for one to come when there is none yet.
+        """
+        block = None if block_s is None else int(1000 * max(_BLOCK_MIN_S, min(_BLOCK_MAX_S, block_s)))
+        replies = await self.r.xread({events_key(job_id): after}, count=count, block=block)
+        return [decode_event(i, f) for i, f in replies[0][1]] if replies else []
+
+    async def wait_reply(self, request_id: str, wait_s: float) -> dict | None:
+        """The reply a generate worker pushed for `request_id`, or None when none came within `wait_s`."""
+        key = reply_key(request_id)
+        deadline = time.monotonic() + wait_s
+        while (left := deadline - time.monotonic()) > 0:
+            popped = await self.r.blpop([key], timeout=max(_BLOCK_MIN_S, min(_BLOCK_MAX_S, left)))
+            if popped:
+                return json.loads(popped[1])
+        return None

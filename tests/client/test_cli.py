@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import re
 
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -16,7 +17,7 @@ from rich.console import Console
 
 from gradserve import cli
 from gradserve import spec as specs
-from gradserve.errors import InvalidArgument, NotFound, Unavailable
+from gradserve.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from gradserve.v1 import jobs_pb2
 
 JOB_ID = "job-0123456789abcdef0123"
@@ -83,6 +84,10 @@ class FakeJob:
     def id(self) -> str:
         return self.info.id
 
+    @property
+    def state(self) -> str:
+        return jobs_pb2.JobState.Name(self.info.state)
+
     def events(self, cursor=None):
         self.cursor_asked = cursor
         for i, event in enumerate(self._events):
@@ -94,7 +99,10 @@ class FakeJob:
         return self.info
 
     def cancel(self):
-        return self.info
+        if self.state in ("SUCCEEDED", "FAILED"):
+            raise FailedPrecondition(f"job {self.id} is {self.state}: only QUEUED or RUNNING jobs can be cancelled")
+        self.cancelled = True
+        return self
 
     def download_checkpoint(self, path) -> int:
         with open(path, "wb") as f:
@@ -505,3 +513,122 @@ def test_a_synthetic_tasks_metrics_have_no_perplexity():
     line = cli.metrics_line(m, 10)
     assert "ppl" not in line and "nats" not in line and "loss 0.05" in line
     assert "skipped 2 non-finite steps" in line
+
+
+# ------------------------------------------------------ what a new user reads
+
+
+def test_a_bad_command_line_prints_one_error_line_and_where_to_read_more(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["submit", "--dataset", "builtin:pydocs", "--hidden-size", "0"], client_factory=FakeClient())
+    assert exit_info.value.code == cli.EXIT_USAGE
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].endswith("submit: error: argument --hidden-size: must be in [1, 4096], got 0")
+    assert err[1].startswith("see `") and err[1].endswith("submit --help`")
+    assert len(err) == 2, "no usage block before the error"
+
+
+def test_generate_refuses_too_many_tokens_itself_and_names_the_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["generate", JOB_ID, "--num-tokens", "20000"], client_factory=FakeClient())
+    assert exit_info.value.code == cli.EXIT_USAGE
+    assert f"argument --num-tokens: must be in [1, {specs.MAX_GENERATE_TOKENS}], got 20000" in capsys.readouterr().err
+
+
+def test_the_job_list_fits_80_columns_without_cutting_a_value():
+    buffer = io.StringIO()
+    narrow = Console(file=buffer, width=80)
+    jobs = [job_record(jobs_pb2.SUCCEEDED, id=f"job-{i:020d}", last_step=1500, worker="dev-0@a-long-host-name")
+            for i in range(3)]
+    cli.render_jobs(narrow, jobs, now=NOW)
+    lines = buffer.getvalue().splitlines()
+    assert all(len(line) <= 80 for line in lines), lines
+    for part in ("SUCCEEDED", "1500/1500", "job-00000000000000000002", "10m00s ago", "lstm"):
+        assert part in buffer.getvalue(), part
+
+
+def test_piped_output_has_no_trailing_padding(capsys):
+    for argv in (["status", JOB_ID], ["list"]):
+        code, out, _ = run(argv, FakeClient(), capsys)
+        assert code == 0
+        assert all(line == line.rstrip() for line in out.splitlines()), argv
+
+
+def test_a_queued_job_that_waits_says_why_in_status_list_watch_and_submit(capsys):
+    reason = "no live worker serves the gpu queue, so the job waits until one does; start one: gradserve-worker ..."
+    waiting = job_record(jobs_pb2.QUEUED, queue="gpu", waiting=reason, started_at=None, last_step=0)
+    code, out, _ = run(["status", JOB_ID], FakeClient(FakeJob(waiting)), capsys)
+    assert re.search(rf"^waiting +{re.escape(reason)}$", out, re.M)
+    code, out, _ = run(["list"], FakeClient(FakeJob(waiting)), capsys)
+    assert "QUEUED*" in out and f"* 1 QUEUED job waiting: {reason}" in out
+    code, _, err = run(["submit", "--dataset", "builtin:pydocs"], FakeClient(FakeJob(waiting)), capsys)
+    assert f"warning: {JOB_ID} is QUEUED and waiting: {reason}" in err
+    code, _, err = run(["watch", JOB_ID], FakeClient(FakeJob(waiting, history())), capsys)
+    assert f"warning: {JOB_ID} is QUEUED and waiting" in err
+
+
+def test_the_final_line_gives_the_step_the_job_ended_at():
+    out, buffer = console()
+    job = FakeJob(job_record(jobs_pb2.FAILED, last_step=0),
+                  [status_event(jobs_pb2.FAILED, "1-0", reason="loss became nan at step 3", step=3)])
+    cli.follow(out, console()[0], job, "", json_mode=False, server="h:1")
+    assert f"job {JOB_ID} FAILED at step 3/1500" in buffer.getvalue()
+
+
+@pytest.mark.parametrize("state", [jobs_pb2.SUCCEEDED, jobs_pb2.FAILED, jobs_pb2.CANCELLED])
+def test_cancelling_a_job_that_has_ended_exits_0_and_says_so(state, capsys):
+    code, out, _ = run(["cancel", JOB_ID], FakeClient(FakeJob(job_record(state, reason="r"))), capsys)
+    assert code == 0
+    name = jobs_pb2.JobState.Name(state)
+    assert (f"had already ended {name}; nothing to cancel" if name != "CANCELLED" else f"{JOB_ID} CANCELLED") in out
+
+
+class _LostStream(FakeJob):
+    def events(self, cursor=None):
+        yield metrics_event(100, "7-0")
+        error = Unavailable(f"lost the event stream of {JOB_ID}")
+        error.cursor = "7-0"
+        raise error
+
+
+def test_a_lost_watch_offers_the_cli_command_to_resume(capsys):
+    code, _, err = run(["watch", JOB_ID], FakeClient(_LostStream(job_record())), capsys)
+    assert code == 1
+    assert f"gradserve watch {JOB_ID} --cursor 7-0" in err
+    assert "events(" not in err
+
+
+def test_an_overdue_worker_is_marked():
+    out, buffer = console()
+    fresh = jobs_pb2.Worker(name="w-1@h", queues=["cpu"], last_seen=ts(NOW - 3), heartbeat_interval_s=5)
+    silent = jobs_pb2.Worker(name="w-2@h", queues=["cpu"], last_seen=ts(NOW - 12.5), heartbeat_interval_s=5)
+    cli.render_workers(out, [fresh, silent], now=NOW)
+    lines = buffer.getvalue().splitlines()
+    assert "3.0s ago" in lines[1] and "overdue" not in lines[1]
+    assert "12.5s ago (overdue: likely dead)" in lines[2]
+
+
+def test_an_upload_of_a_file_that_is_not_utf8_names_the_file_and_the_offset(tmp_path, capsys):
+    bad = tmp_path / "book.txt"
+    bad.write_bytes("é".encode() * 700_000 + b"\xff tail")
+    # The real client: it refuses the file before it connects to anything.
+    code, _, err = run(["upload", str(bad), "--server", "127.0.0.1:9"], cli.Client, capsys)
+    assert code == 1
+    assert f"{bad}: must be UTF-8 text; byte 0xff at offset 1400000 is not" in err
+
+
+def test_hints_name_a_command_that_runs_as_printed(tmp_path, monkeypatch):
+    from gradserve import cmdline
+
+    bin_dir = tmp_path / "venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    for name in ("gradserve", "gradserve-server"):
+        (bin_dir / name).write_text("#!/bin/sh\n")
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setattr("sys.argv", [str(bin_dir / "gradserve"), "watch"])
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.chdir(tmp_path)
+    assert cmdline.command("gradserve download") == "venv/bin/gradserve download"
+    assert cmdline.command("gradserve-server dev") == "venv/bin/gradserve-server dev"
+    monkeypatch.setenv("PATH", str(bin_dir))
+    assert cmdline.command("gradserve download") == "gradserve download"

@@ -34,6 +34,19 @@ def test_derived_defaults_follow_the_fields_they_depend_on():
     assert complete(num_steps=20, tbptt_k1=5).tbptt_k2 == 10
 
 
+def test_defaults_never_make_a_spec_invalid():
+    # The window's whole range is allowed: tbptt's derived k2 (2 x k1) must not step outside its own range.
+    for truncation in ("fixed", "full", "randomized", "tbptt"):
+        for num_steps in (1, 5000, 5001, 6000, 10_000):
+            full = complete(truncation=truncation, num_steps=num_steps)
+            assert spec.violations(full) == [], (truncation, num_steps)
+    assert complete(truncation="tbptt", num_steps=6000).tbptt_k2 == 10_000
+
+
+def test_tbptt_fields_only_bind_under_tbptt():
+    assert spec.violations(complete(truncation="fixed", tbptt_k1=10, tbptt_k2=5)) == []
+
+
 def test_cross_field_rules():
     assert ("num_layers", "must be 1 for model rnn_scratch, got 2") in spec.violations(
         complete(model="rnn_scratch", num_layers=2)

@@ -37,13 +37,13 @@ def corpus_id(stack, timemachine) -> str:
 def trained(stack, corpus_id) -> gradserve.Job:
     with stack.client() as c:
         job = c.submit(dataset=corpus_id, max_steps=60, log_every=30, checkpoint_every=60, **SMALL)
-        assert job.wait(timeout=120).state == jobs_pb2.SUCCEEDED, stack.logs()
+        assert job.wait(timeout=120).state == "SUCCEEDED", stack.logs()
         yield job
 
 
 def test_greedy_generation_continues_the_prefix_and_repeats_itself(trained):
-    first = trained.generate(prefix=PREFIX, num_chars=50, temperature=0.0)
-    second = trained.generate(prefix=PREFIX, num_chars=50, temperature=0.0)
+    first = trained.generate(prefix=PREFIX, num_tokens=50, temperature=0.0)
+    second = trained.generate(prefix=PREFIX, num_tokens=50, temperature=0.0)
 
     assert first.text == second.text
     assert first.text.startswith(PREFIX)
@@ -54,7 +54,7 @@ def test_greedy_generation_continues_the_prefix_and_repeats_itself(trained):
 
 def test_sampling_is_reproducible_by_seed(trained):
     def sample(seed: int) -> str:
-        return trained.generate(prefix=PREFIX, num_chars=60, temperature=1.0, seed=seed).text
+        return trained.generate(prefix=PREFIX, num_tokens=60, temperature=1.0, seed=seed).text
 
     assert sample(1) == sample(1)
     # 60 draws from a barely trained model: three seeds agreeing would be astronomically unlikely.
@@ -62,16 +62,16 @@ def test_sampling_is_reproducible_by_seed(trained):
 
 
 def test_an_empty_or_unknown_prefix_still_generates(trained):
-    assert len(trained.generate(prefix="", num_chars=20).text) == 20
+    assert len(trained.generate(prefix="", num_tokens=20).text) == 20
     # "É" is not in a d2l vocabulary (preprocessing makes it a space); digits neither.
-    assert trained.generate(prefix="1895 É", num_chars=10).text.startswith("1895 É")
+    assert trained.generate(prefix="1895 É", num_tokens=10).text.startswith("1895 É")
 
 
 def test_word_jobs_generate_words(client, corpus_id):
     job = client.submit(dataset=corpus_id, tokenization="word", max_steps=5, log_every=5, **SMALL)
-    assert job.wait(timeout=120).state == jobs_pb2.SUCCEEDED
+    assert job.wait(timeout=120).state == "SUCCEEDED"
 
-    words = job.generate(prefix="the time xyzzy", num_chars=7).text.split()
+    words = job.generate(prefix="the time xyzzy", num_tokens=7).text.split()
 
     assert words[:3] == ["the", "time", "xyzzy"]
     assert len(words) == 3 + 7
@@ -83,7 +83,7 @@ def test_a_running_job_serves_its_latest_checkpoint(client, corpus_id):
         for event in job.events():
             if event.WhichOneof("kind") == "checkpoint":
                 break
-        reply = job.generate(prefix=PREFIX, num_chars=10)
+        reply = job.generate(prefix=PREFIX, num_tokens=10)
         assert reply.step >= 20 and reply.step % 20 == 0
         # The history so far (what `gradserve plot` reads) ends without waiting for the job to end.
         history = list(job.events(follow=False))
@@ -116,9 +116,9 @@ def test_an_unknown_job_is_not_found(client):
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
-        (dict(num_chars=0), "num_tokens"),
-        (dict(num_chars=10_001), "num_tokens"),
-        (dict(num_chars=-1), "num_tokens"),  # refused by the client: uint32 cannot hold it
+        (dict(num_tokens=0), "num_tokens"),
+        (dict(num_tokens=10_001), "num_tokens"),
+        (dict(num_tokens=-1), "num_tokens"),  # refused by the client: uint32 cannot hold it
         (dict(temperature=-0.5), "temperature"),
         (dict(temperature=float("nan")), "temperature"),
         (dict(temperature=101.0), "temperature"),
@@ -133,7 +133,7 @@ def test_invalid_requests_name_the_field(trained, kwargs, field):
 
 def test_every_invalid_field_is_reported_at_once(trained):
     with pytest.raises(gradserve.InvalidArgument) as caught:
-        trained.generate(prefix="x" * 10_001, num_chars=0, temperature=float("inf"))
+        trained.generate(prefix="x" * 10_001, num_tokens=0, temperature=float("inf"))
     assert [f for f, _ in caught.value.violations] == ["prefix", "num_tokens", "temperature"]
 
 
@@ -152,7 +152,7 @@ def test_the_generate_command_prints_the_text_alone_and_the_step_on_stderr(stack
     done = cli(stack, "generate", trained.id, "--prefix", PREFIX, "--num-tokens", "30")
 
     assert done.returncode == 0, done.stderr
-    assert done.stdout == trained.generate(prefix=PREFIX, num_chars=30).text + "\n"
+    assert done.stdout == trained.generate(prefix=PREFIX, num_tokens=30).text + "\n"
     assert "step 60" in done.stderr
 
 
@@ -161,16 +161,24 @@ def test_the_generate_command_with_json_and_a_seed(stack, trained):
                "--seed", "7", "--json")
 
     reply = json.loads(done.stdout)
-    assert reply["text"] == trained.generate(prefix=PREFIX, num_chars=30, temperature=0.8, seed=7).text
+    assert reply["text"] == trained.generate(prefix=PREFIX, num_tokens=30, temperature=0.8, seed=7).text
     assert int(reply["step"]) == 60 and reply["job_id"] == trained.id
 
 
 def test_the_generate_command_reports_a_refused_request_and_exits_1(stack, trained):
-    done = cli(stack, "generate", trained.id, "--num-tokens", "20000")
+    done = cli(stack, "generate", trained.id, "--prefix", "x" * 10_001)
 
     assert done.returncode == 1
-    assert "num_tokens" in done.stderr and "must be in [1, 10000]" in done.stderr
+    assert "prefix" in done.stderr and "must be at most 10000 characters" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_the_generate_command_checks_its_own_ranges_before_calling(stack, trained):
+    for flag, value, allowed in (("--num-tokens", "20000", "must be in [1, 10000], got 20000"),
+                                 ("--temperature", "200", "must be in [0, 100], got 200")):
+        done = cli(stack, "generate", trained.id, flag, value)
+        assert done.returncode == 2
+        assert f"argument {flag}: {allowed}" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_the_plot_command_draws_a_real_run(stack, trained, tmp_path):

@@ -57,9 +57,9 @@ def test_submit_stream_and_download(client, corpus_id, tmp_path):
     assert len(set(cursors)) == len(cursors)
 
     final = job.wait(timeout=10)
-    assert final.state == jobs_pb2.SUCCEEDED
+    assert final.state == "SUCCEEDED"
     assert final.last_step == 60 and final.checkpoint_step == 60
-    assert final.worker and final.started_at.seconds and final.finished_at.seconds
+    assert final.worker and final.info.started_at.seconds and final.info.finished_at.seconds
 
     path = tmp_path / "model.pt"
     assert job.download_checkpoint(path) == 60
@@ -92,10 +92,10 @@ def test_cancel_a_running_job_stops_it_and_keeps_its_checkpoint(client, corpus_i
         if event.WhichOneof("kind") == "metrics":
             break
     requested = time.monotonic()
-    assert job.cancel().state == jobs_pb2.RUNNING  # a running job stops at its next step
+    assert job.cancel().state == "RUNNING"  # a running job stops at its next step
     final = job.wait(timeout=30)
     assert time.monotonic() - requested < 5
-    assert final.state == jobs_pb2.CANCELLED
+    assert final.state == "CANCELLED"
     assert "cancelled" in final.reason
     assert states(job.events())[-1] == "CANCELLED"
     assert job.download_checkpoint(tmp_path / "c.pt") == final.last_step > 0
@@ -105,12 +105,12 @@ def test_cancel_a_queued_job_at_once_and_it_never_starts(client, corpus_id):
     busy = client.submit(dataset=corpus_id, max_steps=1_000_000, log_every=50, **SMALL)
     wait_for_state(busy, "RUNNING")
     queued = client.submit(dataset=corpus_id, max_steps=10, **SMALL)
-    assert queued.cancel().state == jobs_pb2.CANCELLED
+    assert queued.cancel().state == "CANCELLED"
     busy.cancel()
     busy.wait(timeout=30)
     # Give the worker time to take the cancelled job from the queue and drop it.
     follow_up = client.submit(dataset=corpus_id, max_steps=5, log_every=5, **SMALL)
-    assert follow_up.wait(timeout=60).state == jobs_pb2.SUCCEEDED
+    assert follow_up.wait(timeout=60).state == "SUCCEEDED"
     assert states(queued.events()) == ["QUEUED", "CANCELLED"]
     assert queued.status() == "CANCELLED"
 
@@ -130,10 +130,12 @@ def test_a_diverging_job_fails_with_the_step_and_a_hint(client, corpus_id):
         clip_norm=0.0, max_steps=500, log_every=10, batch_size=16, num_steps=20,
     )
     final = job.wait(timeout=60)
-    assert final.state == jobs_pb2.FAILED
+    assert final.state == "FAILED"
     assert "became nan at step 2" in final.reason and "lower lr" in final.reason
     last = list(job.events())[-1]
     assert gradserve.state_name(last.status.state) == "FAILED" and last.status.reason == final.reason
+    # The end names the step its reason names, though no metrics event reported that step.
+    assert last.status.step == 2 and final.last_step == 0
 
 
 def test_workers_are_listed_with_their_queue(client):
@@ -155,4 +157,4 @@ def test_jobs_are_listed_newest_first_and_filtered_by_state(client, corpus_id):
 
 def test_builtin_corpus_trains_without_an_upload(client):
     job = client.submit(dataset="builtin:pydocs", max_steps=10, log_every=10, **SMALL)
-    assert job.wait(timeout=120).state == jobs_pb2.SUCCEEDED
+    assert job.wait(timeout=120).state == "SUCCEEDED"

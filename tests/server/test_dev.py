@@ -37,7 +37,7 @@ def test_dev_runs_a_command_against_the_stack_then_leaves_nothing_behind():
     script = (
         "import gradserve; c = gradserve.Client(); "
         "j = c.submit(dataset='builtin:pydocs', model='rnn', hidden_size=16, max_steps=5, log_every=5); "
-        "print('final', j.wait(timeout=120).state == 3, len(c.workers()))"
+        "print('final', j.wait(timeout=120).state == 'SUCCEEDED', len(c.workers()))"
     )
     done = subprocess.run(
         [str(BIN / "gradserve-server"), "dev", "--workers", "2", "--listen", "127.0.0.1:0",

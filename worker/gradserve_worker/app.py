@@ -9,17 +9,38 @@ from __future__ import annotations
 
 import signal
 import threading
+from dataclasses import dataclass
 
 import redis
 from celery import Celery
 from celery.exceptions import Reject
 
 from gradserve_server.queue import GENERATE_TASK, TRAIN_TASK, dispatch, make_celery
+from gradserve_server.settings import Shared
 from gradserve_server.store import JobStore
 
+# How long a job's writes keep retrying while Redis is unreachable (restarting,
+# say) before the attempt gives up and leaves the job to the reaper.
+DEFAULT_REDIS_RETRY_S = 60.0
 
-def create_app(redis_url: str, threads: int) -> Celery:
-    app = make_celery(redis_url)
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What the tasks need to know of their worker, as its entry point read and checked it."""
+
+    redis_url: str
+    # The name the worker advertises, which jobs record as their worker.
+    name: str
+    # torch threads per job.
+    threads: int
+    shared: Shared
+    # How long a job's writes retry while Redis is unreachable.
+    redis_retry_s: float = DEFAULT_REDIS_RETRY_S
+
+
+def create_app(settings: WorkerSettings) -> Celery:
+    redis_url, threads = settings.redis_url, settings.threads
+    app = make_celery(redis_url, settings.shared.visibility_timeout_s)
 
     @app.task(name=TRAIN_TASK, bind=True)
     def train_job(self, job_id: str, attempt: int = 0) -> None:
@@ -38,14 +59,15 @@ def create_app(redis_url: str, threads: int) -> Celery:
         shutdown = threading.Event()
         previous = signal.signal(signal.SIGTERM, lambda *_: shutdown.set())
         try:
-            run_job(job_store, job_id, worker=self.request.hostname, attempt=attempt, shutdown=shutdown,
-                    requeue=lambda job, number, queue: dispatch(self.app, job_store, job, number, queue))
+            run_job(job_store, job_id, worker=settings.name, attempt=attempt, shutdown=shutdown,
+                    requeue=lambda job, number, queue: dispatch(self.app, job_store, job, number, queue),
+                    lease_ttl_s=settings.shared.lease_ttl_s, redis_retry_s=settings.redis_retry_s)
         except (redis.ConnectionError, redis.TimeoutError) as e:
             # Redis stayed away before the job could be claimed: keep the task for when it is back.
             raise Reject(e, requeue=True) from e
         finally:
             signal.signal(signal.SIGTERM, previous)
-            job_store.r.close()
+            job_store.close()
 
     generator = None
 

@@ -99,7 +99,7 @@ class ModelCache:
 
     def latest(self, job_store: store.JobStore, job_id: str) -> tuple[int, Checkpoint]:
         """(step, checkpoint) of the job's latest checkpoint. Raises store.NotFound, or ValueError when unreadable."""
-        key = (job_id, store.checkpoint_step(job_store.r, job_id))
+        key = (job_id, job_store.checkpoint_step(job_id))
         if key in self._entries:
             self._entries.move_to_end(key)
             return key[1], self._entries[key]
@@ -140,7 +140,7 @@ class Generator:
 
     def serve(self, request_id: str, **request) -> None:
         """Answer one request and push the reply where the server waits for it."""
-        store.put_reply(self.store.r, request_id, self.answer(**request))
+        self.store.put_reply(request_id, self.answer(**request))
 
 
 def _error(code: str, message: str) -> dict:

@@ -22,7 +22,6 @@ loaded). It serves that queue alone, so a request never waits behind training.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import os
@@ -35,11 +34,12 @@ import time
 
 from celery import signals
 
+from gradserve.cmdline import Parser, add_version
 from gradserve_server.queue import GENERATE_QUEUE, QUEUES
-from gradserve_server.store import WORKER_TTL_S, JobStore
-from gradserve_worker.app import create_app
+from gradserve_server.store import HEARTBEAT_S, JobStore
+from gradserve_server.settings import Shared
+from gradserve_worker.app import DEFAULT_REDIS_RETRY_S, WorkerSettings, create_app
 
-HEARTBEAT_S = WORKER_TTL_S / 3
 DEFAULT_SHUTDOWN_GRACE_S = 30.0
 log = logging.getLogger("gradserve.worker")
 
@@ -144,7 +144,8 @@ def warm_up_torch() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="gradserve-worker", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="gradserve-worker", description=__doc__.split("\n\n")[0])
+    add_version(p, "gradserve-worker")
     p.add_argument("--redis-url", default=os.environ.get("GRADSERVE_REDIS_URL"),
                    help="Redis shared with the server (env GRADSERVE_REDIS_URL)")
     p.add_argument("--queues", default=os.environ.get("GRADSERVE_QUEUES", "cpu"),
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--memory-budget-mb", type=float, default=float(os.environ.get("GRADSERVE_MEMORY_BUDGET_MB", 0)),
                    help="memory one job may use here, in MiB; the server refuses jobs estimated above the smallest "
                    "budget of the workers on their queue (env GRADSERVE_MEMORY_BUDGET_MB; default: the GPU's memory, "
-                   f"or {CPU_MEMORY_SHARE:.0%} of this machine's)")
+                   f"or {CPU_MEMORY_SHARE * 100:.0f}%% of this machine's)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("GRADSERVE_THREADS", os.cpu_count() or 1)),
                    help="torch threads per job (env GRADSERVE_THREADS, default: all cores); with several "
                    "workers on one host, give each its share")
@@ -164,6 +165,11 @@ def main(argv: list[str] | None = None) -> None:
                    help="seconds a running job gets to checkpoint and hand itself back when the worker is asked to "
                    f"stop (SIGTERM), before it is killed (env GRADSERVE_SHUTDOWN_GRACE_S, default "
                    f"{DEFAULT_SHUTDOWN_GRACE_S:g})")
+    p.add_argument("--redis-retry", type=float,
+                   default=float(os.environ.get("GRADSERVE_REDIS_RETRY_S", DEFAULT_REDIS_RETRY_S)),
+                   help="seconds a running job's writes keep retrying while Redis is unreachable, before its "
+                   f"attempt gives up and the reaper queues it again (env GRADSERVE_REDIS_RETRY_S, default "
+                   f"{DEFAULT_REDIS_RETRY_S:g})")
     p.add_argument("--log-level", default=os.environ.get("GRADSERVE_LOG_LEVEL", "INFO"))
     args = p.parse_args(argv)
     if not args.redis_url:
@@ -172,6 +178,12 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--shutdown-grace must be above 0, got {args.shutdown_grace}")
     if args.threads < 1:
         p.error(f"--threads must be at least 1, got {args.threads}")
+    if not args.redis_retry > 0:
+        p.error(f"--redis-retry must be above 0, got {args.redis_retry}")
+    try:
+        shared = Shared.from_env(os.environ)
+    except ValueError as e:
+        p.error(str(e))
     queues = [q.strip() for q in args.queues.split(",") if q.strip()]
     unknown = sorted(set(queues) - {*QUEUES, GENERATE_QUEUE})
     if not queues or unknown:
@@ -196,13 +208,16 @@ def main(argv: list[str] | None = None) -> None:
         args.redis_url,
         name,
         {"name": name, "queues": ",".join(queues), "device": device, "hostname": socket.gethostname(),
-         "pid": os.getpid(), "started": time.time(), "threads": args.threads, "memory_budget": budget},
+         "pid": os.getpid(), "started": time.time(), "threads": args.threads, "memory_budget": budget,
+         "heartbeat_interval_s": HEARTBEAT_S},
     )
     signals.worker_ready.connect(heartbeat.start, weak=False)
     signals.worker_shutdown.connect(heartbeat.stop, weak=False)
     signals.worker_shutting_down.connect(ShutdownForwarder(args.shutdown_grace), weak=False)
 
-    app = create_app(args.redis_url, args.threads)
+    # Jobs and the heartbeat name the worker alike, whatever form the name
+    # takes: Celery turns a name without "@" into "celery@NAME" for its node.
+    app = create_app(WorkerSettings(args.redis_url, name, args.threads, shared, args.redis_retry))
     # Training: one job at a time, each in a fresh child process. Generation:
     # one request at a time in this process, which keeps its models loaded.
     pool = ["--pool", "solo"] if generates else ["--pool", "prefork", "--max-tasks-per-child", "1"]

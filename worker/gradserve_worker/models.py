@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gradserve_worker.errors import CannotTrain
+
 Between = Callable[[int, tuple[torch.Tensor, ...]], tuple[torch.Tensor, ...]]
 
 # -----------------------------------------------------------------------------
@@ -291,11 +293,11 @@ def build_model(model: str, vocab_size: int, hidden_size: int, num_layers: int, 
     extra = {"dropout": dropout, "embedding_size": embedding_size, "features": features, "output_size": output_size}
     if model == "rnn_scratch":
         if num_layers != 1:
-            raise ValueError(f"num_layers must be 1 for model rnn_scratch, got {num_layers}")
+            raise CannotTrain(f"num_layers must be 1 for model rnn_scratch, got {num_layers}")
         return RNNScratch(vocab_size, hidden_size, nonlinearity, **extra)
     if model in LAYERS:
         return TorchRNN(model, vocab_size, hidden_size, num_layers, nonlinearity, **extra)
-    raise ValueError(f"unknown model {model!r}; expected rnn_scratch, rnn, gru or lstm")
+    raise CannotTrain(f"unknown model {model!r}; expected rnn_scratch, rnn, gru or lstm")
 
 
 def recurrent_matrices(model: nn.Module) -> list[tuple[str, str, torch.Tensor]]:

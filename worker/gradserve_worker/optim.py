@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from gradserve_worker.errors import CannotTrain
+
 
 def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
     """sgd and adam add weight_decay × w to the gradient (an L2 penalty); adamw decays the weights directly."""
@@ -20,7 +22,7 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0) -> t
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}; expected sgd, adam or adamw")
+    raise CannotTrain(f"unknown optimizer {name!r}; expected sgd, adam or adamw")
 
 
 def scheduled_lr(config, step: int) -> float:

@@ -14,8 +14,8 @@ fail the job.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -24,7 +24,9 @@ import redis
 
 from gradserve.spec import SYNTHETIC_TASKS
 from gradserve.v1 import jobs_pb2
-from gradserve_server.store import Fenced, JobStore, Lease, NotFound, Refused, lease_ttl_s
+from gradserve_server.store import Fenced, JobStore, Lease, NotFound, Refused
+from gradserve_worker import hooks
+from gradserve_worker.errors import CannotTrain
 from gradserve_worker.events import to_event
 from gradserve_worker.trainer import CheckpointReady, StepMetrics, TrainConfig, TrainingDiverged, train
 
@@ -33,29 +35,17 @@ log = logging.getLogger("gradserve.worker")
 # How often a running job asks Redis whether it was cancelled: often enough
 # that a cancel lands within about a second, rarely enough to cost nothing.
 CANCEL_POLL_S = 0.5
-# How long writes keep retrying while Redis is unreachable (restarting, say)
-# before the attempt gives up and leaves the job to the reaper.
-DEFAULT_REDIS_RETRY_S = 60.0
-# Fault injection for the reliability tests, never set in production: the
-# child process dies (os._exit, as if killed) at the first metrics report at
-# or after this step, in every attempt that gets that far.
-CRASH_AT_STEP_ENV = "GRADSERVE_TEST_CRASH_AT_STEP"
-
 _UNREACHABLE = (redis.ConnectionError, redis.TimeoutError)
 
 
-def redis_retry_s() -> float:
-    return float(os.environ.get("GRADSERVE_REDIS_RETRY_S", DEFAULT_REDIS_RETRY_S))
-
-
-def _retrying(call, *args, **kwargs):
-    """call(*args, **kwargs), tried again while Redis is unreachable, for up to redis_retry_s().
+def _retrying(retry_s: float, call, *args, **kwargs):
+    """call(*args, **kwargs), tried again while Redis is unreachable, for up to `retry_s` seconds.
 
     The store's writes are idempotent (a step already in the stream is
     skipped; a finish finds its own work done), so a write whose reply was
     lost can be sent again.
     """
-    deadline = time.monotonic() + redis_retry_s()
+    deadline = time.monotonic() + retry_s
     delay = 0.2
     while True:
         try:
@@ -121,7 +111,8 @@ class LeaseKeeper:
 
 def run_job(job_store: JobStore, job_id: str, worker: str, *, attempt: int = 0,
             shutdown: threading.Event | None = None,
-            requeue: Callable[[str, int, str], None] | None = None) -> None:
+            requeue: Callable[[str, int, str], None] | None = None,
+            lease_ttl_s: float, redis_retry_s: float) -> None:
     """Run `attempt` of `job_id` (0: the current one) until the job ends, is handed back, or is lost.
 
     A delivery for a job that is not QUEUED at that attempt is dropped: a
@@ -129,21 +120,23 @@ def run_job(job_store: JobStore, job_id: str, worker: str, *, attempt: int = 0,
     `shutdown`, once set, makes the attempt checkpoint and hand the job back;
     `requeue(job_id, attempt, queue)` then sends the next attempt's task (if
     it fails, or is not given, a server's reaper sends it from the outbox).
+    `lease_ttl_s` must be the servers' too (settings.Shared); writes retry
+    through a Redis outage for up to `redis_retry_s`.
     """
-    ttl = lease_ttl_s()
+    retrying = functools.partial(_retrying, redis_retry_s)
     try:
-        lease = _retrying(job_store.claim, job_id, attempt, worker, ttl)
+        lease = retrying(job_store.claim, job_id, attempt, worker, lease_ttl_s)
     except (NotFound, Refused, Fenced) as e:
         log.info("dropping this delivery of %s: %s", job_id, e)
         return
     if lease.attempt > 1:
         log.info("job %s: attempt %d, resuming from step %d", job_id, lease.attempt, lease.checkpoint_step)
-    keeper = LeaseKeeper(job_store, lease, ttl).start()
+    keeper = LeaseKeeper(job_store, lease, lease_ttl_s).start()
     with contextlib.suppress(redis.RedisError):
         job_store.set_worker_job(worker, job_id)
     fenced = False
     try:
-        _run_attempt(job_store, lease, keeper, shutdown or threading.Event(), requeue)
+        _run_attempt(job_store, lease, keeper, shutdown or threading.Event(), requeue, retrying)
     except Fenced as e:
         log.warning("stopping: %s", e)
         fenced = True
@@ -174,9 +167,8 @@ def _requeue_if_unclaimed(job_store: JobStore, lease: Lease, requeue: Callable[[
 
 
 def _run_attempt(job_store: JobStore, lease: Lease, keeper: LeaseKeeper, shutdown: threading.Event,
-                 requeue: Callable[[str, int, str], None] | None) -> None:
+                 requeue: Callable[[str, int, str], None] | None, retrying: Callable) -> None:
     job_id = lease.job_id
-    crash_at = int(os.environ.get(CRASH_AT_STEP_ENV) or 0)
     cancel = _CancelPoll(job_store, job_id)
     last_step = lease.checkpoint_step
 
@@ -185,37 +177,38 @@ def _run_attempt(job_store: JobStore, lease: Lease, keeper: LeaseKeeper, shutdow
 
     def on_event(report) -> None:
         nonlocal last_step
-        if crash_at and isinstance(report, StepMetrics) and report.step >= crash_at:
-            log.error("%s=%d: dying at step %d", CRASH_AT_STEP_ENV, crash_at, report.step)
-            os._exit(70)
+        for hook in hooks.report_hooks:
+            hook(report)
         # The store skips what the stream already has, which is how a resumed
         # attempt recomputing steps up to where its predecessor died stays silent.
         if isinstance(report, CheckpointReady):
-            _retrying(job_store.put_checkpoint, lease, report.step, report.data)
+            retrying(job_store.put_checkpoint, lease, report.step, report.data)
             return
         if isinstance(report, StepMetrics):
             last_step = report.step
-        _retrying(job_store.append_event, lease, to_event(report))
+        retrying(job_store.append_event, lease, to_event(report))
 
-    def end(state: int, reason: str = "") -> None:
-        _retrying(job_store.finish, lease, state, reason=reason, step=last_step)
+    def end(state: int, reason: str = "", step: int | None = None) -> None:
+        retrying(job_store.finish, lease, state, reason=reason, step=last_step if step is None else step)
 
     try:
-        spec = _retrying(job_store.spec, job_id)
+        spec = retrying(job_store.spec, job_id)
         config = TrainConfig.from_spec(spec)
         if spec.dataset in SYNTHETIC_TASKS:
             text = ""  # the trainer generates these sequences from the seed
         else:
-            text = _retrying(job_store.dataset_text, _retrying(job_store.resolve_dataset, spec.dataset))
-        resume = _retrying(job_store.get_checkpoint, job_id)[1] if lease.checkpoint_step else None
+            text = retrying(job_store.dataset_text, retrying(job_store.resolve_dataset, spec.dataset))
+        resume = retrying(job_store.get_checkpoint, job_id)[1] if lease.checkpoint_step else None
         result = train(config, text, on_event, should_stop=should_stop, resume=resume)
     except (Fenced, *_UNREACHABLE):
         raise
     except TrainingDiverged as e:
-        end(jobs_pb2.FAILED, str(e))
-    except (ValueError, NotFound) as e:
-        # The trainer's ValueErrors are written for the user (too little data, no GPU, ...).
-        end(jobs_pb2.FAILED, str(e) if isinstance(e, ValueError) else f"dataset {e.args[0]} is gone from the store")
+        # The step it diverged at, which its reason names too; no metrics event may have reported it yet.
+        end(jobs_pb2.FAILED, str(e), step=e.step)
+    except CannotTrain as e:
+        end(jobs_pb2.FAILED, str(e))  # written for the job's owner: too little text, no GPU, ...
+    except NotFound as e:
+        end(jobs_pb2.FAILED, f"dataset {e.args[0]} is gone from the store")
     except Exception as e:
         log.exception("job %s crashed", job_id)
         end(jobs_pb2.FAILED, f"the worker hit an internal error: {type(e).__name__}: {e}")
@@ -227,14 +220,14 @@ def _run_attempt(job_store: JobStore, lease: Lease, keeper: LeaseKeeper, shutdow
         elif keeper.lost.is_set():
             log.warning("job %s: stopped at step %d without its lease", job_id, result.steps)
         else:
-            _hand_back(job_store, lease, result.steps, requeue, end)
+            _hand_back(job_store, lease, result.steps, requeue, end, retrying)
 
 
 def _hand_back(job_store: JobStore, lease: Lease, step: int, requeue: Callable[[str, int, str], None] | None,
-               end: Callable[..., None]) -> None:
+               end: Callable[..., None], retrying: Callable) -> None:
     """The worker is shutting down: queue the job again, to resume from the checkpoint just written at `step`."""
     reason = f"worker {lease.worker} is shutting down: handed back at step {step}, to resume from its checkpoint there"
-    after = _retrying(job_store.hand_back, lease, step, reason)
+    after = retrying(job_store.hand_back, lease, step, reason)
     if not after:
         end(jobs_pb2.CANCELLED, f"cancelled by request at step {step}")
         return

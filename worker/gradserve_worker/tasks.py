@@ -48,6 +48,7 @@ from gradserve.spec import FULL_MAX_STEPS, min_tokens
 
 from gradserve_worker.data import (build_corpus, epoch_windows, heldout_windows, seeded_generator, split_heldout,
                                    whole_rows)
+from gradserve_worker.errors import CannotTrain
 from gradserve_worker.truncation import Truncation, run_sequence, run_window
 
 HELDOUT_SEQUENCES = 512
@@ -146,15 +147,15 @@ def _check_text_size(config, n: int, n_train: int, n_val: int, plan: Truncation)
     if n_val:
         where += f", of which val_fraction {config.val_fraction:g} holds out the last {n_val}, leaving {n_train}"
     if config.val_fraction > 0 and n_val < T + 1:
-        raise ValueError(
+        raise CannotTrain(
             f"{where}; the held-out part needs at least num_steps + 1 = {T + 1} tokens; "
             f"use a longer text, a larger val_fraction or val_fraction=0"
         )
     if config.truncation == "full":
         if n_train < B + 1:
-            raise ValueError(f"{where}; full truncation needs at least batch_size + 1 = {B + 1} training tokens")
+            raise CannotTrain(f"{where}; full truncation needs at least batch_size + 1 = {B + 1} training tokens")
         if (n_train - 1) // B > FULL_MAX_STEPS:
-            raise ValueError(
+            raise CannotTrain(
                 f"{where}; full truncation backpropagates through each of the batch_size rows of the training "
                 f"text, here {(n_train - 1) // B} tokens long, and refuses rows over {FULL_MAX_STEPS}; use a larger "
                 f"batch_size, a shorter text, or another truncation"
@@ -167,7 +168,7 @@ def _check_text_size(config, n: int, n_train: int, n_val: int, plan: Truncation)
         what = f"batch_size × tbptt_{'k2' if random else 'k1'} = {B} × {window}"
     need = min_tokens(B, window)
     if n_train < need:
-        raise ValueError(
+        raise CannotTrain(
             f"{where}; {what} needs at least {need} for training; use a longer text or a smaller "
             f"batch_size or window"
         )

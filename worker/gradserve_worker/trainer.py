@@ -22,14 +22,17 @@ import io
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, make_dataclass
 from typing import NamedTuple
 
 import torch
-from gradserve.spec import BY_NAME, DEFAULT_LR, FIELDS, violations
+from google.protobuf.descriptor import FieldDescriptor
+from gradserve.spec import BY_NAME, FIELDS, resolved, violations
+from gradserve.v1 import jobs_pb2
 from torch import nn
 
 from gradserve_worker.diagnostics import SpectralNorms, count_nonfinite, gradient_profile
+from gradserve_worker.errors import CannotTrain
 from gradserve_worker.models import build_model
 from gradserve_worker.optim import make_optimizer, scheduled_lr
 from gradserve_worker.tasks import SYNTHETIC, make_stream, perplexity
@@ -38,50 +41,7 @@ from gradserve_worker.tasks import SYNTHETIC, make_stream, perplexity
 # configuration
 
 
-def _default(name: str):
-    # Every default lives in gradserve.spec, so the server, the CLI and the worker agree.
-    return BY_NAME[name].default
-
-
-@dataclass
-class TrainConfig:
-    """One job's settings: mirrors gradserve.v1.JobSpec field for field; defaults come from gradserve.spec."""
-
-    dataset: str = ""
-    tokenization: str = _default("tokenization")  # "char" | "word"
-    preprocess: str = _default("preprocess")  # "none" | "d2l"
-    model: str = _default("model")  # "rnn_scratch" | "rnn" | "gru" | "lstm"
-    hidden_size: int = _default("hidden_size")
-    num_layers: int = _default("num_layers")
-    batch_size: int = _default("batch_size")
-    num_steps: int = _default("num_steps")  # the truncation window T
-    partition: str = _default("partition")  # "sequential" | "random"
-    max_steps: int = _default("max_steps")
-    optimizer: str = _default("optimizer")  # "sgd" | "adam" | "adamw"
-    lr: float | None = _default("lr")  # None: gradserve.spec.DEFAULT_LR[optimizer]
-    clip_norm: float = _default("clip_norm")  # 0 turns clipping off
-    seed: int = _default("seed")
-    device: str = _default("device")  # "auto" | "cpu" | "cuda"
-    log_every: int = _default("log_every")
-    checkpoint_every: int = _default("checkpoint_every")
-    min_freq: int = _default("min_freq")
-    nonlinearity: str = _default("nonlinearity")  # "tanh" | "relu", for rnn and rnn_scratch
-    truncation: str = _default("truncation")  # "fixed" | "full" | "randomized" | "tbptt"
-    tbptt_k1: int | None = _default("tbptt_k1")  # None: num_steps
-    tbptt_k2: int | None = _default("tbptt_k2")  # None: 2 * tbptt_k1
-    truncation_keep: float = _default("truncation_keep")
-    dropout: float = _default("dropout")
-    embedding_size: int = _default("embedding_size")  # 0: one-hot input
-    val_fraction: float = _default("val_fraction")
-    eval_every: int = _default("eval_every")
-    weight_decay: float = _default("weight_decay")
-    schedule: str = _default("schedule")  # "constant" | "step" | "cosine"
-    lr_step_every: int = _default("lr_step_every")
-    lr_gamma: float = _default("lr_gamma")
-    probe_every: int = _default("probe_every")
-    seq_len: int = _default("seq_len")  # synthetic tasks only
-    on_nonfinite: str = _default("on_nonfinite")  # "fail" | "skip"
-
+class _ConfigMethods:
     @classmethod
     def from_spec(cls, spec) -> TrainConfig:
         """The config of a gradserve.v1.JobSpec; fields the spec leaves unset take their defaults."""
@@ -95,13 +55,37 @@ class TrainConfig:
 
     @property
     def effective_lr(self) -> float:
-        return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
+        return resolved(self, "lr")
 
     def validate(self) -> None:
         """Raise ValueError naming every field outside gradserve.spec's allowed values."""
         problems = [f"{name} {reason}" for name, reason in violations(self) if name != "dataset"]
         if problems:
-            raise ValueError("invalid training config: " + "; ".join(problems))
+            raise CannotTrain("invalid training config: " + "; ".join(problems))
+
+
+_PYTHON_TYPES = {FieldDescriptor.CPPTYPE_STRING: str, FieldDescriptor.CPPTYPE_DOUBLE: float,
+                 FieldDescriptor.CPPTYPE_FLOAT: float}
+
+
+def _attribute(f) -> tuple:
+    """A dataclass field for spec field `f`: its Python type (None allowed where the default is derived)."""
+    kind = _PYTHON_TYPES.get(jobs_pb2.JobSpec.DESCRIPTOR.fields_by_name[f.name].cpp_type, int)
+    return f.name, kind if f.default is not None else kind | None, field(default=f.default)
+
+
+# One job's settings: gradserve.v1.JobSpec field for field, in its order, each
+# defaulting as gradserve.spec's table says (None where the default derives
+# from other fields: gradserve.spec.resolved gives it). Built from that table,
+# so a field added to the proto and the table reaches the trainer by itself.
+TrainConfig = make_dataclass(
+    "TrainConfig",
+    [("dataset", str, field(default=""))]
+    + [_attribute(BY_NAME[d.name]) for d in jobs_pb2.JobSpec.DESCRIPTOR.fields if d.name != "dataset"],
+    bases=(_ConfigMethods,),
+)
+TrainConfig.__module__ = __name__
+TrainConfig.__doc__ = "One job's settings: mirrors gradserve.v1.JobSpec field for field; defaults come from gradserve.spec."
 
 
 # Settings that may differ between a checkpoint and the job resuming from it;
@@ -188,7 +172,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if has_cuda else "cpu")
     if name == "cuda" and not has_cuda:
-        raise ValueError("device 'cuda' was requested but this worker has no CUDA GPU; submit with device=auto or cpu")
+        raise CannotTrain("device 'cuda' was requested but this worker has no CUDA GPU; submit with device=auto or cpu")
     return torch.device(name)
 
 
@@ -405,9 +389,9 @@ def _read_checkpoint(data: bytes) -> dict:
         # weights_only: a checkpoint may come from a user, and this refuses to run pickled code.
         ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several kinds for bytes that are not a checkpoint
-        raise ValueError(f"not a readable checkpoint: {e}") from e
+        raise CannotTrain(f"not a readable checkpoint: {e}") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError("not a gradserve checkpoint (or one from an incompatible version)")
+        raise CannotTrain("not a gradserve checkpoint (or one from an incompatible version)")
     return ckpt
 
 
@@ -420,12 +404,12 @@ def _check_resumable(ckpt: dict, config: TrainConfig, vocab: list[str]) -> None:
     saved = _saved_config(ckpt)
     for name, value in asdict(config).items():
         if name not in RESUMABLE_CHANGES and saved.get(name) != value:
-            raise ValueError(
+            raise CannotTrain(
                 f"cannot resume: the checkpoint was trained with {name}={saved.get(name)!r} but this job has "
                 f"{name}={value!r}; only {', '.join(sorted(RESUMABLE_CHANGES))} may change on resume"
             )
     if ckpt["vocab"] != vocab:
-        raise ValueError("cannot resume: the checkpoint's vocabulary differs from this text's")
+        raise CannotTrain("cannot resume: the checkpoint's vocabulary differs from this text's")
 
 
 def _set_rng_state(rng: dict, device: torch.device) -> None:

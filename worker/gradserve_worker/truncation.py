@@ -46,8 +46,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from gradserve.spec import resolved
 
 from gradserve_worker.data import tbptt_bounds
+from gradserve_worker.errors import CannotTrain
 
 
 # -----------------------------------------------------------------------------
@@ -67,10 +69,9 @@ class Truncation:
         """The plan for a config; `sequence_length` for a synthetic task's sequences (None on text)."""
         T = config.num_steps
         if config.truncation == "tbptt":
-            k1 = config.tbptt_k1 or T
-            k2 = config.tbptt_k2 or 2 * k1
+            k1, k2 = resolved(config, "tbptt_k1"), resolved(config, "tbptt_k2")
             if k2 < k1:
-                raise ValueError(f"tbptt_k2 must be at least tbptt_k1 ({k1}), got {k2}")
+                raise CannotTrain(f"tbptt_k2 must be at least tbptt_k1 ({k1}), got {k2}")
             return cls(k1, k2)
         if config.truncation == "full":
             n = sequence_length or 0  # on text the rows' length is only known per epoch (data.whole_rows)

@@ -98,7 +98,7 @@ class JobSpec(_message.Message):
     def __init__(self, dataset: _Optional[str] = ..., tokenization: _Optional[str] = ..., preprocess: _Optional[str] = ..., model: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., batch_size: _Optional[int] = ..., num_steps: _Optional[int] = ..., partition: _Optional[str] = ..., max_steps: _Optional[int] = ..., optimizer: _Optional[str] = ..., lr: _Optional[float] = ..., clip_norm: _Optional[float] = ..., seed: _Optional[int] = ..., device: _Optional[str] = ..., log_every: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., min_freq: _Optional[int] = ..., nonlinearity: _Optional[str] = ..., truncation: _Optional[str] = ..., tbptt_k1: _Optional[int] = ..., tbptt_k2: _Optional[int] = ..., truncation_keep: _Optional[float] = ..., dropout: _Optional[float] = ..., embedding_size: _Optional[int] = ..., val_fraction: _Optional[float] = ..., eval_every: _Optional[int] = ..., weight_decay: _Optional[float] = ..., schedule: _Optional[str] = ..., lr_step_every: _Optional[int] = ..., lr_gamma: _Optional[float] = ..., probe_every: _Optional[int] = ..., seq_len: _Optional[int] = ..., on_nonfinite: _Optional[str] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "spec", "state", "created_at", "started_at", "finished_at", "reason", "worker", "last_step", "queue", "checkpoint_step", "attempt", "tenant")
+    __slots__ = ("id", "spec", "state", "created_at", "started_at", "finished_at", "reason", "worker", "last_step", "queue", "checkpoint_step", "attempt", "tenant", "waiting")
     ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +112,7 @@ class Job(_message.Message):
     CHECKPOINT_STEP_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FIELD_NUMBER: _ClassVar[int]
     id: str
     spec: JobSpec
     state: JobState
@@ -125,7 +126,8 @@ class Job(_message.Message):
     checkpoint_step: int
     attempt: int
     tenant: str
-    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reason: _Optional[str] = ..., worker: _Optional[str] = ..., last_step: _Optional[int] = ..., queue: _Optional[str] = ..., checkpoint_step: _Optional[int] = ..., attempt: _Optional[int] = ..., tenant: _Optional[str] = ...) -> None: ...
+    waiting: str
+    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reason: _Optional[str] = ..., worker: _Optional[str] = ..., last_step: _Optional[int] = ..., queue: _Optional[str] = ..., checkpoint_step: _Optional[int] = ..., attempt: _Optional[int] = ..., tenant: _Optional[str] = ..., waiting: _Optional[str] = ...) -> None: ...
 
 class SubmitJobRequest(_message.Message):
     __slots__ = ("spec",)
@@ -350,7 +352,7 @@ class ListWorkersRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Worker(_message.Message):
-    __slots__ = ("name", "queues", "device", "hostname", "pid", "started_at", "last_seen", "job_id", "memory_budget_bytes")
+    __slots__ = ("name", "queues", "device", "hostname", "pid", "started_at", "last_seen", "job_id", "memory_budget_bytes", "heartbeat_interval_s")
     NAME_FIELD_NUMBER: _ClassVar[int]
     QUEUES_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -360,6 +362,7 @@ class Worker(_message.Message):
     LAST_SEEN_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     name: str
     queues: _containers.RepeatedScalarFieldContainer[str]
     device: str
@@ -369,7 +372,8 @@ class Worker(_message.Message):
     last_seen: _timestamp_pb2.Timestamp
     job_id: str
     memory_budget_bytes: int
-    def __init__(self, name: _Optional[str] = ..., queues: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., hostname: _Optional[str] = ..., pid: _Optional[int] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., job_id: _Optional[str] = ..., memory_budget_bytes: _Optional[int] = ...) -> None: ...
+    heartbeat_interval_s: float
+    def __init__(self, name: _Optional[str] = ..., queues: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., hostname: _Optional[str] = ..., pid: _Optional[int] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., job_id: _Optional[str] = ..., memory_budget_bytes: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ...) -> None: ...
 
 class ListWorkersResponse(_message.Message):
     __slots__ = ("workers",)

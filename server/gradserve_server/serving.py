@@ -1,0 +1,74 @@
+"""Serving one gradserve-server process: the gRPC service and the reaper, from start to a graceful stop.
+
+`gradserve-server` (main) and `gradserve-server dev` (dev) both run `serve`,
+so it lives apart from either of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+import redis
+
+from gradserve_server import corpus, store
+from gradserve_server.reaper import DEFAULT_INTERVAL_S, DEFAULT_MAX_ATTEMPTS, Reaper
+from gradserve_server.service import create_server, mark_serving
+from gradserve_server.settings import Shared
+
+STOP_GRACE_S = 5.0
+# After a stop signal the server says NOT_SERVING but still answers for this
+# long, so that a balancer polling its health can move new calls elsewhere
+# before the port closes.
+DRAIN_S = 1.0
+REDIS_WAIT_S = 15.0
+
+log = logging.getLogger("gradserve.server")
+
+
+def wait_for_redis(url: str, timeout: float = REDIS_WAIT_S) -> None:
+    """Return once Redis answers PING; exit with a message saying what to check if it never does."""
+    try:
+        store.wait_for_redis(url, timeout)
+    except redis.RedisError as e:
+        sys.exit(f"gradserve-server: cannot reach Redis at {url} ({e}); check --redis-url and that Redis is running")
+
+
+async def serve(redis_url: str, listen: str, *, shared: Shared, max_dataset_bytes: int, on_ready=None,
+                max_attempts: int = DEFAULT_MAX_ATTEMPTS, reap_interval: float = DEFAULT_INTERVAL_S,
+                **server_options) -> None:
+    """Serve and reap until SIGINT or SIGTERM; then stop taking calls and finish the ones in flight.
+
+    `server_options` go to `create_server`: tokens, credentials, quotas.
+    """
+    server, port, service, health_servicer = create_server(redis_url, listen, shared=shared,
+                                                           max_dataset_bytes=max_dataset_bytes, **server_options)
+    await server.start()
+    await mark_serving(health_servicer, True)
+    reaper = Reaper(redis_url, shared=shared, max_attempts=max_attempts, interval=reap_interval)
+    reaping = asyncio.create_task(reaper.run())
+    host = listen.rsplit(":", 1)[0]
+    address = f"{host}:{port}"
+    log.info("listening on %s (redis %s)", address, redis_url)
+    # The first job on a built-in corpus would otherwise wait seconds for it.
+    warm = asyncio.create_task(service.builtin_dataset(next(iter(corpus.BUILTINS))))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if on_ready is not None:
+        await on_ready(address, stop)
+    await stop.wait()
+    log.info("shutting down")
+    # Health first, so that balancers send new calls elsewhere; then the open
+    # streams end, telling their clients to reconnect, here or elsewhere.
+    await health_servicer.enter_graceful_shutdown()
+    await asyncio.sleep(DRAIN_S)
+    service.end_streams()
+    reaping.cancel()
+    await server.stop(STOP_GRACE_S)
+    warm.cancel()
+    await service.close()
+    reaper.close()
