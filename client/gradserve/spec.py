@@ -14,9 +14,58 @@ from dataclasses import dataclass
 
 from gradserve.v1 import jobs_pb2
 
-BUILTIN_DATASETS = ("builtin:pydocs", "builtin:adding", "builtin:copy")
-# Generated on the worker from the spec (seq_len, seed); they have no text.
-SYNTHETIC_TASKS = ("builtin:adding", "builtin:copy")
+
+
+@dataclass(frozen=True)
+class Model:
+    """What the spec knows of a model: the shape of its weights and which fields apply to it."""
+
+    # Weight blocks per layer: one per gate (an LSTM's i, f, g, o).
+    gates: int
+    # Bias vectors per block: torch's layers have b_ih and b_hh, rnn_scratch b_h alone.
+    biases: int
+    max_layers: int
+    # Whether the nonlinearity field applies (GRU and LSTM gates fix their own).
+    takes_nonlinearity: bool
+    # Floats a training step holds at its peak per time step, sequence, hidden
+    # unit and layer of the backward window (see memory_estimate_bytes).
+    activation_floats: int
+
+
+# Every model a job may name; the worker builds each (gradserve_worker.models).
+# activation_floats: counted as the tensors autograd saves
+# (tests/worker/test_memory_estimate.py), and fitted to the peaks
+# bench/memory.py measures in a worker's forked child (BENCHMARKS.md), where
+# the estimate with _PROCESS_BYTES is 1.34x or more above each 10-step peak.
+# The backward allocates gradient buffers besides the saved activations,
+# gradient probes replay a window, and the allocator keeps freed blocks in a
+# heap that fragments, so the peak creeps up over a long job: rnn and
+# rnn_scratch rows 15-25% above their 10-step peaks after 300-500 steps, gru and
+# lstm rows 2-4% after 60-80. The margin is sized to stay 1.2x above those
+# (1.25x at the least).
+MODELS = {
+    "rnn_scratch": Model(gates=1, biases=1, max_layers=1, takes_nonlinearity=True, activation_floats=16),
+    "rnn": Model(gates=1, biases=2, max_layers=8, takes_nonlinearity=True, activation_floats=11),
+    "gru": Model(gates=3, biases=2, max_layers=8, takes_nonlinearity=False, activation_floats=21),
+    "lstm": Model(gates=4, biases=2, max_layers=8, takes_nonlinearity=False, activation_floats=26),
+}
+
+
+@dataclass(frozen=True)
+class Task:
+    """A synthetic long-range task: generated on the worker from the spec (seq_len, seed); it has no text."""
+
+    # Symbols in and out of its model: the adding problem reads (value, marker)
+    # pairs; copy memory uses 8 symbols, a blank and a delimiter.
+    symbols: int
+    # Time steps a sequence has beyond seq_len: copy memory shows 10 symbols and recalls 10.
+    extra_steps: int
+
+
+# Every synthetic task; the worker generates each (gradserve_worker.tasks).
+TASKS = {"builtin:adding": Task(symbols=2, extra_steps=0), "builtin:copy": Task(symbols=10, extra_steps=20)}
+SYNTHETIC_TASKS = tuple(TASKS)
+BUILTIN_DATASETS = ("builtin:pydocs", *TASKS)
 DATASET_ID = re.compile(r"ds-[0-9a-f]{64}")
 
 # Adam's step size is per-coordinate, so SGD's textbook lr of 1 would wreck it.
@@ -64,9 +113,10 @@ FIELDS: tuple[Field, ...] = (
         "'d2l' lowercases and turns each run of non-letters into one space",
         choices=("none", "d2l"),
     ),
-    Field("model", "lstm", "the recurrent network", choices=("rnn_scratch", "rnn", "gru", "lstm")),
+    Field("model", "lstm", "the recurrent network", choices=tuple(MODELS)),
     Field("hidden_size", 256, "hidden units per layer", low=1, high=4096),
-    Field("num_layers", 1, "stacked recurrent layers (rnn_scratch has exactly 1)", low=1, high=8),
+    Field("num_layers", 1, "stacked recurrent layers (rnn_scratch has exactly 1)", low=1,
+          high=max(m.max_layers for m in MODELS.values())),
     Field("batch_size", 32, "sequences per minibatch", low=1, high=4096),
     Field("num_steps", 35, "truncation window T, in tokens", low=1, high=10_000),
     Field(
@@ -170,10 +220,12 @@ def violations(spec) -> list[tuple[str, str]]:
         reason = None if value is None else f.check(value)
         if reason:
             out.append((f.name, reason))
-    if spec.model == "rnn_scratch" and spec.num_layers != 1:
-        out.append(("num_layers", f"must be 1 for model rnn_scratch, got {spec.num_layers}"))
-    if spec.nonlinearity != "tanh" and spec.model not in ("rnn", "rnn_scratch"):
-        out.append(("nonlinearity", f"applies only to models rnn and rnn_scratch, not {spec.model}; leave it tanh"))
+    model = MODELS.get(spec.model)
+    if model is not None and model.max_layers == 1 and spec.num_layers != 1:
+        out.append(("num_layers", f"must be 1 for model {spec.model}, got {spec.num_layers}"))
+    if model is not None and spec.nonlinearity != "tanh" and not model.takes_nonlinearity:
+        takes = " and ".join(name for name, m in MODELS.items() if m.takes_nonlinearity)
+        out.append(("nonlinearity", f"applies only to models {takes}, not {spec.model}; leave it tanh"))
     k1, k2 = spec.tbptt_k1, spec.tbptt_k2
     if spec.truncation == "tbptt" and k1 is not None and k2 is not None and k2 < k1:
         out.append(("tbptt_k2", f"must be at least tbptt_k1 ({k1}), got {k2}"))
@@ -188,8 +240,6 @@ MAX_TEMPERATURE = 100.0
 # truncation="full" on text backpropagates through whole rows of the corpus;
 # longer rows than this are refused rather than left to exhaust memory.
 FULL_MAX_STEPS = 10_000
-# Steps a copy-memory sequence has beyond seq_len: 10 symbols shown, 10 recalled.
-COPY_EXTRA_STEPS = 20
 
 
 def text_violations(spec, tokens: int) -> list[tuple[str, str]]:
@@ -225,7 +275,7 @@ def text_violations(spec, tokens: int) -> list[tuple[str, str]]:
 
 def sequence_length(spec) -> int:
     """Time steps in one sequence of a synthetic task."""
-    return spec.seq_len + (COPY_EXTRA_STEPS if spec.dataset == "builtin:copy" else 0)
+    return spec.seq_len + TASKS[spec.dataset].extra_steps
 
 
 def min_tokens(batch_size: int, num_steps: int) -> int:
@@ -241,10 +291,6 @@ def min_tokens(batch_size: int, num_steps: int) -> int:
 
 # What a job may use when no live worker advertises a budget of its own.
 DEFAULT_MEMORY_BUDGET_BYTES = 4 * 2**30
-# Symbols in and out of each synthetic task's model (the adding problem reads
-# (value, marker) pairs; copy memory uses 8 symbols, a blank and a delimiter).
-SYNTHETIC_VOCAB = {"builtin:adding": 2, "builtin:copy": 10}
-_GATES = {"rnn_scratch": 1, "rnn": 1, "gru": 3, "lstm": 4}
 _FLOAT_BYTES = 4
 # The training process's own resident memory before a job's tensors: Python,
 # torch (its libraries, thread pools and allocator) and the worker's modules,
@@ -256,27 +302,17 @@ _FLOAT_BYTES = 4
 # (Two torch threads there; sixteen added about 1 MiB.)
 _PROCESS_BYTES = 384 * 2**20
 # Floats a training step holds at its peak per time step and sequence of the
-# backward window: per hidden unit and layer, by model, and per vocabulary
-# entry (one-hot input, logits, their softmax and gradients). Counted as the
-# tensors autograd saves (tests/worker/test_memory_estimate.py), and fitted to
-# the peaks bench/memory.py measures in a worker's forked child (BENCHMARKS.md),
-# where the estimate with _PROCESS_BYTES is 1.34x or more above each 10-step
-# peak. The backward allocates gradient buffers besides the saved activations,
-# gradient probes replay a window, and the allocator keeps freed blocks in a
-# heap that fragments, so the peak creeps up over a long job: rnn and
-# rnn_scratch rows 15-25% above their 10-step peaks after 300-500 steps, gru and
-# lstm rows 2-4% after 60-80. The margin is sized to stay 1.2x above those
-# (1.25x at the least).
-_ACTIVATION_FLOATS = {"rnn_scratch": 16, "rnn": 11, "gru": 21, "lstm": 26}
+# backward window per vocabulary entry (one-hot input, logits, their softmax and
+# gradients); per hidden unit, each model's activation_floats (MODELS).
 _VOCAB_FLOATS = 6
 
 
 def parameter_count(spec, vocab_size: int) -> int:
     """Weights of the model that `spec` describes, for a vocabulary of `vocab_size`."""
-    h, gates = spec.hidden_size, _GATES[spec.model]
+    model = MODELS[spec.model]
+    h, gates, biases = spec.hidden_size, model.gates, model.biases
     inputs = spec.embedding_size or vocab_size
     embedding = spec.embedding_size * vocab_size
-    biases = 1 if spec.model == "rnn_scratch" else 2  # b_h alone; torch's layers have b_ih and b_hh
     recurrent = gates * h * (inputs + h + biases) + (spec.num_layers - 1) * gates * h * (2 * h + biases)
     return embedding + recurrent + h * vocab_size + vocab_size
 
@@ -303,6 +339,6 @@ def memory_estimate_bytes(spec, vocab_size: int, window: int) -> int:
     """
     optimizer_slots = 2 if spec.optimizer in ("adam", "adamw") else 0
     weights = parameter_count(spec, vocab_size) * (4 + optimizer_slots)
-    per_step = (spec.num_layers * spec.hidden_size * _ACTIVATION_FLOATS[spec.model]
+    per_step = (spec.num_layers * spec.hidden_size * MODELS[spec.model].activation_floats
                 + _VOCAB_FLOATS * vocab_size + 2 * spec.embedding_size)
     return _PROCESS_BYTES + _FLOAT_BYTES * (weights + spec.batch_size * window * per_step)

@@ -35,6 +35,14 @@ def tokenize(text: str, tokenization: str) -> list[str]:
     raise ValueError(f"unknown tokenization {tokenization!r}")
 
 
+def stat_key(measure: str, tokenization: str, preprocess: str) -> str:
+    """The name of one of text_stats's figures: `measure` is "tokens" (the count) or "vocab" (distinct tokens).
+
+    The job store keeps a dataset's figures under these names, so they are made here only.
+    """
+    return f"{measure}:{tokenization}:{preprocess}"
+
+
 def text_stats(text: str) -> dict[str, int]:
     """Token count and distinct tokens under every (tokenization, preprocess) pair.
 
@@ -302,12 +310,12 @@ class TextStats:
             for mode in ("none", "d2l"):
                 words = self._words[mode]
                 words.finish()
-                stats[f"tokens:char:{mode}"] = self._chars[mode]
-                stats[f"vocab:char:{mode}"] = (
+                stats[stat_key("tokens", "char", mode)] = self._chars[mode]
+                stats[stat_key("vocab", "char", mode)] = (
                     (len(self._charset) if isinstance(self._charset, set) else _UNICODE_SIZE - self._charset.count(0))
                     if mode == "none" else len(self._d2l_charset)
                 )
-                stats[f"tokens:word:{mode}"] = words.tokens
-                stats[f"vocab:word:{mode}"] = words.distinct.count()
+                stats[stat_key("tokens", "word", mode)] = words.tokens
+                stats[stat_key("vocab", "word", mode)] = words.distinct.count()
             self._result = stats
         return dict(self._result)

@@ -18,7 +18,9 @@ from gradserve_server.settings import DEFAULT_VISIBILITY_TIMEOUT_S
 from gradserve_server.store import JobStore
 
 TRAIN_TASK = "gradserve.train"
-QUEUES = ("cpu", "gpu")
+# Training queues: a job's device picks one (SubmitJob), and every job record names its own.
+CPU_QUEUE, GPU_QUEUE = "cpu", "gpu"
+QUEUES = (CPU_QUEUE, GPU_QUEUE)
 # Generation has a queue of its own, served by a worker that runs no training:
 # a request must never wait behind a training job that takes hours.
 GENERATE_TASK = "gradserve.generate"
@@ -47,7 +49,7 @@ def make_celery(redis_url: str, visibility_timeout_s: int = DEFAULT_VISIBILITY_T
         worker_prefetch_multiplier=1,
         broker_transport_options={"visibility_timeout": visibility_timeout_s},
         broker_connection_retry_on_startup=True,
-        task_default_queue="cpu",
+        task_default_queue=CPU_QUEUE,
         worker_hijack_root_logger=False,
     )
     return app

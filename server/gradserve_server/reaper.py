@@ -32,6 +32,31 @@ DEFAULT_INTERVAL_S = 2.0
 DEFAULT_MAX_ATTEMPTS = 3
 
 
+def reap(job_store: JobStore, job_id: str, max_attempts: int) -> tuple[int, str] | None:
+    """Take a job away from an attempt whose lease expired (its worker is presumed dead).
+
+    The job is queued again as the next attempt, to resume from its
+    checkpoint; or it FAILS once `max_attempts` workers were lost running it;
+    or it is CANCELLED when a cancel was waiting for the lost worker. Returns
+    (new state, reason), or None when there was nothing to do: the lease was
+    renewed meanwhile, or another server reaped it first.
+    """
+    lost = job_store.lost_attempt(job_id)
+    if lost is None or lost.state != jobs_pb2.RUNNING:
+        return None
+    who, step, losses = lost.worker or "?", lost.last_step, lost.losses + 1
+    if lost.cancel_requested:
+        state, reason = jobs_pb2.CANCELLED, f"cancelled by request; its worker {who} was lost at step {step}"
+    elif losses >= max_attempts:
+        state, reason = jobs_pb2.FAILED, f"worker lost {losses} times; last at step {step}"
+    else:
+        resume = (f"resumes from step {lost.checkpoint_step}" if lost.checkpoint_step
+                  else "starts over: there is no checkpoint")
+        state = jobs_pb2.QUEUED
+        reason = f"worker {who} lost at step {step} (its lease expired); attempt {lost.attempt + 1} {resume}"
+    return (state, reason) if job_store.end_lost_attempt(lost, state, reason) else None
+
+
 class Reaper:
     def __init__(self, redis_url: str, *, shared: Shared = Shared(), max_attempts: int = DEFAULT_MAX_ATTEMPTS,
                  interval: float = DEFAULT_INTERVAL_S):
@@ -63,7 +88,7 @@ class Reaper:
         self._redis_run_id, self._lost_redis = run_id, False
         if self.store.now_ms() >= self._reap_after_ms:
             for job_id in self.store.expired_leases():
-                outcome = self.store.reap(job_id, self.max_attempts)
+                outcome = reap(self.store, job_id, self.max_attempts)
                 if outcome:
                     state, reason = outcome
                     log.warning("job %s %s: %s", job_id, jobs_pb2.JobState.Name(state), reason)

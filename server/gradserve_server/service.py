@@ -27,7 +27,7 @@ from gradserve import text
 from gradserve.v1 import jobs_pb2, jobs_pb2_grpc
 from gradserve_server import auth, corpus, errors, store
 from gradserve_server.decoding import StrictDecoding
-from gradserve_server.queue import GENERATE_QUEUE, GENERATE_TASK, dispatch, make_celery
+from gradserve_server.queue import CPU_QUEUE, GENERATE_QUEUE, GENERATE_TASK, GPU_QUEUE, dispatch, make_celery
 from gradserve_server.settings import Shared
 
 log = logging.getLogger("gradserve.server")
@@ -166,7 +166,7 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
         """Store UTF-8 `data`, with its `text.text_stats` (computed here unless given)."""
         if stats is None:
             stats = await asyncio.to_thread(text.text_stats, data.decode("utf-8"))
-        return await self._call(self.store.put_dataset, data, name, stats["tokens:char:none"], stats, tenant)
+        return await self._call(self.store.put_dataset, data, name, stats[text.stat_key("tokens", "char", "none")], stats, tenant)
 
     async def _take_upload_slot(self, context) -> None:
         """Wait (briefly) until fewer than max_uploads uploads are being received; else refuse as busy."""
@@ -264,10 +264,10 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
     @staticmethod
     def _queue_for(device: str, workers: list[jobs_pb2.Worker]) -> str:
         if device == "cpu":
-            return "cpu"
+            return CPU_QUEUE
         if device == "cuda":
-            return "gpu"
-        return "gpu" if any("gpu" in w.queues for w in workers) else "cpu"
+            return GPU_QUEUE
+        return GPU_QUEUE if any(GPU_QUEUE in w.queues for w in workers) else CPU_QUEUE
 
     # --------------------------------------------------------------- RPCs
 
@@ -278,7 +278,7 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
         if problems:
             raise errors.Invalid([(f"spec.{f}", d) for f, d in problems])
         if spec.dataset in specs.SYNTHETIC_TASKS:
-            vocab_size, steps_per_sequence = specs.SYNTHETIC_VOCAB[spec.dataset], specs.sequence_length(spec)
+            vocab_size, steps_per_sequence = specs.TASKS[spec.dataset].symbols, specs.sequence_length(spec)
         else:
             tokens, vocab_size = await self._text_tokens(spec, context)
             steps_per_sequence = tokens // spec.batch_size

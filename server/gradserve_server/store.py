@@ -36,7 +36,9 @@ import redis
 import redis.asyncio as aioredis
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from gradserve import text
 from gradserve.v1 import jobs_pb2
+from gradserve_server import scripts
 
 log = logging.getLogger("gradserve.store")
 
@@ -132,112 +134,6 @@ def is_terminal(event: jobs_pb2.Event) -> bool:
     return event.WhichOneof("kind") == "status" and event.status.state in TERMINAL
 
 
-# Attempts are how the runs of one job stay apart. Each run is an attempt,
-# numbered from 1; the worker that claims one draws a random token, and every
-# write it makes afterwards (events, checkpoints, the job's end) names both and
-# lands only while the job is still RUNNING that attempt under that token. A
-# worker presumed dead, or one whose job went to a later attempt, is fenced off
-# and stops, so two trainers never both write one job. Lease deadlines and
-# dispatch times are on Redis's clock, the one clock every process shares.
-
-_NOW_MS = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-"""
-
-# A compare-and-set on the job record. When every field in op.expect has the
-# value given ('' for absent) and, with op.lease_expired, the job's lease has
-# run out: set fields, put the job in or take it out of the lease and
-# dispatch sets, and append the status event, all in one step.
-#   KEYS: job hash, event stream, leases zset, dispatch zset
-#   ARGV: op as JSON {job, expect, lease_expired, set, lease: set|del|"", lease_ms,
-#         dispatch: add|del|"", dispatch_ms}, event bytes ("" for none)
-#   Returns {1, entry id or ""} when applied, {0, field, its value} when a field
-#   is not as expected, {-1} when there is no job.
-_CAS = _NOW_MS + """
-if redis.call('EXISTS', KEYS[1]) == 0 then return {-1} end
-local op = cjson.decode(ARGV[1])
-for field, want in pairs(op.expect) do
-  local have = redis.call('HGET', KEYS[1], field) or ''
-  if have ~= want then return {0, field, have} end
-end
-if op.lease_expired then
-  local deadline = redis.call('ZSCORE', KEYS[3], op.job)
-  if deadline and tonumber(deadline) > now then return {0, 'lease', deadline} end
-end
-for field, value in pairs(op.set) do redis.call('HSET', KEYS[1], field, value) end
-if op.lease == 'set' then redis.call('ZADD', KEYS[3], now + op.lease_ms, op.job)
-elseif op.lease == 'del' then redis.call('ZREM', KEYS[3], op.job) end
-if op.dispatch == 'add' then redis.call('ZADD', KEYS[4], now + op.dispatch_ms, op.job)
-elseif op.dispatch == 'del' then redis.call('ZREM', KEYS[4], op.job) end
-if ARGV[2] == '' then return {1, ''} end
-return {1, redis.call('XADD', KEYS[2], '*', 'e', ARGV[2])}
-"""
-
-# The fence in front of every write of a running attempt.
-#   ARGV[1..3]: attempt, token, the RUNNING state. Fenced off: {0, state, attempt}.
-_FENCE = """
-local attempt, owner, state = unpack(redis.call('HMGET', KEYS[1], 'attempt', 'owner', 'state'))
-if attempt ~= ARGV[1] or owner ~= ARGV[2] or state ~= ARGV[3] then
-  return {0, state or '', attempt or ''}
-end
-"""
-
-# A worker's event, at most once per step and kind: a step the stream already
-# has an event of this kind for (a write retried after a lost reply, or a
-# resumed attempt recomputing steps its predecessor reported) is skipped, so a
-# watcher never sees a step twice or going back.
-#   KEYS: job hash, event stream
-#   ARGV: attempt, token, RUNNING, kind, step ("" when the event has none), event bytes
-#   Returns {1, entry id} appended, {2} skipped, {0, state, attempt} fenced off.
-_APPEND = _FENCE + """
-if ARGV[5] ~= '' then
-  local seen = ARGV[4] == 'metrics' and 'last_step' or ('seen:' .. ARGV[4])
-  if tonumber(ARGV[5]) <= tonumber(redis.call('HGET', KEYS[1], seen) or '-1') then return {2} end
-  redis.call('HSET', KEYS[1], seen, ARGV[5])
-end
-return {1, redis.call('XADD', KEYS[2], '*', 'e', ARGV[6])}
-"""
-
-# The job's checkpoint, replaced whole with its event (a script runs alone, so
-# a reader gets the old checkpoint or the new one, never a mix). A step no
-# later than the stored one is skipped: only the newest checkpoint is kept.
-#   KEYS: job hash, event stream, checkpoint hash
-#   ARGV: attempt, token, RUNNING, step, data, event bytes. Returns as _APPEND.
-_CHECKPOINT = _FENCE + """
-if tonumber(ARGV[4]) <= tonumber(redis.call('HGET', KEYS[1], 'checkpoint_step') or '-1') then return {2} end
-redis.call('DEL', KEYS[3])
-redis.call('HSET', KEYS[3], 'data', ARGV[5], 'step', ARGV[4])
-redis.call('HSET', KEYS[1], 'checkpoint_step', ARGV[4])
-return {1, redis.call('XADD', KEYS[2], '*', 'e', ARGV[6])}
-"""
-
-# Takes a due entry of the dispatch outbox for one caller, for the next
-# retry_ms: returns {attempt, queue} to send, or nil when the entry is not due
-# (another server took it) or the job is no longer QUEUED (the entry goes).
-#   KEYS: dispatch zset, job hash.  ARGV: job id, retry_ms, the QUEUED state
-_TAKE_DISPATCH = _NOW_MS + """
-local due = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if not due or tonumber(due) > now then return false end
-local state, attempt, queue = unpack(redis.call('HMGET', KEYS[2], 'state', 'attempt', 'queue'))
-if state ~= ARGV[3] then
-  redis.call('ZREM', KEYS[1], ARGV[1])
-  return false
-end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
-return {attempt, queue}
-"""
-
-# The task of this attempt was sent: its outbox entry goes, unless the job has
-# been queued again as a later attempt, whose task is still to send.
-#   KEYS: dispatch zset, job hash.  ARGV: job id, attempt
-_DISPATCHED = """
-local attempt = redis.call('HGET', KEYS[2], 'attempt')
-if not attempt or attempt == ARGV[2] then redis.call('ZREM', KEYS[1], ARGV[1]) end
-return 1
-"""
-
-
 @dataclass
 class Refused(Exception):
     """A state change that the job's current state does not allow."""
@@ -263,6 +159,22 @@ class Fenced(Exception):
 
     def __str__(self) -> str:
         return f"attempt {self.attempt} of job {self.job_id} no longer owns it: {self.detail}"
+
+
+@dataclass(frozen=True)
+class LostAttempt:
+    """What the reaper knows of a running attempt whose lease expired."""
+
+    job_id: str
+    state: int
+    attempt: int
+    owner: str
+    worker: str
+    last_step: int
+    checkpoint_step: int
+    # Workers lost running the job before this one.
+    losses: int
+    cancel_requested: bool
 
 
 @dataclass(frozen=True)
@@ -316,11 +228,11 @@ class JobStore:
 
     def __init__(self, client: redis.Redis):
         self.r = client
-        self._cas = client.register_script(_CAS)
-        self._append = client.register_script(_APPEND)
-        self._checkpoint = client.register_script(_CHECKPOINT)
-        self._take_dispatch = client.register_script(_TAKE_DISPATCH)
-        self._dispatched = client.register_script(_DISPATCHED)
+        self._cas = client.register_script(scripts.CAS)
+        self._append = client.register_script(scripts.APPEND)
+        self._checkpoint = client.register_script(scripts.CHECKPOINT)
+        self._take_dispatch = client.register_script(scripts.TAKE_DISPATCH)
+        self._dispatched = client.register_script(scripts.DISPATCHED)
 
     @classmethod
     def from_url(cls, url: str, **options) -> "JobStore":
@@ -436,7 +348,7 @@ class JobStore:
         return seconds * 1000 + micros // 1000
 
     def _apply(self, job_id: str, op: dict, event: jobs_pb2.Event | None = None) -> tuple[bool, str]:
-        """Run the _CAS script; (True, cursor or "") when applied, else (False, the first field not as expected)."""
+        """Run the scripts.CAS compare-and-set; (True, cursor or "") when applied, else (False, the first field not as expected)."""
         full = {"job": job_id, "expect": {}, "lease_expired": False, "set": {}, "lease": "", "lease_ms": 0,
                 "dispatch": "", "dispatch_ms": 0, **op}
         full["expect"] = {k: str(v) for k, v in full["expect"].items()}
@@ -503,7 +415,7 @@ class JobStore:
         if not applied:
             # Another delivery of the same attempt won the race.
             raise Refused(job_id, int(self.r.hget(job_key(job_id), "state") or jobs_pb2.RUNNING))
-        return Lease(job_id, number, token, worker, _text(queue) or "cpu", resumed)
+        return Lease(job_id, number, token, worker, _text(queue), resumed)
 
     def renew(self, lease: Lease, lease_s: float) -> bool:
         """Extend the lease to `lease_s` seconds from now; False when the attempt no longer owns the job."""
@@ -561,42 +473,37 @@ class JobStore:
         """Jobs whose running attempt's lease ran out: their workers stopped renewing it."""
         return [i.decode() for i in self.r.zrangebyscore(LEASES_KEY, "-inf", self.now_ms(), start=0, num=limit)]
 
-    def reap(self, job_id: str, max_attempts: int) -> tuple[int, str] | None:
-        """Take a job away from an attempt whose lease expired (its worker is presumed dead).
-
-        The job is queued again as the next attempt, to resume from its
-        checkpoint; or it FAILS once `max_attempts` workers were lost running
-        it; or it is CANCELLED when a cancel was waiting for the lost worker.
-        Returns (new state, reason), or None when there was nothing to do: the
-        lease was renewed meanwhile, or another server reaped it first.
-        """
+    def lost_attempt(self, job_id: str) -> LostAttempt | None:
+        """The job's running attempt as it stands, for the reaper to judge; None when the job is gone."""
         state, attempt, owner, worker, last_step, checkpoint, losses, cancel = self.r.hmget(
             job_key(job_id), "state", "attempt", "owner", "worker", "last_step", "checkpoint_step", "losses", "cancel"
         )
         if state is None:  # deleted under its lease
             self.r.zrem(LEASES_KEY, job_id)
             return None
-        number, lost, step = int(attempt or 1), int(losses or 0) + 1, int(last_step or 0)
-        who = _text(worker) or "?"
-        op = {"expect": {"state": jobs_pb2.RUNNING, "attempt": _text(attempt), "owner": _text(owner),
-                         "losses": _text(losses), "cancel": _text(cancel)},
+        return LostAttempt(job_id, int(state), int(attempt or 1), _text(owner), _text(worker), int(last_step or 0),
+                           int(checkpoint or 0), int(losses or 0), cancel == b"1")
+
+    def end_lost_attempt(self, lost: LostAttempt, state: int, reason: str) -> bool:
+        """Take the job from `lost`'s attempt, whose lease expired: QUEUED as the next attempt, or a final state.
+
+        Applies only while the job is still exactly as `lost` read it and its
+        lease is still expired; returns False otherwise (the lease was renewed
+        meanwhile, or another server got there first).
+        """
+        losses = lost.losses + 1
+        op = {"expect": {"state": jobs_pb2.RUNNING, "attempt": lost.attempt, "owner": lost.owner,
+                         "losses": lost.losses or "", "cancel": "1" if lost.cancel_requested else ""},
               "lease_expired": True, "lease": "del"}
-        if cancel == b"1":
-            new_state, reason = jobs_pb2.CANCELLED, f"cancelled by request; its worker {who} was lost at step {step}"
-            op["set"] = {"state": new_state, "reason": reason, "finished": time.time(), "losses": lost}
-            event = status_event(job_id, new_state, reason=reason, worker=who, step=step, attempt=number)
-        elif lost >= max_attempts:
-            new_state, reason = jobs_pb2.FAILED, f"worker lost {lost} times; last at step {step}"
-            op["set"] = {"state": new_state, "reason": reason, "finished": time.time(), "losses": lost}
-            event = status_event(job_id, new_state, reason=reason, worker=who, step=step, attempt=number)
+        attempt = lost.attempt
+        if state == jobs_pb2.QUEUED:
+            attempt += 1
+            op.update(set={"state": state, "attempt": attempt, "losses": losses}, dispatch="add")
         else:
-            resume = f"resumes from step {int(checkpoint)}" if checkpoint else "starts over: there is no checkpoint"
-            new_state = jobs_pb2.QUEUED
-            reason = f"worker {who} lost at step {step} (its lease expired); attempt {number + 1} {resume}"
-            op.update(set={"state": new_state, "attempt": number + 1, "losses": lost}, dispatch="add")
-            event = status_event(job_id, new_state, reason=reason, worker=who, step=step, attempt=number + 1)
-        applied, _ = self._apply(job_id, op, event)
-        return (new_state, reason) if applied else None
+            op["set"] = {"state": state, "reason": reason, "finished": time.time(), "losses": losses}
+        event = status_event(lost.job_id, state, reason=reason, worker=lost.worker or "?", step=lost.last_step,
+                             attempt=attempt)
+        return self._apply(lost.job_id, op, event)[0]
 
     def due_dispatches(self, limit: int = 100) -> list[tuple[str, int, str]]:
         """Queued jobs whose train task may never have been sent, each taken for this caller for a while.
@@ -609,7 +516,7 @@ class JobStore:
             taken = self._take_dispatch(keys=[DISPATCH_KEY, job_key(job_id)],
                                         args=[job_id, DISPATCH_RETRY_S * 1000, jobs_pb2.QUEUED])
             if taken:
-                due.append((job_id, int(taken[0] or 1), _text(taken[1]) or "cpu"))
+                due.append((job_id, int(taken[0] or 1), _text(taken[1])))
         return due
 
     def redispatch_queued(self) -> int:
@@ -711,8 +618,8 @@ class JobStore:
 
     def dataset_tokens(self, dataset_id: str, tokenization: str, preprocess: str) -> tuple[int, int]:
         """(token count, distinct tokens) of the dataset under that tokenization."""
-        n, vocab = self.r.hmget(dataset_key(dataset_id), f"tokens:{tokenization}:{preprocess}",
-                                f"vocab:{tokenization}:{preprocess}")
+        n, vocab = self.r.hmget(dataset_key(dataset_id), text.stat_key("tokens", tokenization, preprocess),
+                                text.stat_key("vocab", tokenization, preprocess))
         if n is None:
             raise NotFound(dataset_id)
         return int(n), int(vocab)

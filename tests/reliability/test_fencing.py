@@ -13,6 +13,7 @@ import pytest
 
 from gradserve.v1 import jobs_pb2
 from gradserve_server import store
+from gradserve_server.reaper import reap
 
 LEASE_S = 0.3
 
@@ -73,10 +74,10 @@ def test_a_lapsed_lease_moves_the_job_to_the_next_attempt_and_fences_off_the_old
     assert job_store.append_event(old, metrics(20))
     lapse(job_store, job_id)
 
-    assert job_store.reap(job_id, max_attempts=3) == (
+    assert reap(job_store, job_id, max_attempts=3) == (
         jobs_pb2.QUEUED, "worker w1 lost at step 20 (its lease expired); attempt 2 resumes from step 10"
     )
-    assert job_store.reap(job_id, max_attempts=3) is None, "reaped twice"
+    assert reap(job_store, job_id, max_attempts=3) is None, "reaped twice"
     with pytest.raises(store.Fenced):
         job_store.claim(job_id, 1, "w2", LEASE_S)  # the task of attempt 1, delivered again
     new = job_store.claim(job_id, 2, "w2", LEASE_S * 10)
@@ -101,7 +102,7 @@ def test_a_resumed_attempt_does_not_repeat_the_steps_its_predecessor_reported(jo
     for step in (10, 20, 30):
         job_store.append_event(old, metrics(step))
     lapse(job_store, job_id)
-    job_store.reap(job_id, max_attempts=3)
+    reap(job_store, job_id, max_attempts=3)
     new = job_store.claim(job_id, 2, "w2", 10)
 
     reported = [step for step in (20, 30, 40) if job_store.append_event(new, metrics(step))]
@@ -127,7 +128,7 @@ def test_of_two_reapers_exactly_one_takes_the_job(job_store, redis_url):
     job_id = new_job(job_store)
     job_store.claim(job_id, 1, "w1", LEASE_S)
     lapse(job_store, job_id)
-    outcomes = [s.reap(job_id, max_attempts=3) for s in [job_store, *others]]
+    outcomes = [reap(s, job_id, max_attempts=3) for s in [job_store, *others]]
     assert sum(o is not None for o in outcomes) == 1
     assert job_store.get_job(job_id).attempt == 2
     for s in others:
@@ -140,7 +141,7 @@ def test_a_job_fails_once_max_attempts_workers_were_lost(job_store):
         lease = job_store.claim(job_id, attempt, f"w{attempt}", LEASE_S)
         job_store.append_event(lease, metrics(10 * attempt))
         lapse(job_store, job_id)
-        outcome = job_store.reap(job_id, max_attempts=2)
+        outcome = reap(job_store, job_id, max_attempts=2)
     assert outcome == (jobs_pb2.FAILED, "worker lost 2 times; last at step 20")
     job = job_store.get_job(job_id)
     assert (job.state, job.reason, job.attempt) == (jobs_pb2.FAILED, "worker lost 2 times; last at step 20", 2)
@@ -152,7 +153,7 @@ def test_a_cancel_waiting_for_a_lost_worker_ends_the_job_cancelled(job_store):
     job_store.claim(job_id, 1, "w1", LEASE_S)
     assert job_store.request_cancel(job_id).state == jobs_pb2.RUNNING
     lapse(job_store, job_id)
-    state, reason = job_store.reap(job_id, max_attempts=3)
+    state, reason = reap(job_store, job_id, max_attempts=3)
     assert state == jobs_pb2.CANCELLED and "lost" in reason
 
 

@@ -203,3 +203,21 @@ def test_a_task_checkpoint_opens_with_the_tasks_model():
     assert vocab == [] and state == () and config.dataset == "builtin:adding"
     out, _ = model(torch.rand(6, 3, 2), model.begin_state(3, "cpu"))
     assert out.shape == (18, 1)
+
+
+def test_every_model_and_task_the_spec_names_is_built_here_as_the_spec_describes_it():
+    from gradserve import spec
+
+    from gradserve_worker.models import build_model
+    from gradserve_worker.tasks import SYNTHETIC
+
+    for name, facts in spec.MODELS.items():
+        model = build_model(name, vocab_size=5, hidden_size=4, num_layers=1)
+        weights = sum(p.numel() for p in model.parameters())
+        described = spec.complete(spec.jobs_pb2.JobSpec(dataset="builtin:pydocs", model=name, hidden_size=4))
+        assert weights == spec.parameter_count(described, 5), name
+    assert set(SYNTHETIC) == set(spec.TASKS)
+    for name, facts in spec.TASKS.items():
+        task = SYNTHETIC[name](seq_len=30)
+        assert task.length == 30 + facts.extra_steps, name
+        assert (len(task.vocab) or task.sizes["features"]) == facts.symbols, name

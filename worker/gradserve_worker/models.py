@@ -29,6 +29,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from gradserve.spec import MODELS
 from torch import nn
 
 from gradserve_worker.errors import CannotTrain
@@ -297,7 +298,7 @@ def build_model(model: str, vocab_size: int, hidden_size: int, num_layers: int, 
         return RNNScratch(vocab_size, hidden_size, nonlinearity, **extra)
     if model in LAYERS:
         return TorchRNN(model, vocab_size, hidden_size, num_layers, nonlinearity, **extra)
-    raise CannotTrain(f"unknown model {model!r}; expected rnn_scratch, rnn, gru or lstm")
+    raise CannotTrain(f"unknown model {model!r}; expected one of {', '.join(MODELS)}")
 
 
 def recurrent_matrices(model: nn.Module) -> list[tuple[str, str, torch.Tensor]]:

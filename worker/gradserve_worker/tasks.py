@@ -44,7 +44,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from gradserve.spec import FULL_MAX_STEPS, min_tokens
+from gradserve.spec import FULL_MAX_STEPS, TASKS, min_tokens
 
 from gradserve_worker.data import (build_corpus, epoch_windows, heldout_windows, seeded_generator, split_heldout,
                                    whole_rows)
@@ -186,12 +186,14 @@ def task_generator(seed: int, purpose: str, index: int = 0) -> torch.Generator:
 class AddingTask:
     """The adding problem; see the module docstring."""
 
+    name = "builtin:adding"
     metric = "mse"
-    sizes = {"vocab_size": 0, "features": 2, "output_size": 1}
+    sizes = {"vocab_size": 0, "features": TASKS[name].symbols, "output_size": 1}
     vocab: list[str] = []
 
     def __init__(self, seq_len: int):
-        self.seq_len = self.length = seq_len
+        self.seq_len = seq_len
+        self.length = seq_len + TASKS[self.name].extra_steps
 
     def sample(self, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """n sequences: X (seq_len, n, 2) and the targets (n,)."""
@@ -220,14 +222,16 @@ class AddingTask:
 class CopyTask:
     """Copy memory; see the module docstring."""
 
+    name = "builtin:copy"
     metric = "accuracy"
-    SYMBOLS, ALPHABET, BLANK, DELIMITER = 10, 8, 0, 9  # symbols are 1..8
+    # SYMBOLS shown, then recalled, which is the task's extra steps (gradserve.spec.TASKS).
+    SYMBOLS, ALPHABET, BLANK, DELIMITER = TASKS[name].extra_steps // 2, 8, 0, 9  # symbols are 1..8
     vocab = ["<blank>", *"abcdefgh", "<delimiter>"]
-    sizes = {"vocab_size": 10}
+    sizes = {"vocab_size": len(vocab)}
 
     def __init__(self, seq_len: int):
         self.seq_len = seq_len
-        self.length = seq_len + 2 * self.SYMBOLS
+        self.length = seq_len + TASKS[self.name].extra_steps
 
     def sample(self, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """n sequences: X (seq_len + 20, n) symbol ids and the symbols to recall (10, n)."""
@@ -250,7 +254,7 @@ class CopyTask:
         return 1 / self.ALPHABET
 
 
-SYNTHETIC = {"builtin:adding": AddingTask, "builtin:copy": CopyTask}
+SYNTHETIC = {task.name: task for task in (AddingTask, CopyTask)}
 
 
 class SyntheticStream:
