@@ -263,7 +263,7 @@ def text_violations(spec, tokens: int) -> list[tuple[str, str]]:
         return out
     window = spec.num_steps
     if spec.truncation == "tbptt":
-        window = spec.tbptt_k1 if spec.partition == "sequential" else spec.tbptt_k2
+        window = resolved(spec, "tbptt_k1" if spec.partition == "sequential" else "tbptt_k2")
     need = min_tokens(spec.batch_size, window)
     if train < need:
         out.append(("dataset", f"has {train} {spec.tokenization} tokens to train on (preprocess {spec.preprocess}, "

@@ -104,7 +104,7 @@ def test_val_fraction_0_runs_no_evaluation(timemachine):
 def test_a_heldout_part_shorter_than_one_window_is_refused_with_the_rule(timemachine):
     # 3000 chars of d2l text hold out 5%, about 150 tokens: fine for num_steps 8, not for 200.
     text = timemachine[:3000]
-    with pytest.raises(ValueError, match=r"held-out part needs at least num_steps \+ 1 = 201 tokens"):
+    with pytest.raises(ValueError, match=r"val_fraction holds out \d+ tokens of \d+, fewer than num_steps \+ 1 = 201"):
         train(small(num_steps=200, batch_size=1, val_fraction=0.05), text, lambda e: None)
 
 
@@ -113,7 +113,8 @@ def test_the_training_part_must_hold_min_tokens(timemachine):
     _, corpus = build_corpus(timemachine[:2000], "char", "d2l")
     B, T = 4, 300
     assert len(corpus) >= min_tokens(B, T) > len(split_heldout(corpus, 0.5)[0])
-    with pytest.raises(ValueError, match=rf"of which val_fraction 0.5 holds out .* needs at least {min_tokens(B, T)}"):
+    refused = rf"after holding out \d+ for validation\), but batch_size 4 and a window of 300 need at least {min_tokens(B, T)}"
+    with pytest.raises(ValueError, match=refused):
         train(small(batch_size=B, num_steps=T, val_fraction=0.5), timemachine[:2000], lambda e: None)
 
 

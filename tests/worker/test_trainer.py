@@ -294,7 +294,7 @@ def test_a_non_finite_loss_or_gradient_stops_training_naming_the_step(timemachin
 
 
 def test_text_too_short_for_one_minibatch_is_refused_with_the_numbers():
-    with pytest.raises(ValueError, match=r"has 30 tokens .* 32 × 35 needs at least 1155 for training"):
+    with pytest.raises(ValueError, match=r"has 30 char tokens to train on .* batch_size 32 and a window of 35 need at least 1155"):
         train(TrainConfig(device="cpu", val_fraction=0), "abc" * 10, lambda e: None)
 
 

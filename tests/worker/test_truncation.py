@@ -223,7 +223,7 @@ def test_full_truncation_on_text_trains_each_row_end_to_end_once_per_epoch(timem
 
 def test_full_truncation_refuses_rows_longer_than_its_limit():
     text = "ab" * (FULL_MAX_STEPS + 10)
-    with pytest.raises(ValueError, match=r"full truncation .* refuses rows over 10000"):
+    with pytest.raises(ValueError, match=r"truncation full backpropagates .* rows must be 1 to 10000 tokens"):
         train(small(truncation="full", batch_size=1), text, lambda e: None)
 
 

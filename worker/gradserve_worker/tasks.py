@@ -44,7 +44,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from gradserve.spec import FULL_MAX_STEPS, TASKS, min_tokens
+from gradserve.spec import TASKS, text_violations
 
 from gradserve_worker.data import (build_corpus, epoch_windows, heldout_windows, seeded_generator, split_heldout,
                                    whole_rows)
@@ -68,7 +68,7 @@ class TextStream:
         vocab, corpus = build_corpus(text, config.tokenization, config.preprocess, config.min_freq)
         train_part, heldout = split_heldout(corpus, config.val_fraction)
         self.plan = Truncation.of(config)
-        _check_text_size(config, len(corpus), len(train_part), len(heldout), self.plan)
+        _check_text_size(config, len(corpus))
         self.vocab = vocab.tokens
         self.sizes = {"vocab_size": len(vocab)}
         self.corpus = train_part.to(device)
@@ -140,38 +140,15 @@ class TextStream:
         return {"epoch": self.epoch, "position": self.pos, "state": [s.detach() for s in self.state or ()]}
 
 
-def _check_text_size(config, n: int, n_train: int, n_val: int, plan: Truncation) -> None:
-    """Refuse, with the numbers, a text too short for one training step or for one held-out window."""
-    B, T = config.batch_size, config.num_steps
-    where = f"the text has {n} tokens ({config.tokenization} tokens after preprocess {config.preprocess!r})"
-    if n_val:
-        where += f", of which val_fraction {config.val_fraction:g} holds out the last {n_val}, leaving {n_train}"
-    if config.val_fraction > 0 and n_val < T + 1:
-        raise CannotTrain(
-            f"{where}; the held-out part needs at least num_steps + 1 = {T + 1} tokens; "
-            f"use a longer text, a larger val_fraction or val_fraction=0"
-        )
-    if config.truncation == "full":
-        if n_train < B + 1:
-            raise CannotTrain(f"{where}; full truncation needs at least batch_size + 1 = {B + 1} training tokens")
-        if (n_train - 1) // B > FULL_MAX_STEPS:
-            raise CannotTrain(
-                f"{where}; full truncation backpropagates through each of the batch_size rows of the training "
-                f"text, here {(n_train - 1) // B} tokens long, and refuses rows over {FULL_MAX_STEPS}; use a larger "
-                f"batch_size, a shorter text, or another truncation"
-            )
-        return
-    window, what = T, f"batch_size × num_steps = {B} × {T}"
-    if config.truncation == "tbptt":
-        random = config.partition == "random"
-        window = plan.k2 if random else plan.k1
-        what = f"batch_size × tbptt_{'k2' if random else 'k1'} = {B} × {window}"
-    need = min_tokens(B, window)
-    if n_train < need:
-        raise CannotTrain(
-            f"{where}; {what} needs at least {need} for training; use a longer text or a smaller "
-            f"batch_size or window"
-        )
+def _check_text_size(config, tokens: int) -> None:
+    """Refuse, with the numbers, a text too short for one training step or one held-out window.
+
+    The rule is the server's (gradserve.spec.text_violations), so a job it
+    accepted passes here; direct callers of the trainer get the same answer.
+    """
+    problems = text_violations(config, tokens)
+    if problems:
+        raise CannotTrain("; ".join(f"{field} {reason}" for field, reason in problems))
 
 
 # -----------------------------------------------------------------------------
