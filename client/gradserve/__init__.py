@@ -22,6 +22,7 @@ _EXPORTS = {
     "InvalidArgument": "gradserve.errors",
     "NotFound": "gradserve.errors",
     "FailedPrecondition": "gradserve.errors",
+    "ResourceExhausted": "gradserve.errors",
     "Unavailable": "gradserve.errors",
 }
 __all__ = sorted(_EXPORTS)

@@ -118,7 +118,12 @@ class Client:
         return self.upload_bytes(data, name or path.name)
 
     def upload_bytes(self, data: bytes | str, name: str = "") -> str:
-        """Upload text held in memory; returns its dataset id."""
+        """Upload text held in memory; returns its dataset id.
+
+        A server receiving too many uploads at once refuses this one as busy;
+        it is sent again, as the server advises, until the client's timeout (or
+        a second per MB, if longer) runs out, and then ResourceExhausted is raised.
+        """
         if isinstance(data, str):
             data = data.encode("utf-8")
 
@@ -127,10 +132,17 @@ class Client:
             for start in range(0, len(data), UPLOAD_CHUNK_BYTES):
                 yield jobs_pb2.UploadDatasetRequest(chunk=data[start : start + UPLOAD_CHUNK_BYTES])
 
-        try:
-            return self.stub.UploadDataset(requests(), timeout=max(self.timeout, len(data) / 1e6)).id
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
+        # A server busy with other uploads says when to try again; that is waited for, within the call's time.
+        deadline = time.monotonic() + max(self.timeout, len(data) / 1e6)
+        while True:
+            try:
+                return self.stub.UploadDataset(requests(), timeout=deadline - time.monotonic()).id
+            except grpc.RpcError as e:
+                error = from_rpc_error(e)
+            retry_after = getattr(error, "retry_after", None)
+            if retry_after is None or time.monotonic() + retry_after >= deadline:
+                raise error
+            time.sleep(retry_after)
 
     # ---------------------------------------------------------------- jobs
 

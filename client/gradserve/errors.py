@@ -4,6 +4,7 @@
     ├── InvalidArgument            a request field is wrong; .field names it, .violations has all of them
     ├── NotFound                   no such job, dataset or checkpoint
     ├── FailedPrecondition         the job's state does not allow it (cancelling a finished job)
+    ├── ResourceExhausted          a quota, or the server busy: then .retry_after says when to try again
     └── Unavailable                the server (or its Redis) cannot be reached; safe to retry
 """
 
@@ -34,6 +35,13 @@ class FailedPrecondition(GradserveError):
     pass
 
 
+class ResourceExhausted(GradserveError):
+    def __init__(self, message: str, code=None, retry_after: float | None = None):
+        super().__init__(message, code)
+        # Seconds after which the same request may succeed (the server was busy); None for a quota.
+        self.retry_after = retry_after
+
+
 class Unavailable(GradserveError):
     pass
 
@@ -43,18 +51,19 @@ _BY_CODE = {
     grpc.StatusCode.NOT_FOUND: NotFound,
     grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
 }
 
 
-def _violations(error: grpc.RpcError) -> list[tuple[str, str]]:
+def _detail(error: grpc.RpcError, kind):
+    """The google.rpc detail of type `kind` that the error's status carries, or None."""
     for key, value in error.trailing_metadata() or ():
         if key == "grpc-status-details-bin":
-            status = status_pb2.Status.FromString(value)
-            for detail in status.details:
-                bad = error_details_pb2.BadRequest()
-                if detail.Unpack(bad):
-                    return [(v.field, v.description) for v in bad.field_violations]
-    return []
+            for detail in status_pb2.Status.FromString(value).details:
+                found = kind()
+                if detail.Unpack(found):
+                    return found
+    return None
 
 
 def from_rpc_error(error: grpc.RpcError) -> GradserveError:
@@ -63,5 +72,9 @@ def from_rpc_error(error: grpc.RpcError) -> GradserveError:
     cls = _BY_CODE.get(code, GradserveError)
     message = error.details() or code.name
     if cls is InvalidArgument:
-        return InvalidArgument(message, code, _violations(error))
+        bad = _detail(error, error_details_pb2.BadRequest)
+        return InvalidArgument(message, code, [(v.field, v.description) for v in bad.field_violations] if bad else [])
+    if cls is ResourceExhausted:
+        retry = _detail(error, error_details_pb2.RetryInfo)
+        return ResourceExhausted(message, code, retry.retry_delay.ToNanoseconds() / 1e9 if retry else None)
     return cls(message, code)

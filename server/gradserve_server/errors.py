@@ -4,7 +4,8 @@
     ├── Invalid             INVALID_ARGUMENT, with a google.rpc.BadRequest naming every bad field
     ├── NotFound            NOT_FOUND (another tenant's job or dataset too: it must not tell them apart)
     ├── Precondition        FAILED_PRECONDITION: the job's state does not allow it
-    ├── Exhausted           RESOURCE_EXHAUSTED: a quota, or the server busy; retrying later may work
+    ├── Exhausted           RESOURCE_EXHAUSTED: a quota, or the server busy (then with a
+    │                       google.rpc.RetryInfo saying when to send the request again)
     └── Unavailable         UNAVAILABLE: what the call needs is not there now (a generate worker)
 
 The store's NotFound (an id only) and Redis being unreachable are mapped here too.
@@ -53,6 +54,11 @@ class Precondition(ServiceError):
 class Exhausted(ServiceError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
+    def __init__(self, message: str, retry_after_s: float | None = None):
+        super().__init__(message)
+        # Set when the same request may succeed after this long (the server was busy, not over a quota).
+        self.retry_after_s = retry_after_s
+
 
 class Unavailable(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
@@ -61,25 +67,32 @@ class Unavailable(ServiceError):
 BY_CODE_NAME = {cls.code.name: cls for cls in (Invalid, NotFound, Precondition, Exhausted, Unavailable)}
 
 
-def _bad_request_trailer(error: Invalid) -> tuple:
-    bad = error_details_pb2.BadRequest(
-        field_violations=[error_details_pb2.BadRequest.FieldViolation(field=f, description=d)
-                          for f, d in error.violations]
-    )
+def _details_trailer(error: ServiceError, detail_message) -> tuple:
+    """The google.rpc.Status trailer that carries `detail_message` beside the error's code and message."""
     detail = any_pb2.Any()
-    detail.Pack(bad)
-    status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=error.message, details=[detail])
+    detail.Pack(detail_message)
+    status = status_pb2.Status(code=getattr(code_pb2, error.code.name), message=error.message, details=[detail])
     return (("grpc-status-details-bin", status.SerializeToString()),)
+
+
+def _trailer(error: ServiceError) -> tuple:
+    if isinstance(error, Invalid):
+        return _details_trailer(error, error_details_pb2.BadRequest(
+            field_violations=[error_details_pb2.BadRequest.FieldViolation(field=f, description=d)
+                              for f, d in error.violations]))
+    if isinstance(error, Exhausted) and error.retry_after_s is not None:
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.FromNanoseconds(int(error.retry_after_s * 1e9))
+        return _details_trailer(error, retry)
+    return ()
 
 
 _EXPECTED = (ServiceError, store.NotFound, redis.ConnectionError, redis.TimeoutError)
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
-    if isinstance(exc, Invalid):
-        await context.abort(exc.code, exc.message, trailing_metadata=_bad_request_trailer(exc))
     if isinstance(exc, ServiceError):
-        await context.abort(exc.code, exc.message)
+        await context.abort(exc.code, exc.message, trailing_metadata=_trailer(exc))
     if isinstance(exc, store.NotFound):
         await context.abort(grpc.StatusCode.NOT_FOUND, f"{exc.args[0]} not found")
     log.warning("redis unreachable: %s", exc)

@@ -40,6 +40,8 @@ DEFAULT_MAX_UPLOADS = 2
 # How long an upload past that cap waits for a slot (less when the caller's deadline is nearer) before
 # RESOURCE_EXHAUSTED.
 UPLOAD_WAIT_S = 10.0
+# What a busy refusal tells the client to wait before it sends the upload again.
+UPLOAD_RETRY_AFTER_S = 1.0
 CHUNK_BYTES = 1024 * 1024
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX = 50, 1000
@@ -185,7 +187,8 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
         except TimeoutError:
             raise errors.Exhausted(
                 f"server busy: {self.max_uploads} uploads already in progress (--max-uploads {self.max_uploads}); "
-                "retry shortly"
+                "retry shortly",
+                retry_after_s=UPLOAD_RETRY_AFTER_S,
             ) from None
 
     @staticmethod

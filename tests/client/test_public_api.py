@@ -12,6 +12,7 @@ def test_public_names_are_pinned():
         "InvalidArgument",
         "Job",
         "NotFound",
+        "ResourceExhausted",
         "TERMINAL_STATES",
         "Unavailable",
         "state_name",
@@ -21,5 +22,5 @@ def test_public_names_are_pinned():
 
 
 def test_every_error_is_a_gradserve_error():
-    for name in ("InvalidArgument", "NotFound", "FailedPrecondition", "Unavailable"):
+    for name in ("InvalidArgument", "NotFound", "FailedPrecondition", "ResourceExhausted", "Unavailable"):
         assert issubclass(getattr(gradserve, name), gradserve.GradserveError)

@@ -142,6 +142,26 @@ def test_an_upload_past_max_uploads_waits_for_a_slot(server):
     assert done.get("id", "").startswith("ds-")
 
 
+def test_a_busy_refusal_says_when_to_retry_and_the_client_retries_within_its_time(server):
+    # The server lets an upload wait UPLOAD_WAIT_S (10 s) for the only slot, then refuses it as busy.
+    done = {}
+
+    def second():
+        with server.client(timeout=60) as c:
+            started = time.monotonic()
+            done["id"] = c.upload_bytes("sent again after a busy refusal", name="retried")
+            done["took"] = time.monotonic() - started
+
+    with HeldUpload(server):
+        waiting = threading.Thread(target=second, daemon=True)
+        waiting.start()
+        time.sleep(11)  # past the server's wait: the first attempt has been refused by now
+        assert waiting.is_alive() and not done
+    waiting.join(30)
+    assert done.get("id", "").startswith("ds-"), "the client gave up instead of retrying"
+    assert done["took"] > 10
+
+
 def test_an_upload_that_cannot_get_a_slot_in_time_is_refused_as_busy(server):
     with HeldUpload(server), server.client(timeout=2.0) as c:
         started = time.monotonic()
@@ -149,6 +169,7 @@ def test_an_upload_that_cannot_get_a_slot_in_time_is_refused_as_busy(server):
             c.upload_bytes("no room for me", name="third")
         waited = time.monotonic() - started
     assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value
+    assert isinstance(err.value, gradserve.ResourceExhausted) and err.value.retry_after == 1.0
     message = str(err.value)
     assert "busy" in message and "--max-uploads 1" in message and "unavailable" not in message.lower()
     assert 1.0 <= waited < 2.0  # it waited for a slot, then said so before the caller's deadline
