@@ -32,8 +32,6 @@ UPLOAD_CHUNK_BYTES = 1024 * 1024
 TERMINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
 _RECONNECT_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL}
 _WAIT_POLL_S = 0.5
-# The notice a server going away ends open event streams with.
-SERVER_SHUTTING_DOWN = "SERVER_SHUTTING_DOWN"
 # Generation runs on a worker that may first have to load the model; the
 # server gives up a little before this deadline and says why.
 DEFAULT_GENERATE_TIMEOUT_S = 120.0
@@ -290,8 +288,9 @@ class Job:
         If the connection drops, it reconnects from the last event it yielded, so
         no event is missed and none comes twice. It gives up with Unavailable
         after the client's `reconnect_timeout` without a connection. A server
-        that shuts down ends the stream with a SERVER_SHUTTING_DOWN notice,
-        which is not yielded: it is the cue to reconnect the same way.
+        that ends the stream early (it is shutting down, or this watcher fell
+        too far behind) sends a notice, which is not yielded: it is the cue to
+        reconnect the same way.
         """
         cursor = cursor or ""
         down_since = None
@@ -301,8 +300,10 @@ class Job:
             )
             try:
                 for event in call:
-                    if event.WhichOneof("kind") == "notice" and event.notice.code == SERVER_SHUTTING_DOWN:
-                        break  # reconnect from `cursor`, which a notice (not a stored event) does not move
+                    if event.WhichOneof("kind") == "notice":
+                        # The server ended the stream early (it is shutting down, or this watcher fell too far
+                        # behind): reconnect from `cursor`, which a notice (not a stored event) does not move.
+                        break
                     down_since = None
                     cursor = event.cursor
                     yield event

@@ -30,6 +30,7 @@ import sys
 from gradserve.cmdline import Parser, add_version
 from gradserve_server import auth, dev
 from gradserve_server.reaper import DEFAULT_INTERVAL_S, DEFAULT_MAX_ATTEMPTS
+from gradserve_server.relay import DEFAULT_QUEUE_EVENTS
 from gradserve_server.service import DEFAULT_MAX_UPLOADS, ListenError, tls_credentials
 from gradserve_server.serving import serve, wait_for_redis
 from gradserve_server.settings import Shared
@@ -67,6 +68,13 @@ def _parser() -> argparse.ArgumentParser:
         default=int(os.environ.get("GRADSERVE_MAX_UPLOADS", DEFAULT_MAX_UPLOADS)),
         help="uploads received at once, each holding its bytes and up to about 60 MiB more; another waits up to "
         f"10 s for a slot, then gets RESOURCE_EXHAUSTED (env GRADSERVE_MAX_UPLOADS, default {DEFAULT_MAX_UPLOADS})",
+    )
+    p.add_argument(
+        "--watcher-queue-events",
+        type=int,
+        default=int(os.environ.get("GRADSERVE_WATCHER_QUEUE_EVENTS", DEFAULT_QUEUE_EVENTS)),
+        help="events an event stream's watcher may fall behind before it is asked to reconnect from its cursor "
+        f"(the client does so by itself; env GRADSERVE_WATCHER_QUEUE_EVENTS, default {DEFAULT_QUEUE_EVENTS})",
     )
     p.add_argument(
         "--max-attempts",
@@ -120,6 +128,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"gradserve-server: --reap-interval must be above 0, got {args.reap_interval}")
     if args.max_uploads < 1:
         sys.exit(f"gradserve-server: --max-uploads must be at least 1, got {args.max_uploads}")
+    if args.watcher_queue_events < 1:
+        sys.exit(f"gradserve-server: --watcher-queue-events must be at least 1, got {args.watcher_queue_events}")
     if args.quota_queued < 0 or args.quota_running < 0:
         sys.exit("gradserve-server: --quota-queued and --quota-running must be 0 (no cap) or more")
     if bool(args.tls_cert) != bool(args.tls_key) or (args.tls_client_ca and not args.tls_cert):
@@ -139,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
                           max_dataset_bytes=int(args.max_dataset_mb * 1024 * 1024),
                           max_attempts=args.max_attempts, reap_interval=args.reap_interval, tokens=tokens,
                           credentials=credentials, quota_queued=args.quota_queued, quota_running=args.quota_running,
-                          max_uploads=args.max_uploads))
+                          max_uploads=args.max_uploads, watcher_queue_events=args.watcher_queue_events))
     except ListenError as e:
         sys.exit(f"gradserve-server: {e}")
 

@@ -28,6 +28,7 @@ from gradserve.v1 import jobs_pb2, jobs_pb2_grpc
 from gradserve_server import auth, corpus, errors, store
 from gradserve_server.decoding import StrictDecoding
 from gradserve_server.queue import CPU_QUEUE, GENERATE_QUEUE, GENERATE_TASK, GPU_QUEUE, dispatch, make_celery
+from gradserve_server.relay import DEFAULT_QUEUE_EVENTS, Relay
 from gradserve_server.settings import Shared
 
 log = logging.getLogger("gradserve.server")
@@ -46,9 +47,6 @@ CHUNK_BYTES = 1024 * 1024
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX = 50, 1000
 _CURSOR = re.compile(r"\d{1,20}-\d{1,20}")
-# How long one read of a followed stream waits for an event before looking
-# again (for the server's shutdown, say).
-_FOLLOW_POLL_S = 1.0
 # How long Generate waits for a generate worker's reply (less when the
 # caller's deadline is nearer), and what it keeps of that deadline for the answer.
 GENERATE_WAIT_S = 120.0
@@ -108,9 +106,12 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
     """
 
     def __init__(self, redis_url: str, *, shared: Shared = Shared(), max_dataset_bytes: int = DEFAULT_MAX_DATASET_BYTES,
-                 quota_queued: int = 0, quota_running: int = 0, max_uploads: int = DEFAULT_MAX_UPLOADS):
+                 quota_queued: int = 0, quota_running: int = 0, max_uploads: int = DEFAULT_MAX_UPLOADS,
+                 watcher_queue_events: int = DEFAULT_QUEUE_EVENTS):
         self.store = store.JobStore.from_url(redis_url)
-        self.astore = store.AsyncJobStore.from_url(redis_url)
+        # Streams and Generate's waits use connections of their own, so that neither can starve the other.
+        self.relay = Relay(store.AsyncJobStore.from_url(redis_url), queue_events=watcher_queue_events)
+        self.replies = store.AsyncJobStore.from_url(redis_url)
         self.celery = make_celery(redis_url, shared.visibility_timeout_s)
         self.max_dataset_bytes = max_dataset_bytes
         self.quota_queued, self.quota_running = quota_queued, quota_running
@@ -119,15 +120,15 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
         self.max_uploads = max_uploads
         self._upload_slots = asyncio.Semaphore(max_uploads)
         self._builtin_lock = asyncio.Lock()
-        self._shutting_down = False
 
     async def close(self) -> None:
-        await self.astore.close()
+        await self.relay.aclose()
+        await self.replies.close()
         self.store.close()
 
     def end_streams(self) -> None:
-        """The server is going away: every open StreamEvents ends within a second with a SERVER_SHUTTING_DOWN notice."""
-        self._shutting_down = True
+        """The server is going away: every open StreamEvents ends at once with a SERVER_SHUTTING_DOWN notice."""
+        self.relay.close()
 
     # ------------------------------------------------------------ helpers
 
@@ -346,31 +347,12 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
                                        f"its last event's cursor is {newest}; resume from the cursor of an event "
                                        "you received, or give none to replay the whole history")])
         # Every move to a terminal state appends its status event in the same
-        # script, and that event ends the loop below. So only a job still
-        # active when the stream opens can have more to wait for; for one that
-        # had ended, a read that does not block returns whatever is left.
-        follow = not request.history_only and job.state not in store.TERMINAL
-        while True:
-            if self._shutting_down:
-                # Notices are not stored, so this one carries the cursor of the
-                # last event sent: resuming from it continues right after that.
-                yield jobs_pb2.Event(
-                    cursor="" if last == "0-0" else last, job_id=request.job_id, time=store.timestamp(time.time()),
-                    notice=jobs_pb2.Notice(code="SERVER_SHUTTING_DOWN",
-                                           message="this server is shutting down; reconnect with your last cursor"),
-                )
-                return
-            # XREAD after an explicit id returns what is already there at once,
-            # so one loop both replays the history and follows the live tail.
-            events = await self.astore.read_events(request.job_id, last, count=500,
-                                                   block_s=_FOLLOW_POLL_S if follow else None)
-            if not events and not follow:
-                return
-            for event in events:
-                yield event
-                last = event.cursor
-                if store.is_terminal(event):
-                    return
+        # script, and that event ends the stream. So only a job still active
+        # when the stream opens can have more to wait for; for one that had
+        # ended, the stored history is all there is.
+        live = not request.history_only and job.state not in store.TERMINAL
+        async for event in self.relay.follow(request.job_id, last, live=live):
+            yield event
 
     @errors.rpc
     async def UploadDataset(self, request_iterator, context):
@@ -489,7 +471,7 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
         give_up_at = time.monotonic() + wait_s
         await self._call(self.celery.send_task, GENERATE_TASK, kwargs=task, queue=GENERATE_QUEUE, expires=wait_s)
         # Sending can take a while (a first connection to the broker); the caller's deadline still holds.
-        reply = await self.astore.wait_reply(request_id, give_up_at - time.monotonic())
+        reply = await self.replies.wait_reply(request_id, give_up_at - time.monotonic())
         if reply is None:
             raise errors.Unavailable(
                 f"no generate worker answered within {wait_s:.0f} s: they may all be busy or stuck; check "

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from gradserve import text
@@ -776,7 +778,10 @@ class AsyncJobStore:
 
     @classmethod
     def from_url(cls, url: str) -> "AsyncJobStore":
-        return cls(aioredis.Redis.from_url(url))
+        # One retry on a connection error: a pooled connection that a restarted Redis closed fails once, and
+        # the retry opens a fresh one. (redis-py's asyncio client retries nothing by default.)
+        return cls(aioredis.Redis.from_url(url, retry=AsyncRetry(NoBackoff(), 1),
+                                           retry_on_error=[redis.ConnectionError]))
 
     async def close(self) -> None:
         await self.r.aclose()
@@ -789,6 +794,11 @@ class AsyncJobStore:
         block = None if block_s is None else int(1000 * max(_BLOCK_MIN_S, min(_BLOCK_MAX_S, block_s)))
         replies = await self.r.xread({events_key(job_id): after}, count=count, block=block)
         return [decode_event(i, f) for i, f in replies[0][1]] if replies else []
+
+    async def last_cursor(self, job_id: str) -> str:
+        """The cursor of the job's newest event ("0-0" when it has none)."""
+        newest = await self.r.xrevrange(events_key(job_id), count=1)
+        return _text(newest[0][0]) if newest else "0-0"
 
     async def wait_reply(self, request_id: str, wait_s: float) -> dict | None:
         """The reply a generate worker pushed for `request_id`, or None when none came within `wait_s`."""
