@@ -58,11 +58,6 @@ _NOTICES = {
 }
 
 
-def _position(cursor: str) -> tuple[int, int]:
-    ms, _, seq = cursor.partition("-")
-    return int(ms), int(seq or 0)
-
-
 class _Watcher:
     def __init__(self, limit: int):
         self.limit = limit
@@ -117,9 +112,10 @@ class _Feed:
             if outage:
                 outage = False
                 self.relay.redis_up()
+            watchers = list(self.watchers)  # one snapshot a batch: a watcher may leave while it is handed out
             for event in events:
                 last = event.cursor
-                for watcher in list(self.watchers):
+                for watcher in watchers:
                     watcher.offer(event)
 
 
@@ -168,6 +164,11 @@ class Relay:
             log.warning("redis is back; the event feeds' reads had failed %d times", self._failed_reads)
             self._failed_reads = 0
 
+    async def newest(self, job_id: str) -> str:
+        """The cursor of the job's newest event ("0-0": none), read as one of the relay's short reads."""
+        async with self._history_reads:
+            return await self.astore.last_cursor(job_id)
+
     async def follow(self, job_id: str, after: str, *, live: bool) -> AsyncIterator[jobs_pb2.Event]:
         """Events after cursor `after` ("0-0": all), oldest first; with `live`, then new ones until the job ends.
 
@@ -184,8 +185,7 @@ class Relay:
             if live:
                 feed = self._feeds.get(job_id)
                 if feed is None:
-                    async with self._history_reads:
-                        start = await self.astore.last_cursor(job_id)
+                    start = await self.newest(job_id)
                     # Another watcher may have started one while this one waited for Redis.
                     feed = self._feeds.get(job_id)
                     if feed is None:
@@ -207,14 +207,14 @@ class Relay:
                 return
             if not live:
                 return
-            seen = _position(last)
+            seen = store.cursor_position(last)
             while True:
                 while watcher.events:
                     event = watcher.events.popleft()
-                    if _position(event.cursor) <= seen:
+                    if store.cursor_position(event.cursor) <= seen:
                         continue  # the history gave it already
                     yield event
-                    last, seen = event.cursor, _position(event.cursor)
+                    last, seen = event.cursor, store.cursor_position(event.cursor)
                     if store.is_terminal(event):
                         return
                 if watcher.ended:

@@ -63,7 +63,7 @@ _CURSOR_PART_MAX = 2**64 - 1
 def _parse_cursor(cursor: str) -> tuple[int, int]:
     """A cursor as (milliseconds, sequence), refusing anything that is not a Redis stream id."""
     if _CURSOR.fullmatch(cursor):
-        parts = tuple(int(p) for p in cursor.split("-"))
+        parts = store.cursor_position(cursor)
         if max(parts) <= _CURSOR_PART_MAX:
             return parts
     raise errors.Invalid([("cursor", f"must be a cursor from an earlier event (like 1700000000000-0: two whole numbers "
@@ -340,8 +340,8 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
         # ended, or a cursor from the future, nothing will ever come after it:
         # waiting would last until the deadline, or for ever. (A running job's
         # new events do pass a lost tail's cursor, so that watcher may follow.)
-        newest = await self._call(self.store.last_cursor, request.job_id)
-        if after > _parse_cursor(newest) and (
+        newest = await self.relay.newest(request.job_id)
+        if after > store.cursor_position(newest) and (
                 job.state in store.TERMINAL or after[0] > await self._call(self.store.now_ms)):
             raise errors.Invalid([("cursor", f"is past the last event of job {request.job_id}: got {request.cursor}, and "
                                        f"its last event's cursor is {newest}; resume from the cursor of an event "

@@ -115,6 +115,12 @@ def encode_event(event: jobs_pb2.Event) -> bytes:
     return event.SerializeToString()
 
 
+def cursor_position(cursor: str) -> tuple[int, int]:
+    """A cursor (a stream entry id, "ms-seq") as a pair that orders like the stream."""
+    ms, _, seq = cursor.partition("-")
+    return int(ms), int(seq or 0)
+
+
 def decode_event(entry_id: bytes | str, fields: dict) -> jobs_pb2.Event:
     """An Event read from a stream entry, with the entry id as its cursor."""
     event = jobs_pb2.Event.FromString(fields[b"e"])
@@ -565,11 +571,6 @@ class JobStore:
             args=[*self._fence_args(lease), kind, step, encode_event(event)],
         )
         return self._fenced_result(lease, result)
-
-    def last_cursor(self, job_id: str) -> str:
-        """The cursor of the job's newest event ("0-0" when it has none)."""
-        newest = self.r.xrevrange(events_key(job_id), count=1)
-        return _text(newest[0][0]) if newest else "0-0"
 
     def events_after(self, job_id: str, cursor: str = "", count: int = 1000) -> list[jobs_pb2.Event]:
         """Events strictly after `cursor` (all of them when it is empty), oldest first."""
