@@ -9,12 +9,12 @@ TORCH_CPU := torch==2.13.0
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: client/pyproject.toml server/pyproject.toml worker/pyproject.toml tests/requirements.txt
+$(VENV)/.installed: client/pyproject.toml proto/pyproject.toml server/pyproject.toml worker/pyproject.toml tests/requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_CPU)
 	# Compat mode puts each package's folder on sys.path, so modules added later need no reinstall.
 	$(PY) -m pip install -q --config-settings editable_mode=compat \
-	  -e './client[plot]' -e './server[dev]' -e ./worker -r tests/requirements.txt
+	  -e './client[cli,plot]' -e ./proto -e './server[dev]' -e ./worker -r tests/requirements.txt
 	touch $@
 
 demo: venv

@@ -46,7 +46,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import gradserve
-from gradserve_server import corpus, dev, store
+from gradserve_server import corpus, dev
+from gradserve_store import store
 from sections import write_section
 
 REPO = Path(__file__).resolve().parents[1]

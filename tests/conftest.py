@@ -20,7 +20,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import gradserve
-from gradserve_server import dev, store
+from gradserve_server import dev
+from gradserve_store import store
 
 REPO = Path(__file__).resolve().parents[1]
 # The Time Machine (public domain): the suite and the benchmarks read it from the repository itself.
@@ -62,6 +63,8 @@ class Stack:
     server_port: int = 0
     redis: subprocess.Popen | None = None
     server: subprocess.Popen | None = None
+    # Server processes beyond the first, on the same Redis (start_another_server).
+    other_servers: list[subprocess.Popen] = field(default_factory=list)
     workers: list[subprocess.Popen] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     # Each worker by its node name ("w1@test"), as jobs name the worker that runs them.
@@ -99,6 +102,17 @@ class Stack:
         with self._log("server") as log:
             self.server = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env})
         wait_serving(self.address, proc=self.server)
+
+    def start_another_server(self) -> str:
+        """Start one more server process on the same Redis, on a port of its own; returns its address."""
+        address = f"127.0.0.1:{dev.free_port()}"
+        args = [sys.executable, "-m", "gradserve_server.main", "--redis-url", self.redis_url, "--listen", address,
+                *self.server_args]
+        with self._log(f"server-{address.rpartition(':')[2]}") as log:
+            proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env})
+        self.other_servers.append(proc)
+        wait_serving(address, proc=proc)
+        return address
 
     def start_worker(self, name: str, queues: str = "cpu", env: dict[str, str] | None = None,
                      node: str | None = None, crash_at_step: int = 0) -> subprocess.Popen:
@@ -140,8 +154,9 @@ class Stack:
     def stop(self) -> None:
         for proc in self.workers:
             dev.stop_process(proc, 10)
-        if self.server is not None:
-            dev.stop_process(self.server)
+        for proc in [self.server, *self.other_servers]:
+            if proc is not None:
+                dev.stop_process(proc)
         if self.redis is not None:
             dev.stop_process(self.redis)
 

@@ -1,4 +1,5 @@
-"""The split between the three distributions holds: the client is light, the server never loads torch."""
+"""The split between the four distributions holds: the client is light, the server never loads torch,
+and each distribution installs only what it uses."""
 
 from __future__ import annotations
 
@@ -27,6 +28,45 @@ def test_client_distribution_requires_no_heavy_package():
     assert not names & HEAVY
 
 
+def _installed_closure(distribution: str, extras: frozenset[str] = frozenset()) -> set[str]:
+    """The distributions `pip install distribution[extras]` brings in, itself included (markers for this Python)."""
+    seen: set[str] = set()
+    todo = [(distribution, extras)]
+    while todo:
+        name, wanted = todo.pop()
+        if name in seen and not wanted:
+            continue
+        seen.add(name)
+        for line in requires(name) or ():
+            req = Requirement(line)
+            if req.marker and not any(req.marker.evaluate({"extra": e}) for e in (wanted or {""})):
+                continue
+            todo.append((req.name.lower().replace("_", "-"), frozenset(req.extras)))
+    return seen
+
+
+def test_each_distribution_installs_only_what_it_uses():
+    server = _installed_closure("gradserve-server")
+    worker = _installed_closure("gradserve-worker")
+    assert {"gradserve", "gradserve-store", "grpcio-health-checking", "redis"} <= server
+    assert {"gradserve", "gradserve-store", "torch", "celery"} <= worker
+    # The CLI's terminal library stays out of the images that have no terminal.
+    assert "rich" not in server | worker
+    assert "rich" in _installed_closure("gradserve", frozenset({"cli"}))
+    # A worker reaches the store without installing the gRPC server, and the server never installs torch.
+    assert not {"gradserve-server", "grpcio-health-checking"} & worker
+    assert "torch" not in server
+
+
+def test_the_command_without_the_cli_extra_names_the_extra():
+    # rich blocked as if not installed: the command says which extra brings it, with no traceback.
+    code = "import sys; sys.modules['rich'] = None; from gradserve.__main__ import main; sys.exit(main(['list']))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 1
+    assert done.stderr.strip() == "error: the gradserve command needs rich, which the cli extra installs: " \
+                                  "pip install 'gradserve[cli]'"
+
+
 def test_importing_the_client_and_cli_loads_no_heavy_module():
     loaded = _modules_loaded_by("import gradserve, gradserve.cli; gradserve.Client")
     assert "gradserve" in loaded
@@ -42,7 +82,7 @@ def test_the_server_never_imports_torch():
 def test_the_trainer_knows_nothing_of_celery_redis_or_grpc():
     loaded = _modules_loaded_by("import gradserve_worker.trainer")
     assert "torch" in loaded
-    assert not loaded & {"celery", "redis", "grpc", "gradserve_server"}
+    assert not loaded & {"celery", "redis", "grpc", "gradserve_server", "gradserve_store"}
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,7 +109,8 @@ def test_the_corpus_the_suite_reads_is_in_the_repository(timemachine):
     assert len(timemachine) > 100_000, "The Time Machine is about 170,000 characters"
 
 
-PACKAGES = {"gradserve": REPO / "client" / "gradserve", "gradserve_server": REPO / "server" / "gradserve_server",
+PACKAGES = {"gradserve": REPO / "client" / "gradserve", "gradserve_store": REPO / "proto" / "gradserve_store",
+            "gradserve_server": REPO / "server" / "gradserve_server",
             "gradserve_worker": REPO / "worker" / "gradserve_worker"}
 
 

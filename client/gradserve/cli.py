@@ -26,7 +26,6 @@ import argparse
 import errno
 import json
 import os
-import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -855,6 +854,3 @@ def main(argv: Sequence[str] | None = None, client_factory: ClientFactory = Clie
         code = EXIT_INTERRUPTED
     return code
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -28,11 +28,11 @@ from pathlib import Path
 import redis
 
 from gradserve.cmdline import Parser, add_version, command
-from gradserve_server import store
-from gradserve_server.queue import GENERATE_QUEUE
+from gradserve_store import store
+from gradserve_store.queue import GENERATE_QUEUE
 from gradserve_server.service import ListenError
 from gradserve_server.serving import serve
-from gradserve_server.settings import Shared
+from gradserve_store.settings import Shared
 
 WORKER_READY_S = 90.0
 WORKER_STOP_GRACE_S = 15.0

@@ -22,7 +22,7 @@ import redis
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
-from gradserve_server import store
+from gradserve_store import store
 
 log = logging.getLogger("gradserve.server")
 

@@ -33,7 +33,7 @@ from gradserve_server.reaper import DEFAULT_INTERVAL_S, DEFAULT_MAX_ATTEMPTS
 from gradserve_server.relay import DEFAULT_QUEUE_EVENTS
 from gradserve_server.service import DEFAULT_MAX_UPLOADS, ListenError, tls_credentials
 from gradserve_server.serving import serve, wait_for_redis
-from gradserve_server.settings import Shared
+from gradserve_store.settings import Shared
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 log = logging.getLogger("gradserve.server")

@@ -22,9 +22,9 @@ import logging
 import redis
 
 from gradserve.v1 import jobs_pb2
-from gradserve_server.queue import dispatch, make_celery
-from gradserve_server.settings import Shared
-from gradserve_server.store import JobStore
+from gradserve_store.queue import dispatch, make_celery
+from gradserve_store.settings import Shared
+from gradserve_store.store import JobStore
 
 log = logging.getLogger("gradserve.reaper")
 

@@ -31,7 +31,7 @@ from collections.abc import AsyncIterator
 import redis
 
 from gradserve.v1 import jobs_pb2
-from gradserve_server import store
+from gradserve_store import store
 
 log = logging.getLogger("gradserve.relay")
 

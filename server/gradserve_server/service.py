@@ -25,11 +25,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from gradserve import spec as specs
 from gradserve import text
 from gradserve.v1 import jobs_pb2, jobs_pb2_grpc
-from gradserve_server import auth, corpus, errors, store
+from gradserve_server import auth, corpus, errors
+from gradserve_store import store
 from gradserve_server.decoding import StrictDecoding
-from gradserve_server.queue import CPU_QUEUE, GENERATE_QUEUE, GENERATE_TASK, GPU_QUEUE, dispatch, make_celery
+from gradserve_store.queue import CPU_QUEUE, GENERATE_QUEUE, GENERATE_TASK, GPU_QUEUE, dispatch, make_celery
 from gradserve_server.relay import DEFAULT_QUEUE_EVENTS, Relay
-from gradserve_server.settings import Shared
+from gradserve_store.settings import Shared
 
 log = logging.getLogger("gradserve.server")
 

@@ -13,10 +13,11 @@ import sys
 
 import redis
 
-from gradserve_server import corpus, store
+from gradserve_server import corpus
+from gradserve_store import store
 from gradserve_server.reaper import DEFAULT_INTERVAL_S, DEFAULT_MAX_ATTEMPTS, Reaper
 from gradserve_server.service import create_server, mark_serving
-from gradserve_server.settings import Shared
+from gradserve_store.settings import Shared
 
 STOP_GRACE_S = 5.0
 # After a stop signal the server says NOT_SERVING but still answers for this

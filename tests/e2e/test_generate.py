@@ -19,7 +19,7 @@ import pytest
 
 import gradserve
 from gradserve.v1 import jobs_pb2
-from gradserve_server import store
+from gradserve_store import store
 
 SMALL = dict(model="lstm", hidden_size=32, batch_size=16, num_steps=20, preprocess="d2l")
 PREFIX = "time traveller"

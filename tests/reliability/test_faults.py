@@ -21,8 +21,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import gradserve
 from gradserve.v1 import jobs_pb2, jobs_pb2_grpc
-from gradserve_server import store
-from gradserve_server.queue import TRAIN_TASK, make_celery
+from gradserve_store import store
+from gradserve_store.queue import TRAIN_TASK, make_celery
+from gradserve_server import dev
 from gradserve_worker import hooks
 
 LEASE_TTL_S = 4
@@ -82,8 +83,8 @@ def check_stream(events, max_steps: int, *, gaps_allowed: bool = False) -> list[
 class Watcher:
     """Follows a job's events through the public client from a thread of its own, as a user would."""
 
-    def __init__(self, stack, job_id: str):
-        self.client = stack.client(reconnect_timeout=120)
+    def __init__(self, stack, job_id: str, target: str | None = None):
+        self.client = gradserve.Client(target, reconnect_timeout=120) if target else stack.client(reconnect_timeout=120)
         self.events: list[jobs_pb2.Event] = []
         self.arrived: list[float] = []
         self.error: BaseException | None = None
@@ -361,6 +362,46 @@ def test_sigterm_of_the_server_ends_streams_with_a_notice_and_the_client_resumes
     check_stream(events, max_steps)
     measured("sigterm-server", server_exit_s=round(exited_s, 2), events_before_notice=len(raw) - 1,
              watcher_silent_s=longest_silence(watch), events_lost=0, events_duplicated=0)
+
+
+def test_two_server_processes_relay_on_their_own_and_a_watcher_moves_between_them(rstack, corpus_id):
+    max_steps = 3000
+    second = rstack.start_another_server()
+    first = rstack.server
+    try:
+        with rstack.client() as c:
+            job = c.submit(dataset=corpus_id, max_steps=max_steps, **JOB)
+            # A target list: the channel uses the first address while it answers, then the next.
+            moving = Watcher(rstack, job.id, target=f"ipv4:{rstack.address},{second}")
+            # One plain call on the second process, which must not notice the first one going away.
+            with grpc.insecure_channel(second) as channel:
+                call = jobs_pb2_grpc.JobServiceStub(channel).StreamEvents(
+                    jobs_pb2.StreamEventsRequest(job_id=job.id), timeout=240)
+                staying: list[jobs_pb2.Event] = []
+                reader = threading.Thread(target=lambda: staying.extend(call), daemon=True)
+                reader.start()
+                moving.wait_for(metrics_at_least(100))
+                first.send_signal(signal.SIGTERM)
+                first.wait(SERVER_GRACE_S + 10)
+                seen_from_the_first = len(moving.events)
+                events = moving.join()
+                reader.join(120)
+        with gradserve.Client(second) as c:
+            final = c.get_job(job.id)
+    finally:
+        for proc in rstack.other_servers:
+            dev.stop_process(proc)
+        rstack.other_servers.clear()
+
+    assert final.state == "SUCCEEDED"
+    # The moving watcher resumed on the second process with its cursor (the first had exited, so everything
+    # after seen_from_the_first came from the second): nothing missed, nothing twice.
+    check_stream(events, max_steps)
+    assert len(events) > seen_from_the_first
+    # The second process's own watcher streamed the whole job in one call, with no notice.
+    assert not reader.is_alive()
+    check_stream(staying, max_steps)
+    assert [e.cursor for e in staying] == [e.cursor for e in events]
 
 
 def test_a_job_whose_worker_dies_every_time_fails_after_max_attempts(make_stack, timemachine):

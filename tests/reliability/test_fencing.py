@@ -12,7 +12,7 @@ import time
 import pytest
 
 from gradserve.v1 import jobs_pb2
-from gradserve_server import store
+from gradserve_store import store
 from gradserve_server.reaper import reap
 
 LEASE_S = 0.3

@@ -18,7 +18,7 @@ import redis
 
 import gradserve
 from gradserve.v1 import jobs_pb2, jobs_pb2_grpc
-from gradserve_server import store
+from gradserve_store import store
 
 SMALL = dict(model="rnn", hidden_size=16, batch_size=8, num_steps=10, preprocess="d2l", val_fraction=0.0)
 

@@ -20,7 +20,7 @@ import redis
 import redis.asyncio as aioredis
 
 from gradserve.v1 import jobs_pb2, jobs_pb2_grpc
-from gradserve_server import store
+from gradserve_store import store
 from gradserve_server.relay import FEED_POLL_S, HISTORY_READS, Relay
 
 SMALL = dict(model="rnn", hidden_size=8, batch_size=4, num_steps=5, preprocess="d2l", val_fraction=0.0)

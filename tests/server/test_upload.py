@@ -15,7 +15,8 @@ import gradserve
 from gradserve import text
 from gradserve.client import UPLOAD_CHUNK_BYTES
 from gradserve.v1 import jobs_pb2, jobs_pb2_grpc
-from gradserve_server import corpus, store
+from gradserve_server import corpus
+from gradserve_store import store
 
 MIB = 2**20
 # The bound under test: an upload may cost the server 3x its bytes plus this.

@@ -15,9 +15,9 @@ import redis
 from celery import Celery
 from celery.exceptions import Reject
 
-from gradserve_server.queue import GENERATE_TASK, TRAIN_TASK, dispatch, make_celery
-from gradserve_server.settings import Shared
-from gradserve_server.store import JobStore
+from gradserve_store.queue import GENERATE_TASK, TRAIN_TASK, dispatch, make_celery
+from gradserve_store.settings import Shared
+from gradserve_store.store import JobStore
 
 # How long a job's writes keep retrying while Redis is unreachable (restarting,
 # say) before the attempt gives up and leaves the job to the reaper.

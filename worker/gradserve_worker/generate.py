@@ -26,7 +26,7 @@ from collections import OrderedDict
 
 import torch
 from gradserve.text import preprocess, tokenize
-from gradserve_server import store
+from gradserve_store import store
 
 from gradserve_worker.trainer import Checkpoint, load_checkpoint
 

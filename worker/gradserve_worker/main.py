@@ -35,9 +35,9 @@ import time
 from celery import signals
 
 from gradserve.cmdline import Parser, add_version
-from gradserve_server.queue import GENERATE_QUEUE, QUEUES
-from gradserve_server.store import HEARTBEAT_S, JobStore
-from gradserve_server.settings import Shared
+from gradserve_store.queue import GENERATE_QUEUE, QUEUES
+from gradserve_store.store import HEARTBEAT_S, JobStore
+from gradserve_store.settings import Shared
 from gradserve_worker.app import DEFAULT_REDIS_RETRY_S, WorkerSettings, create_app
 
 DEFAULT_SHUTDOWN_GRACE_S = 30.0

@@ -24,7 +24,7 @@ import redis
 
 from gradserve.spec import SYNTHETIC_TASKS
 from gradserve.v1 import jobs_pb2
-from gradserve_server.store import Fenced, JobStore, Lease, NotFound, Refused
+from gradserve_store.store import Fenced, JobStore, Lease, NotFound, Refused
 from gradserve_worker import hooks
 from gradserve_worker.errors import CannotTrain
 from gradserve_worker.events import to_event

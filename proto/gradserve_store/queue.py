@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from celery import Celery
 
-from gradserve_server.settings import DEFAULT_VISIBILITY_TIMEOUT_S
-from gradserve_server.store import JobStore
+from gradserve_store.settings import DEFAULT_VISIBILITY_TIMEOUT_S
+from gradserve_store.store import JobStore
 
 TRAIN_TASK = "gradserve.train"
 # Training queues: a job's device picks one (SubmitJob), and every job record names its own.

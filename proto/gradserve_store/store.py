@@ -40,7 +40,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from gradserve import text
 from gradserve.v1 import jobs_pb2
-from gradserve_server import scripts
+from gradserve_store import scripts
 
 log = logging.getLogger("gradserve.store")
 
