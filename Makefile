@@ -35,6 +35,7 @@ bench: venv
 	$(PY) bench/run.py
 	$(PY) bench/memory.py
 	$(PY) bench/upload.py
+	$(PY) bench/fanout.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -151,3 +151,16 @@ def test_the_import_graph_has_no_cycle():
 
     for name in sorted(graph):
         visit(name, [])
+
+
+# The entry points (each reads its flags and environment once) and the settings modules they build from.
+READS_ENVIRONMENT = {"client/gradserve/settings.py", "client/gradserve/cli.py", "proto/gradserve_store/settings.py",
+                     "server/gradserve_server/main.py", "server/gradserve_server/dev.py",
+                     "worker/gradserve_worker/main.py"}
+
+
+def test_only_entry_points_and_settings_read_the_environment():
+    readers = {str(path.relative_to(REPO)) for folder in PACKAGES.values() for path in folder.rglob("*.py")
+               if re.search(r"\bos\.environ\b|\bgetenv\(", path.read_text())}
+    assert readers <= READS_ENVIRONMENT, f"read the environment below an entry point: {sorted(readers - READS_ENVIRONMENT)}"
+    assert "server/gradserve_server/main.py" in readers, "the scan must see the entry points' reads"

@@ -13,7 +13,7 @@ The names below load on first use, so that the pure modules of this package
 from importlib import import_module
 
 _EXPORTS = {
-    "DEFAULT_SERVER": "gradserve.client",
+    "DEFAULT_SERVER": "gradserve.settings",
     "TERMINAL_STATES": "gradserve.client",
     "Client": "gradserve.client",
     "Job": "gradserve.client",

@@ -39,9 +39,10 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
 from gradserve import spec as specs
-from gradserve.client import DEFAULT_GENERATE_TOKENS, DEFAULT_SERVER, TERMINAL_STATES, Client, state_name
+from gradserve.client import DEFAULT_GENERATE_TOKENS, TERMINAL_STATES, Client, state_name
 from gradserve.cmdline import Parser, add_version, command
 from gradserve.errors import FailedPrecondition, GradserveError, InvalidArgument, Unavailable
+from gradserve.settings import DEFAULT_SERVER, ClientSettings
 from gradserve.v1 import jobs_pb2
 
 EXIT_OK = 0
@@ -692,7 +693,7 @@ def add_spec_flags(parser: argparse.ArgumentParser) -> None:
 def _add_global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     # Subcommands accept the global options too, but must not reset what was
     # given before the subcommand, hence SUPPRESS there.
-    server_default = argparse.SUPPRESS if suppress else os.environ.get("GRADSERVE_SERVER") or DEFAULT_SERVER
+    server_default = argparse.SUPPRESS if suppress else ClientSettings.from_env().server
     parser.add_argument(
         "--server", default=server_default, metavar="HOST:PORT",
         help=f"the gradserve server (env GRADSERVE_SERVER, default {DEFAULT_SERVER})",

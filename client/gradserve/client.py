@@ -22,14 +22,16 @@ import grpc
 from gradserve import spec as specs
 from gradserve._channel import open_channel
 from gradserve.errors import InvalidArgument, Unavailable, from_rpc_error
+from gradserve.settings import ClientSettings
 from gradserve.v1 import jobs_pb2, jobs_pb2_grpc
 
-DEFAULT_SERVER = "127.0.0.1:50051"
 DEFAULT_TIMEOUT_S = 30.0
 # How long events() keeps trying to reconnect before it gives up.
 DEFAULT_RECONNECT_S = 60.0
 UPLOAD_CHUNK_BYTES = 1024 * 1024
 TERMINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
+# The wait before reconnecting an event stream, unless the server asks for longer.
+RECONNECT_PAUSE_S = 0.2
 _RECONNECT_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL}
 _WAIT_POLL_S = 0.5
 # Generation runs on a worker that may first have to load the model; the
@@ -72,15 +74,16 @@ class Client:
         without a CA file it trusts the system's roots. `cert_file` and
         `key_file` present a client certificate, for servers that require one.
         """
-        self.target = target or os.environ.get("GRADSERVE_SERVER") or DEFAULT_SERVER
+        defaults = ClientSettings.from_env()
+        self.target = target or defaults.server
         self.timeout = timeout
         self.reconnect_timeout = reconnect_timeout
-        ca_file = ca_file or os.environ.get("GRADSERVE_CA_FILE") or None
+        ca_file = ca_file or defaults.ca_file
         if tls is None:
-            tls = bool(ca_file or cert_file) or os.environ.get("GRADSERVE_TLS") == "1"
+            tls = bool(ca_file or cert_file) or defaults.tls
         self._channel = open_channel(
-            self.target, token=token or os.environ.get("GRADSERVE_TOKEN") or None, tls=tls, ca_file=ca_file,
-            cert_file=cert_file, key_file=key_file,
+            self.target, token=token or defaults.token, tls=tls, ca_file=ca_file, cert_file=cert_file,
+            key_file=key_file,
         )
         self.stub = jobs_pb2_grpc.JobServiceStub(self._channel)
 
@@ -295,11 +298,12 @@ class Job:
         cursor = cursor or ""
         down_since = None
         while True:
-            call = self.client.stub.StreamEvents(
+            pause = RECONNECT_PAUSE_S
+            call = self.client.stub.StreamEventBatches(
                 jobs_pb2.StreamEventsRequest(job_id=self.id, cursor=cursor, history_only=not follow)
             )
             try:
-                for event in call:
+                for event in (event for batch in call for event in batch.events):
                     if event.WhichOneof("kind") == "notice":
                         # The server ended the stream early (it is shutting down, or this watcher fell too far
                         # behind): reconnect from `cursor`, which a notice (not a stored event) does not move.
@@ -314,8 +318,12 @@ class Job:
                     # there was, or the job had ended before `cursor`. Only a notice reconnects.
                     return
             except grpc.RpcError as e:
-                if e.code() not in _RECONNECT_CODES:
-                    raise from_rpc_error(e) from None
+                error = from_rpc_error(e)
+                # A server busy with other watchers says when to try again; that counts as being cut off.
+                busy_for = getattr(error, "retry_after", None)
+                if e.code() not in _RECONNECT_CODES and busy_for is None:
+                    raise error from None
+                pause = max(pause, busy_for or 0.0)
             except Unavailable:
                 pass
             finally:
@@ -329,7 +337,7 @@ class Job:
                 # Where to resume: events(cursor=e.cursor) continues right after the last event given.
                 lost.cursor = cursor
                 raise lost
-            time.sleep(0.2)
+            time.sleep(pause)
 
     def generate(self, prefix: str = "", num_tokens: int = DEFAULT_GENERATE_TOKENS, *, temperature: float = 0.0,
                  seed: int = 0, timeout: float = DEFAULT_GENERATE_TIMEOUT_S) -> jobs_pb2.GenerateResponse:

@@ -31,6 +31,7 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import redis
 import redis.asyncio as aioredis
@@ -126,6 +127,62 @@ def decode_event(entry_id: bytes | str, fields: dict) -> jobs_pb2.Event:
     event = jobs_pb2.Event.FromString(fields[b"e"])
     event.cursor = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
     return event
+
+
+class Stored(NamedTuple):
+    """An event read from its stream, with what each of its watchers needs worked out once for all of them.
+
+    `wire` is the event encoded (its cursor included), `framed` the same as an
+    element of EventBatch.events, `position` its cursor_position, `ends`
+    whether it ends the stream (is_terminal).
+    """
+
+    event: jobs_pb2.Event
+    wire: bytes
+    framed: bytes
+    position: tuple[int, int]
+    ends: bool
+
+    @classmethod
+    def of(cls, event: jobs_pb2.Event, wire: bytes) -> "Stored":
+        return cls(event, wire, _length_delimited(_EVENTS_TAG, wire), cursor_position(event.cursor) if event.cursor
+                   else (0, 0), is_terminal(event))
+
+
+def _length_delimited(field_tag: bytes, data: bytes) -> bytes:
+    """`data` as one length-delimited protobuf field whose tag byte is `field_tag`."""
+    size, head = len(data), bytearray(field_tag)
+    while size > 0x7F:
+        head.append(0x80 | (size & 0x7F))
+        size >>= 7
+    head.append(size)
+    return bytes(head) + data
+
+
+_CURSOR_TAG = b"\x0a"  # Event.cursor: field 1, length-delimited
+_EVENTS_TAG = b"\x0a"  # EventBatch.events: field 1, length-delimited
+
+
+def stored_event(entry_id: bytes | str, fields: dict) -> Stored:
+    """A stream entry as a Stored event.
+
+    Protobuf reads a field given twice as its last value, so appending the
+    cursor to the stored bytes encodes the event with its cursor without
+    encoding it again: a relay encodes each event once, not once per watcher.
+    """
+    cursor = entry_id if isinstance(entry_id, bytes) else entry_id.encode()
+    wire = fields[b"e"] + _length_delimited(_CURSOR_TAG, cursor)
+    return Stored.of(jobs_pb2.Event.FromString(wire), wire)
+
+
+def stored(event: jobs_pb2.Event) -> Stored:
+    """An event made here (a notice, say) in the form the relay hands out."""
+    return Stored.of(event, event.SerializeToString())
+
+
+def batch_wire(items: list[Stored]) -> bytes:
+    """The EventBatch of `items`, from their encoded bytes."""
+    return b"".join(item.framed for item in items)
 
 
 def status_event(job_id: str, state: int, reason: str = "", worker: str = "", step: int = 0, attempt: int = 0,
@@ -787,14 +844,22 @@ class AsyncJobStore:
     async def close(self) -> None:
         await self.r.aclose()
 
-    async def read_events(self, job_id: str, after: str, *, count: int, block_s: float | None) -> list[jobs_pb2.Event]:
-        """Up to `count` events after cursor `after` ("0-0": from the start), oldest first.
+    async def read_events(self, job_id: str, after: str, *, count: int) -> list[Stored]:
+        """Up to `count` events after cursor `after` ("0-0": from the start), oldest first, without waiting."""
+        replies = await self.r.xread({events_key(job_id): after}, count=count)
+        return [stored_event(i, f) for i, f in replies[0][1]] if replies else []
 
-        With `block_s`, waits up to that long (at most a second) for one to come when there is none yet.
+    async def read_streams(self, afters: dict[str, str], *, count: int, block_s: float) -> dict[str, list[Stored]]:
+        """For each job in `afters` (job id -> cursor), up to `count` of its events after that cursor.
+
+        One read for all of them, waiting up to `block_s` (at most a second) for
+        any to have one; only jobs with events are in the answer.
         """
-        block = None if block_s is None else int(1000 * max(_BLOCK_MIN_S, min(_BLOCK_MAX_S, block_s)))
-        replies = await self.r.xread({events_key(job_id): after}, count=count, block=block)
-        return [decode_event(i, f) for i, f in replies[0][1]] if replies else []
+        block = int(1000 * max(_BLOCK_MIN_S, min(_BLOCK_MAX_S, block_s)))
+        replies = await self.r.xread({events_key(job_id): after for job_id, after in afters.items()},
+                                     count=count, block=block)
+        prefix = len(events_key(""))
+        return {_text(key)[prefix:]: [stored_event(i, f) for i, f in entries] for key, entries in replies or ()}
 
     async def last_cursor(self, job_id: str) -> str:
         """The cursor of the job's newest event ("0-0" when it has none)."""

@@ -30,7 +30,7 @@ import sys
 from gradserve.cmdline import Parser, add_version
 from gradserve_server import auth, dev
 from gradserve_server.reaper import DEFAULT_INTERVAL_S, DEFAULT_MAX_ATTEMPTS
-from gradserve_server.relay import DEFAULT_QUEUE_EVENTS
+from gradserve_server.relay import DEFAULT_MAX_WATCHERS, DEFAULT_QUEUE_EVENTS
 from gradserve_server.service import DEFAULT_MAX_UPLOADS, ListenError, tls_credentials
 from gradserve_server.serving import serve, wait_for_redis
 from gradserve_store.settings import Shared
@@ -75,6 +75,13 @@ def _parser() -> argparse.ArgumentParser:
         default=int(os.environ.get("GRADSERVE_WATCHER_QUEUE_EVENTS", DEFAULT_QUEUE_EVENTS)),
         help="events an event stream's watcher may fall behind before it is asked to reconnect from its cursor "
         f"(the client does so by itself; env GRADSERVE_WATCHER_QUEUE_EVENTS, default {DEFAULT_QUEUE_EVENTS})",
+    )
+    p.add_argument(
+        "--max-watchers",
+        type=int,
+        default=int(os.environ.get("GRADSERVE_MAX_WATCHERS", DEFAULT_MAX_WATCHERS)),
+        help="event streams served at once; another is refused with RESOURCE_EXHAUSTED, which the client retries "
+        f"after a second (env GRADSERVE_MAX_WATCHERS, default {DEFAULT_MAX_WATCHERS})",
     )
     p.add_argument(
         "--max-attempts",
@@ -128,6 +135,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"gradserve-server: --reap-interval must be above 0, got {args.reap_interval}")
     if args.max_uploads < 1:
         sys.exit(f"gradserve-server: --max-uploads must be at least 1, got {args.max_uploads}")
+    if args.max_watchers < 1:
+        sys.exit(f"gradserve-server: --max-watchers must be at least 1, got {args.max_watchers}")
     if args.watcher_queue_events < 1:
         sys.exit(f"gradserve-server: --watcher-queue-events must be at least 1, got {args.watcher_queue_events}")
     if args.quota_queued < 0 or args.quota_running < 0:
@@ -149,7 +158,8 @@ def main(argv: list[str] | None = None) -> None:
                           max_dataset_bytes=int(args.max_dataset_mb * 1024 * 1024),
                           max_attempts=args.max_attempts, reap_interval=args.reap_interval, tokens=tokens,
                           credentials=credentials, quota_queued=args.quota_queued, quota_running=args.quota_running,
-                          max_uploads=args.max_uploads, watcher_queue_events=args.watcher_queue_events))
+                          max_uploads=args.max_uploads, watcher_queue_events=args.watcher_queue_events,
+                          max_watchers=args.max_watchers))
     except ListenError as e:
         sys.exit(f"gradserve-server: {e}")
 

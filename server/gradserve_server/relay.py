@@ -1,18 +1,26 @@
-"""The event relay: one Redis reader per followed job in this server process, fanned out to its watchers.
+"""The event relay: one Redis reader for all the jobs this server process follows, fanned out to their watchers.
 
     watcher A ─┐                      ┌─ history after A's cursor (XREAD, no wait), then A's queue
     watcher B ─┼─ Relay ── Feed(job) ─┤
-    watcher C ─┘           one reader └─ blocking XREAD on events:{job} → every watcher's queue
+    watcher C ─┘                      └─ the relay's one blocking XREAD over every feed's stream
+                                         → every watcher's queue
 
 A feed fixes where it starts (the job's newest event) before any watcher
 registers with it, and a watcher reads the history after its cursor only
 once registered: whatever the feed reads after its start reaches the
 watcher's queue, and whatever came before is in the history. Live events the
 history already gave are dropped, so the seam has neither a gap nor a
-duplicate. The feed starts with its first watcher and stops after its
-last one leaves, and at most HISTORY_READS history reads run at once, so the
-Redis connections a server holds grow with the jobs followed, never with the
-watchers.
+duplicate. A feed starts with its job's first watcher and stops after its
+last one leaves. One reader serves every feed with a single XREAD over all
+their streams, and at most HISTORY_READS history reads run at once, so the
+Redis connections a server holds for its watchers stay constant, however
+many watch and however many jobs they watch.
+
+Events go out in batches: whatever a watcher has waiting (up to BATCH_BYTES)
+is one message, so one that falls behind catches up in fewer messages, which
+is where a server's time goes (about 70 us of CPU per gRPC message, whatever
+its size). Each event is encoded once, where it is read (store.Stored), not
+once per watcher.
 
 Each watcher's queue is bounded. A watcher that falls `queue_events` behind
 (DEFAULT_QUEUE_EVENTS) is ended with a notice that carries its cursor, and the client resumes from it
@@ -37,10 +45,16 @@ log = logging.getLogger("gradserve.relay")
 
 # Events a watcher may fall behind its feed before it is asked to resume from its cursor.
 DEFAULT_QUEUE_EVENTS = 10_000
-# How long one blocking read of a feed waits for an event before looking again (for its watchers leaving).
-FEED_POLL_S = 1.0
-# Events one history read or one feed read takes at a time.
+# Event streams one server process serves at once; more are refused as busy. A grpc.aio server (grpcio
+# 1.85) stops starting new streaming calls at about 2,400 open ones, without an error, and gradserve's at
+# about 1,800: below that, a stream too many is told so instead of hanging (see BENCHMARKS.md).
+DEFAULT_MAX_WATCHERS = 1_500
+# How long the reader's blocking read waits for an event before it reads again, taking in feeds added meanwhile.
+FEED_POLL_S = 0.25
+# Events one history read takes at a time, and the reader from each stream.
 BATCH = 500
+# The most encoded bytes one message carries; a single larger event still goes, alone.
+BATCH_BYTES = 1 << 20
 # Short reads (history, a feed's start) in flight at once, whatever the number of watchers arriving:
 # each holds a connection.
 HISTORY_READS = 8
@@ -61,18 +75,18 @@ _NOTICES = {
 class _Watcher:
     def __init__(self, limit: int):
         self.limit = limit
-        self.events: collections.deque[jobs_pb2.Event] = collections.deque()
+        self.events: collections.deque[store.Stored] = collections.deque()
         self.wake = asyncio.Event()
         self.ended = ""  # a notice code once the watcher must stop
 
-    def offer(self, event: jobs_pb2.Event) -> None:
+    def offer(self, item: store.Stored) -> None:
         if self.ended:
             return
         if len(self.events) >= self.limit:
             self.events.clear()  # it will replay from Redis; holding these helps nobody
             self.ended = WATCHER_TOO_SLOW
         else:
-            self.events.append(event)
+            self.events.append(item)
         self.wake.set()
 
     def end(self, code: str) -> None:
@@ -81,55 +95,24 @@ class _Watcher:
 
 
 class _Feed:
-    """The one reader of a job's stream in this process."""
+    """A followed job: where the reader has read its stream up to, and the watchers it hands events to."""
 
-    def __init__(self, relay: Relay, job_id: str, start: str):
-        self.relay, self.job_id, self.start = relay, job_id, start
+    def __init__(self, job_id: str, start: str):
+        self.job_id, self.last = job_id, start
         self.watchers: set[_Watcher] = set()
-        self.task = asyncio.create_task(self._guarded())
-        # The relay keeps every task until it ends, a feed its watchers left included (its last read).
-        relay.tasks.add(self.task)
-        self.task.add_done_callback(relay.tasks.discard)
-
-    async def _guarded(self) -> None:
-        try:
-            await self.run()
-        except Exception:
-            log.exception("the feed of job %s failed; its watchers are asked to reconnect", self.job_id)
-            for watcher in list(self.watchers):
-                watcher.end(FEED_FAILED)
-
-    async def run(self) -> None:
-        astore, last, outage = self.relay.astore, self.start, False
-        while self.watchers:
-            try:
-                events = await astore.read_events(self.job_id, last, count=BATCH, block_s=FEED_POLL_S)
-            except (redis.ConnectionError, redis.TimeoutError) as e:
-                outage = True
-                self.relay.redis_down(e)
-                await asyncio.sleep(RETRY_S)
-                continue
-            if outage:
-                outage = False
-                self.relay.redis_up()
-            watchers = list(self.watchers)  # one snapshot a batch: a watcher may leave while it is handed out
-            for event in events:
-                last = event.cursor
-                for watcher in watchers:
-                    watcher.offer(event)
 
 
 class Relay:
-    """The feeds of this server process's followed jobs. `follow` is what StreamEvents runs."""
+    """The feeds of this server process's followed jobs and their one reader. `follow` is what the streams run."""
 
     def __init__(self, astore: store.AsyncJobStore, *, queue_events: int = DEFAULT_QUEUE_EVENTS):
         self.astore, self.queue_events = astore, queue_events
         self._feeds: dict[str, _Feed] = {}
         self._watchers: set[_Watcher] = set()
+        self._reader: asyncio.Task | None = None
         self._closing = False
         self._failed_reads = 0
         self._history_reads = asyncio.Semaphore(HISTORY_READS)
-        self.tasks: set[asyncio.Task] = set()
 
     @property
     def feeds(self) -> int:
@@ -146,22 +129,67 @@ class Relay:
             watcher.end(SERVER_SHUTTING_DOWN)
 
     async def aclose(self) -> None:
-        """Stop the feeds still reading, then let go of Redis."""
+        """Stop the reader, then let go of Redis."""
         self.close()
-        for task in list(self.tasks):
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
         await self.astore.close()
 
+    def _add_feed(self, job_id: str, start: str) -> _Feed:
+        feed = self._feeds[job_id] = _Feed(job_id, start)
+        if self._reader is None:
+            self._reader = asyncio.create_task(self._guarded_read())
+        return feed
+
+    async def _guarded_read(self) -> None:
+        try:
+            await self._read()
+        except Exception:
+            log.exception("the relay's reader failed; its watchers are asked to reconnect")
+            self._reader = None
+            for feed in list(self._feeds.values()):
+                for watcher in list(feed.watchers):
+                    watcher.end(FEED_FAILED)
+
+    async def _read(self) -> None:
+        outage = False
+        while True:
+            if not self._feeds:
+                # Checked and cleared in one step of the loop, so a feed added from now on starts a new reader.
+                self._reader = None
+                return
+            # A feed added during the read waits for the next one (at most FEED_POLL_S); its start is
+            # fixed, so it loses nothing.
+            feeds = dict(self._feeds)
+            try:
+                read = await self.astore.read_streams({job_id: feed.last for job_id, feed in feeds.items()},
+                                                      count=BATCH, block_s=FEED_POLL_S)
+            except (redis.ConnectionError, redis.TimeoutError) as e:
+                outage = True
+                self.redis_down(e)
+                await asyncio.sleep(RETRY_S)
+                continue
+            if outage:
+                outage = False
+                self.redis_up()
+            for job_id, items in read.items():
+                feed = feeds[job_id]
+                watchers = list(feed.watchers)  # one snapshot a batch: a watcher may leave while it is handed out
+                for item in items:
+                    feed.last = item.event.cursor
+                    for watcher in watchers:
+                        watcher.offer(item)
+
     def redis_down(self, error: Exception) -> None:
-        # One line when an outage starts and one when it ends, whatever the number of feeds retrying.
+        # One line when an outage starts and one when it ends, however long it lasts.
         if not self._failed_reads:
-            log.warning("redis unreachable (%s); the event feeds retry every %.1f s", error, RETRY_S)
+            log.warning("redis unreachable (%s); the event reader retries every %.1f s", error, RETRY_S)
         self._failed_reads += 1
 
     def redis_up(self) -> None:
         if self._failed_reads:
-            log.warning("redis is back; the event feeds' reads had failed %d times", self._failed_reads)
+            log.warning("redis is back; the event reader's reads had failed %d times", self._failed_reads)
             self._failed_reads = 0
 
     async def newest(self, job_id: str) -> str:
@@ -169,8 +197,9 @@ class Relay:
         async with self._history_reads:
             return await self.astore.last_cursor(job_id)
 
-    async def follow(self, job_id: str, after: str, *, live: bool) -> AsyncIterator[jobs_pb2.Event]:
-        """Events after cursor `after` ("0-0": all), oldest first; with `live`, then new ones until the job ends.
+    async def follow(self, job_id: str, after: str, *, live: bool) -> AsyncIterator[list[store.Stored]]:
+        """Batches of the events after cursor `after` ("0-0": all), oldest first; with `live`, then new ones until
+        the job ends.
 
         A stream ended early (the server closing, the watcher too slow) ends
         with a notice whose cursor is that of the last event given.
@@ -189,36 +218,38 @@ class Relay:
                     # Another watcher may have started one while this one waited for Redis.
                     feed = self._feeds.get(job_id)
                     if feed is None:
-                        feed = self._feeds[job_id] = _Feed(self, job_id, start)
+                        feed = self._add_feed(job_id, start)
                 # Registered before the history is read, with the feed's start already fixed: see the module.
                 feed.watchers.add(watcher)
             while not watcher.ended:
                 async with self._history_reads:
-                    events = await self.astore.read_events(job_id, last, count=BATCH, block_s=None)
-                for event in events:
-                    yield event
-                    last = event.cursor
-                    if store.is_terminal(event):
+                    items = await self.astore.read_events(job_id, last, count=BATCH)
+                for batch, ends in batches(items):
+                    yield batch
+                    last = batch[-1].event.cursor
+                    if ends:
                         return
-                if len(events) < BATCH:
+                if len(items) < BATCH:
                     break
             if watcher.ended:
-                yield _notice(job_id, last, watcher.ended)
+                yield [_notice(job_id, last, watcher.ended)]
                 return
             if not live:
                 return
             seen = store.cursor_position(last)
             while True:
-                while watcher.events:
-                    event = watcher.events.popleft()
-                    if store.cursor_position(event.cursor) <= seen:
-                        continue  # the history gave it already
-                    yield event
-                    last, seen = event.cursor, store.cursor_position(event.cursor)
-                    if store.is_terminal(event):
+                # The history gave some of the first ones already.
+                while watcher.events and watcher.events[0].position <= seen:
+                    watcher.events.popleft()
+                if watcher.events:
+                    batch, ends = _take_batch(watcher.events)
+                    yield batch
+                    last, seen = batch[-1].event.cursor, batch[-1].position
+                    if ends:
                         return
+                    continue
                 if watcher.ended:
-                    yield _notice(job_id, last, watcher.ended)
+                    yield [_notice(job_id, last, watcher.ended)]
                     return
                 watcher.wake.clear()
                 await watcher.wake.wait()
@@ -230,8 +261,31 @@ class Relay:
                     del self._feeds[job_id]
 
 
-def _notice(job_id: str, last: str, code: str) -> jobs_pb2.Event:
+def _take_batch(queue: collections.deque[store.Stored]) -> tuple[list[store.Stored], bool]:
+    """Events from the front of `queue`, up to BATCH_BYTES (at least one), and whether the last ends the stream."""
+    batch, size = [], 0
+    while queue and (not batch or size + len(queue[0].wire) <= BATCH_BYTES):
+        item = queue.popleft()
+        batch.append(item)
+        size += len(item.wire)
+        if item.ends:
+            return batch, True
+    return batch, False
+
+
+def batches(items: list[store.Stored]):
+    """`items` cut into batches of at most BATCH_BYTES, ending at a terminal event; each with whether it ends."""
+    queue = collections.deque(items)
+    while queue:
+        batch, ends = _take_batch(queue)
+        yield batch, ends
+        if ends:
+            return
+
+
+def _notice(job_id: str, last: str, code: str) -> store.Stored:
     # Notices are not stored, so each carries the cursor of the last event sent: resuming from it
     # continues right after that.
-    return jobs_pb2.Event(cursor="" if last == "0-0" else last, job_id=job_id, time=store.timestamp(time.time()),
-                          notice=jobs_pb2.Notice(code=code, message=_NOTICES[code]))
+    return store.stored(jobs_pb2.Event(cursor="" if last == "0-0" else last, job_id=job_id,
+                                       time=store.timestamp(time.time()),
+                                       notice=jobs_pb2.Notice(code=code, message=_NOTICES[code])))

@@ -29,7 +29,7 @@ from gradserve_server import auth, corpus, errors
 from gradserve_store import store
 from gradserve_server.decoding import StrictDecoding
 from gradserve_store.queue import CPU_QUEUE, GENERATE_QUEUE, GENERATE_TASK, GPU_QUEUE, dispatch, make_celery
-from gradserve_server.relay import DEFAULT_QUEUE_EVENTS, Relay
+from gradserve_server.relay import DEFAULT_MAX_WATCHERS, DEFAULT_QUEUE_EVENTS, Relay
 from gradserve_store.settings import Shared
 
 log = logging.getLogger("gradserve.server")
@@ -44,6 +44,8 @@ DEFAULT_MAX_UPLOADS = 2
 UPLOAD_WAIT_S = 10.0
 # What a busy refusal tells the client to wait before it sends the upload again.
 UPLOAD_RETRY_AFTER_S = 1.0
+# When a stream refused as busy may try again: by then a watcher has often left.
+WATCHERS_RETRY_AFTER_S = 1.0
 CHUNK_BYTES = 1024 * 1024
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX = 50, 1000
@@ -108,7 +110,7 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
 
     def __init__(self, redis_url: str, *, shared: Shared = Shared(), max_dataset_bytes: int = DEFAULT_MAX_DATASET_BYTES,
                  quota_queued: int = 0, quota_running: int = 0, max_uploads: int = DEFAULT_MAX_UPLOADS,
-                 watcher_queue_events: int = DEFAULT_QUEUE_EVENTS):
+                 watcher_queue_events: int = DEFAULT_QUEUE_EVENTS, max_watchers: int = DEFAULT_MAX_WATCHERS):
         self.store = store.JobStore.from_url(redis_url)
         # Streams and Generate's waits use connections of their own, so that neither can starve the other.
         self.relay = Relay(store.AsyncJobStore.from_url(redis_url), queue_events=watcher_queue_events)
@@ -120,6 +122,9 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
             raise ValueError(f"max_uploads must be at least 1, got {max_uploads}")
         self.max_uploads = max_uploads
         self._upload_slots = asyncio.Semaphore(max_uploads)
+        if max_watchers < 1:
+            raise ValueError(f"max_watchers must be at least 1, got {max_watchers}")
+        self.max_watchers = max_watchers
         self._builtin_lock = asyncio.Lock()
 
     async def close(self) -> None:
@@ -332,7 +337,23 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
 
     @errors.rpc
     async def StreamEvents(self, request, context):
+        # Each event's bytes, encoded once by the relay (see ENCODED).
+        async for batch in self._follow(request):
+            for item in batch:
+                yield item.wire
+
+    @errors.rpc
+    async def StreamEventBatches(self, request, context):
+        async for batch in self._follow(request):
+            yield store.batch_wire(batch)
+
+    async def _follow(self, request):
         _require_id(request.job_id, "job_id", "job-")
+        if self.relay.watchers >= self.max_watchers:
+            raise errors.Exhausted(
+                f"server busy: this server process already serves {self.relay.watchers} event streams "
+                f"(--max-watchers {self.max_watchers}); retry shortly, or reach another server process",
+                retry_after_s=WATCHERS_RETRY_AFTER_S)
         after = _parse_cursor(request.cursor) if request.cursor else (0, 0)
         job = await self._owned_job(request.job_id)
         last = request.cursor or "0-0"
@@ -352,8 +373,8 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
         # when the stream opens can have more to wait for; for one that had
         # ended, the stored history is all there is.
         live = not request.history_only and job.state not in store.TERMINAL
-        async for event in self.relay.follow(request.job_id, last, live=live):
-            yield event
+        async for batch in self.relay.follow(request.job_id, last, live=live):
+            yield batch
 
     @errors.rpc
     async def UploadDataset(self, request_iterator, context):
@@ -506,7 +527,7 @@ def create_server(redis_url: str, listen: str, *, tokens: dict[bytes, str] | Non
         ],
     )
     service = JobService(redis_url, **service_options)
-    jobs_pb2_grpc.add_JobServiceServicer_to_server(service, server)
+    jobs_pb2_grpc.add_JobServiceServicer_to_server(service, _SendingEncoded(server))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:
@@ -516,6 +537,27 @@ def create_server(redis_url: str, listen: str, *, tokens: dict[bytes, str] | Non
     if port == 0:
         raise ListenError(listen)
     return server, port, service, health_servicer
+
+
+# Methods whose handlers yield bytes already encoded: the relay encodes an event once for all its watchers.
+ENCODED = ("StreamEvents", "StreamEventBatches")
+
+
+class _SendingEncoded:
+    """Takes the generated registration's handlers to `server`, with ENCODED's responses sent as they are."""
+
+    def __init__(self, server: grpc.aio.Server):
+        self.server = server
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        # The same handlers come to add_registered_method_handlers, which registers both ways.
+        pass
+
+    def add_registered_method_handlers(self, service_name: str, handlers: dict) -> None:
+        handlers = {name: handler._replace(response_serializer=None) if name in ENCODED else handler
+                    for name, handler in handlers.items()}
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service_name, handlers),))
+        self.server.add_registered_method_handlers(service_name, handlers)
 
 
 class ListenError(OSError):

@@ -19,9 +19,10 @@ import grpc
 import redis
 import redis.asyncio as aioredis
 
+import gradserve.errors
 from gradserve.v1 import jobs_pb2, jobs_pb2_grpc
 from gradserve_store import store
-from gradserve_server.relay import FEED_POLL_S, HISTORY_READS, Relay
+from gradserve_server.relay import BATCH, BATCH_BYTES, FEED_POLL_S, HISTORY_READS, Relay, batches
 
 SMALL = dict(model="rnn", hidden_size=8, batch_size=4, num_steps=5, preprocess="d2l", val_fraction=0.0)
 WATCHERS = 150  # more than the 100 connections of redis-py's default pool, which once capped the streams
@@ -99,7 +100,7 @@ def test_watchers_that_join_at_any_moment_get_every_event_once(idle_stack):
 
         async def watch(delay: float) -> list[str]:
             await asyncio.sleep(delay)
-            return [e.cursor async for e in relay.follow(job_id, "0-0", live=True)]
+            return [item.event.cursor async for batch in relay.follow(job_id, "0-0", live=True) for item in batch]
 
         producer = asyncio.create_task(_produce(r, job_id, steps, 0.002))
         seen = await asyncio.gather(*(watch(i * 0.01) for i in range(60)))
@@ -123,14 +124,14 @@ def test_a_slow_watcher_is_asked_to_resume_from_its_cursor_and_misses_nothing(id
         relay = Relay(store.AsyncJobStore.from_url(idle_stack.redis_url), queue_events=5)
         await r.xadd(store.events_key(job_id), {"e": store.encode_event(_status(job_id, jobs_pb2.RUNNING))})
         stream = relay.follow(job_id, "0-0", live=True)
-        first = await anext(stream)
+        first = [item.event for item in await anext(stream)]
         # The watcher reads nothing while the job appends many more events than its queue holds.
         await _produce(r, job_id, steps, 0.0)
         await asyncio.sleep(2 * FEED_POLL_S)
-        got = [first] + [e async for e in stream]
+        got = first + [item.event async for batch in stream for item in batch]
         notice = got.pop()
         assert relay.watchers == 0 and relay.feeds == 0, "a watcher that ended must leave its feed"
-        resumed = [e async for e in relay.follow(job_id, notice.cursor, live=True)]
+        resumed = [item.event async for batch in relay.follow(job_id, notice.cursor, live=True) for item in batch]
         stored = [i.decode() for i, _ in await r.xrange(store.events_key(job_id))]
         await relay.astore.close()
         await r.aclose()
@@ -160,3 +161,77 @@ def test_streams_work_at_once_after_redis_restarts_under_the_server(make_stack, 
             after = [e.cursor for e in stub.StreamEvents(request, timeout=30)]
         job.cancel()
     assert after == before
+
+
+def test_a_history_comes_several_events_to_a_message_and_the_same_as_one_by_one(idle_stack, timemachine):
+    steps = 1200
+    r = redis.Redis.from_url(idle_stack.redis_url)
+    with idle_stack.client() as c:
+        job = c.submit(dataset=c.upload_bytes(timemachine), max_steps=5, **SMALL)
+        for step in range(1, steps + 1):
+            r.xadd(store.events_key(job.id), {"e": store.encode_event(_metrics(job.id, step))})
+        request = jobs_pb2.StreamEventsRequest(job_id=job.id, history_only=True)
+        with grpc.insecure_channel(idle_stack.address) as channel:
+            stub = jobs_pb2_grpc.JobServiceStub(channel)
+            singles = list(stub.StreamEvents(request, timeout=30))
+            batches = list(stub.StreamEventBatches(request, timeout=30))
+        job.cancel()
+    r.close()
+    assert [e.WhichOneof("kind") for e in singles] == ["status"] + ["metrics"] * steps
+    assert [e for batch in batches for e in batch.events] == singles
+    # One message per history read (relay.BATCH events), not one per event.
+    assert len(batches) == -(-len(singles) // BATCH)
+
+
+def _sized(cursor: str, size: int, state: int = 0) -> store.Stored:
+    event = _status("job-x", state) if state else jobs_pb2.Event(job_id="job-x", metrics=jobs_pb2.Metrics(
+        param_grad_norms=[jobs_pb2.ParamGradNorm(name="x" * size)]))
+    return store.stored_event(cursor, {b"e": store.encode_event(event)})
+
+
+def test_a_batch_holds_at_most_its_byte_budget_and_ends_with_the_terminal_event():
+    big = BATCH_BYTES * 2 // 5
+    items = [_sized(f"1-{i}", big) for i in range(5)] + [_sized("1-5", 2 * BATCH_BYTES)] + [
+        _sized("1-6", 10, jobs_pb2.SUCCEEDED), _sized("1-7", 10)]
+    cut = list(batches(items))
+    assert [[item.event.cursor for item in batch] for batch, _ in cut] == [
+        ["1-0", "1-1"], ["1-2", "1-3"], ["1-4"], ["1-5"], ["1-6"]]
+    assert [ends for _, ends in cut] == [False, False, False, False, True]
+    assert all(sum(len(i.wire) for i in batch) <= BATCH_BYTES for batch, _ in cut if len(batch) > 1)
+
+
+def test_a_stream_past_max_watchers_is_refused_as_busy_and_the_client_waits_its_turn(make_stack, timemachine):
+    s = make_stack("busy-relay")
+    s.start_redis()
+    s.start_server("--max-watchers", "2")
+    with s.client() as c:
+        job = c.submit(dataset=c.upload_bytes(timemachine), max_steps=5, **SMALL)  # no worker: it stays QUEUED
+        request = jobs_pb2.StreamEventsRequest(job_id=job.id)
+        with grpc.insecure_channel(s.address) as channel:
+            stub = jobs_pb2_grpc.JobServiceStub(channel)
+            held = [stub.StreamEventBatches(request, timeout=60) for _ in range(2)]
+            for call in held:
+                next(call)  # each has begun: it got the job's QUEUED status
+            try:
+                next(stub.StreamEventBatches(request, timeout=10))
+                refused = None
+            except grpc.RpcError as e:
+                refused = e
+            seen: list[jobs_pb2.Event] = []
+            waiting = threading.Thread(target=lambda: seen.extend(c.get_job(job.id).events()), daemon=True)
+            waiting.start()
+            time.sleep(1.5)
+            assert not seen, "a third stream got in past --max-watchers 2"
+            held[0].cancel()
+            deadline = time.monotonic() + 20
+            while not seen and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert seen, "the client did not get in once a stream had left"
+            job.cancel()
+            waiting.join(20)
+            held[1].cancel()
+    assert refused is not None and refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert refused.details().startswith("server busy: this server process already serves 2 event streams "
+                                        "(--max-watchers 2)")
+    assert gradserve.errors.from_rpc_error(refused).retry_after == 1.0
+    assert [jobs_pb2.JobState.Name(e.status.state) for e in seen] == ["QUEUED", "CANCELLED"]

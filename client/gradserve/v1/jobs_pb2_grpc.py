@@ -59,6 +59,11 @@ class JobServiceStub:
                 request_serializer=gradserve_dot_v1_dot_jobs__pb2.StreamEventsRequest.SerializeToString,
                 response_deserializer=gradserve_dot_v1_dot_jobs__pb2.Event.FromString,
                 _registered_method=True)
+        self.StreamEventBatches = channel.unary_stream(
+                '/gradserve.v1.JobService/StreamEventBatches',
+                request_serializer=gradserve_dot_v1_dot_jobs__pb2.StreamEventsRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_jobs__pb2.EventBatch.FromString,
+                _registered_method=True)
         self.UploadDataset = channel.stream_unary(
                 '/gradserve.v1.JobService/UploadDataset',
                 request_serializer=gradserve_dot_v1_dot_jobs__pb2.UploadDatasetRequest.SerializeToString,
@@ -114,6 +119,16 @@ class JobServiceServicer:
     def StreamEvents(self, request, context):
         """Replays the job's events after `cursor`, then follows live, and ends after
         the terminal status event. Every event carries its own cursor.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamEventBatches(self, request, context):
+        """The same events, in the same order and with the same ending, several to a
+        message where several are waiting: a watcher that replays a history or
+        falls behind catches up in fewer, larger messages, since each message
+        costs far more than the bytes in it. The Python client reads this one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -175,6 +190,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.StreamEvents,
                     request_deserializer=gradserve_dot_v1_dot_jobs__pb2.StreamEventsRequest.FromString,
                     response_serializer=gradserve_dot_v1_dot_jobs__pb2.Event.SerializeToString,
+            ),
+            'StreamEventBatches': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamEventBatches,
+                    request_deserializer=gradserve_dot_v1_dot_jobs__pb2.StreamEventsRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_jobs__pb2.EventBatch.SerializeToString,
             ),
             'UploadDataset': grpc.stream_unary_rpc_method_handler(
                     servicer.UploadDataset,
@@ -332,6 +352,33 @@ class JobService:
             '/gradserve.v1.JobService/StreamEvents',
             gradserve_dot_v1_dot_jobs__pb2.StreamEventsRequest.SerializeToString,
             gradserve_dot_v1_dot_jobs__pb2.Event.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamEventBatches(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/gradserve.v1.JobService/StreamEventBatches',
+            gradserve_dot_v1_dot_jobs__pb2.StreamEventsRequest.SerializeToString,
+            gradserve_dot_v1_dot_jobs__pb2.EventBatch.FromString,
             options,
             channel_credentials,
             insecure,
