@@ -443,7 +443,7 @@ def render(results: list[dict]) -> str:
             f"{'; errors: ' + ', '.join(r['errors']) if r['errors'] else ''}"
             f"{'; ' + str(r['never_started']) + ' never started' if r['never_started'] else ''} | "
             f"{r['p50_ms']} / {r['p99_ms']} / {r['max_ms']} ms | {r['delivered']:,} in {r['seconds']} s "
-            f"({r['events_per_s']:,}/s) | {r['cpu_ms_per_1k'] if r['cpu_ms_per_1k'] is not None else '-'} ms | "
+            f"({r['events_per_s']:,}/s) | {str(r['cpu_ms_per_1k']) + ' ms' if r['cpu_ms_per_1k'] is not None else '-'} | "
             f"{r['server_cpu_s']} / {r['watchers_cpu_s']} / {r['redis_cpu_s']} / {r['writer_cpu_s']} | "
             f"{r['cores_busy']} of {os.cpu_count()} | {r['load']} |")
     for r in results:
