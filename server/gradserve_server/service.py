@@ -21,6 +21,7 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from gradserve import spec as specs
 from gradserve import text
@@ -530,6 +531,8 @@ def create_server(redis_url: str, listen: str, *, tokens: dict[bytes, str] | Non
     jobs_pb2_grpc.add_JobServiceServicer_to_server(service, _SendingEncoded(server))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    # grpcurl, Evans and the like list and call the services without the .proto files.
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     try:
         port = server.add_secure_port(listen, credentials) if credentials else server.add_insecure_port(listen)
     except RuntimeError:
