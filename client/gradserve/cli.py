@@ -68,7 +68,7 @@ DEFAULT_CHECKPOINT_FILE = "model.pt"
 # Enough of a content-hash id to tell datasets apart in a table.
 DATASET_ID_SHOWN = 11
 # The list drops its least needed columns, last first, to fit the screen.
-LIST_COLUMNS = ("id", "state", "model", "step/max", "created", "dataset", "worker")
+LIST_COLUMNS = ("id", "state", "model", "step/max", "created", "train", "best val", "dataset", "worker")
 WORKER_COLUMNS = ("name", "queues", "current job", "last seen", "device", "memory budget", "host", "pid")
 _TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 _FLOAT_TYPES = {descriptor.FieldDescriptor.TYPE_DOUBLE, descriptor.FieldDescriptor.TYPE_FLOAT}
@@ -237,6 +237,22 @@ def _step_of(job: jobs_pb2.Job) -> str:
     return f"{job.last_step}/{job.spec.max_steps}"
 
 
+def _train_result(summary: jobs_pb2.JobSummary) -> str:
+    """The latest training figure: perplexity for text, a task's own loss otherwise; "-" before the first."""
+    if not summary.step:
+        return "-"
+    return f"ppl {summary.train_perplexity:.2f}" if summary.train_perplexity else f"loss {summary.train_loss:.4g}"
+
+
+def _best_result(summary: jobs_pb2.JobSummary) -> str:
+    """The best evaluation's figure: held-out perplexity for text, a task's metric otherwise."""
+    if not summary.best_step:
+        return "-"
+    if summary.metric:
+        return f"{summary.metric} {summary.metric_value:.4g}"
+    return f"ppl {summary.best_val_perplexity:.2f}"
+
+
 def _plain(console: Console, text: str, style: str | None = None) -> None:
     # Server text (reasons, names) may hold brackets that rich would read as markup.
     console.print(Text(text, style=style or ""), soft_wrap=True)
@@ -255,6 +271,19 @@ def render_job(console: Console, job: jobs_pb2.Job, now: float | None = None) ->
     percent = job.last_step / job.spec.max_steps if job.spec.max_steps else 0.0
     rows.append(("step", f"{_step_of(job)} ({percent:.0%})"))
     rows.append(("checkpoint", f"step {job.checkpoint_step}" if job.checkpoint_step else "none yet"))
+    summary = job.summary
+    if summary.step:
+        rows.append(("train", f"{_train_result(summary)}, loss {summary.train_loss:.4f} nats/token "
+                              f"at step {summary.step}"))
+    if summary.best_step:
+        rows.append(("best val", f"{_best_result(summary)}, loss {summary.best_val_loss:.4f} "
+                                 f"at step {summary.best_step}"))
+    if summary.tokens:
+        rows.append(("trained", f"{summary.tokens:,} tokens in {human_duration(summary.train_seconds)} of steps "
+                                f"({summary.tokens_per_sec:,.0f} tokens/s); clipped at {summary.clipped_steps:,} "
+                                f"of {summary.step:,} steps ({summary.clip_fraction:.0%})"))
+    if job.attempt > 1:
+        rows.append(("attempt", str(job.attempt)))
     if job.HasField("created_at"):
         rows.append(("created", f"{_local_time(job.created_at)} ({_age(job.created_at, now)})"))
     if job.HasField("started_at"):
@@ -303,6 +332,8 @@ def render_jobs(console: Console, jobs: Sequence[jobs_pb2.Job], now: float | Non
             "state": state_name(job.state) + ("*" if job.waiting else ""),
             "model": job.spec.model,
             "step/max": _step_of(job),
+            "train": _train_result(job.summary),
+            "best val": _best_result(job.summary),
             "created": _age(job.created_at, now) if job.HasField("created_at") else "-",
             "dataset": short_dataset(job.spec.dataset),
             "worker": job.worker or "-",

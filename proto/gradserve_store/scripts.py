@@ -57,9 +57,11 @@ end
 # A worker's event, at most once per step and kind: a step the stream already
 # has an event of this kind for (a write retried after a lost reply, or a
 # resumed attempt recomputing steps its predecessor reported) is skipped, so a
-# watcher never sees a step twice or going back.
+# watcher never sees a step twice or going back. With the event comes the
+# job's summary as it stands after it (JobSummary bytes, "" when the event
+# leaves it as it was), stored only with the event.
 #   KEYS: job hash, event stream
-#   ARGV: attempt, token, RUNNING, kind, step ("" when the event has none), event bytes
+#   ARGV: attempt, token, RUNNING, kind, step ("" when the event has none), event bytes, summary bytes
 #   Returns {1, entry id} appended, {2} skipped, {0, state, attempt} fenced off.
 APPEND = FENCE + """
 if ARGV[5] ~= '' then
@@ -67,6 +69,7 @@ if ARGV[5] ~= '' then
   if tonumber(ARGV[5]) <= tonumber(redis.call('HGET', KEYS[1], seen) or '-1') then return {2} end
   redis.call('HSET', KEYS[1], seen, ARGV[5])
 end
+if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'summary', ARGV[7]) end
 return {1, redis.call('XADD', KEYS[2], '*', 'e', ARGV[6])}
 """
 

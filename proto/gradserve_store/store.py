@@ -9,7 +9,7 @@ Keys (all under ``gradserve:``):
     job:{id}        hash    spec (JobSpec bytes), state, queue, times, reason, worker, steps, cancel flag,
                             attempt, owner (the running attempt's fencing token), losses (workers lost),
                             last_step and seen:{kind} (the last step of the stream's metrics events,
-                            and of each other kind of event)
+                            and of each other kind of event), summary (JobSummary bytes)
     jobs:{tenant}   zset    job id -> creation time, for listing a tenant's jobs newest first
     active:{tenant} set     the tenant's jobs that may still be QUEUED or RUNNING (pruned when counted)
     datasets:{tenant} set   the dataset ids the tenant uploaded (datasets are shared by content)
@@ -611,12 +611,13 @@ class JobStore:
 
     # -------------------------------------------------------------- events
 
-    def append_event(self, lease: Lease, event: jobs_pb2.Event) -> bool:
+    def append_event(self, lease: Lease, event: jobs_pb2.Event, summary: jobs_pb2.JobSummary | None = None) -> bool:
         """Append a running attempt's event (metrics, evaluation, probe); metrics also advance last_step.
 
-        Returns False, appending nothing, when the stream already has an event
-        of this kind at this step or later. Raises Fenced when `lease` no
-        longer owns the job.
+        `summary`, when given, is the job's summary with the event counted in,
+        stored with the event or not at all. Returns False, appending nothing,
+        when the stream already has an event of this kind at this step or
+        later. Raises Fenced when `lease` no longer owns the job.
         """
         event.job_id = lease.job_id
         event.time.CopyFrom(timestamp(time.time()))
@@ -625,9 +626,14 @@ class JobStore:
         step = str(payload.step) if "step" in payload.DESCRIPTOR.fields_by_name else ""
         result = self._append(
             keys=[job_key(lease.job_id), events_key(lease.job_id)],
-            args=[*self._fence_args(lease), kind, step, encode_event(event)],
+            args=[*self._fence_args(lease), kind, step, encode_event(event),
+                  summary.SerializeToString() if summary is not None else b""],
         )
         return self._fenced_result(lease, result)
+
+    def summary(self, job_id: str) -> jobs_pb2.JobSummary:
+        """The job's summary as its last stored report left it (empty before the first)."""
+        return jobs_pb2.JobSummary.FromString(self.r.hget(job_key(job_id), "summary") or b"")
 
     def events_after(self, job_id: str, cursor: str = "", count: int = 1000) -> list[jobs_pb2.Event]:
         """Events strictly after `cursor` (all of them when it is empty), oldest first."""
@@ -811,6 +817,7 @@ def _job_from_hash(job_id: str, raw: dict) -> jobs_pb2.Job:
         checkpoint_step=int(g.get("checkpoint_step", 0)),
         attempt=int(g.get("attempt", 1)),
         tenant=g.get("tenant", b"").decode(),
+        summary=jobs_pb2.JobSummary.FromString(g.get("summary", b"")),
     )
     for field, name in (("created_at", "created"), ("started_at", "started"), ("finished_at", "finished")):
         if name in g:

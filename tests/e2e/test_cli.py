@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -37,9 +38,29 @@ def test_submit_follow_then_status_list_and_download(stack, tmp_path):
     status = run(stack, "status", job_id, "--json")
     record = json.loads(status.stdout)
     assert record["state"] == "SUCCEEDED" and int(record["last_step"]) == 30
+    assert int(record["summary"]["step"]) == 30 and int(record["summary"]["tokens"]) == 30 * 8 * 10
+
+    plain = run(stack, "status", job_id).stdout
+    assert re.search(r"^train +ppl \d+\.\d\d, loss \d\.\d{4} nats/token at step 30$", plain, re.M), plain
+    assert re.search(r"^best val +ppl \d+\.\d\d, loss \d\.\d{4} at step 30$", plain, re.M), plain
+    assert re.search(r"^trained +2,400 tokens in \d+s of steps \([\d,]+ tokens/s\); clipped at \d+ of 30 steps "
+                     r"\(\d+%\)$", plain, re.M), plain
 
     listed = run(stack, "list", "--state", "succeeded", "--json")
     assert job_id in [j["id"] for j in json.loads(listed.stdout)]
+    # As an 80-column terminal shows it: the columns that do not fit are dropped from the right.
+    env = {**os.environ, "GRADSERVE_SERVER": stack.address, "COLUMNS": "80"}
+    table = subprocess.run([GRADSERVE, "list", "--state", "succeeded"], capture_output=True, text=True, timeout=60,
+                           env=env).stdout.splitlines()
+    assert table[0].split()[:6] == ["id", "state", "model", "step/max", "created", "train"]
+    assert all(len(line) <= 80 for line in table)
+    row = next(line for line in table if line.startswith(job_id))
+    assert re.search(r"SUCCEEDED +gru +30/30 +\d+s ago +ppl \d+\.\d\d", row), row
+    # Piped, with room for every column, the best evaluation too.
+    wide = run(stack, "list", "--state", "succeeded").stdout.splitlines()
+    assert "best val" in wide[0]
+    row = next(line for line in wide if line.startswith(job_id))
+    assert re.search(r"ago +ppl \d+\.\d\d +ppl \d+\.\d\d +ds-", row), row
 
     out = tmp_path / "m.pt"
     download = run(stack, "download", job_id, "-o", str(out))

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import gradserve
+import gradserve.summary
 from gradserve.v1 import jobs_pb2
 
 # Small enough to train in a second or two on 2 cores, big enough to learn something.
@@ -66,6 +67,33 @@ def test_submit_stream_and_download(client, corpus_id, tmp_path):
     checkpoint = torch.load(path, weights_only=False)
     assert checkpoint["step"] == 60
     assert checkpoint["config"]["hidden_size"] == 32
+
+
+def test_the_job_record_carries_its_results_as_its_events_add_up(client, corpus_id):
+    # A tight clip norm, so that clipping fires at some steps and the clipped count means something.
+    job = client.submit(dataset=corpus_id, max_steps=40, log_every=10, eval_every=20, clip_norm=0.5, **SMALL)
+    events = list(job.events())
+    summary = job.wait(timeout=10).info.summary
+
+    metrics = [e.metrics for e in events if e.WhichOneof("kind") == "metrics"]
+    evaluations = [e.evaluation for e in events if e.WhichOneof("kind") == "evaluation"]
+    assert [v.step for v in evaluations] == [20, 40]
+    assert summary.step == 40
+    assert (summary.train_loss, summary.train_perplexity) == (metrics[-1].loss, metrics[-1].perplexity)
+    best = min(evaluations, key=lambda v: v.loss)
+    assert (summary.best_step, summary.best_val_loss, summary.best_val_perplexity) == (
+        best.step, best.loss, best.perplexity)
+    assert summary.tokens == 40 * SMALL["batch_size"] * SMALL["num_steps"]
+    assert summary.train_seconds == pytest.approx(sum(m.seconds for m in metrics), rel=1e-9)
+    assert summary.tokens_per_sec == pytest.approx(summary.tokens / summary.train_seconds, rel=1e-9)
+    assert summary.clipped_steps == sum(round(m.clip_fraction * 10) for m in metrics)
+    assert summary.clip_fraction == summary.clipped_steps / 40
+    # The stored summary is exactly what the events add up to.
+    folded = jobs_pb2.JobSummary()
+    for event in events:
+        gradserve.summary.add(folded, event)
+    assert folded == summary
+    assert client.list_jobs(limit=5)[0].info.summary == summary
 
 
 def test_a_cut_stream_resumes_from_its_cursor_without_loss_or_duplicates(client, corpus_id):

@@ -365,7 +365,7 @@ def test_sigterm_of_the_server_ends_streams_with_a_notice_and_the_client_resumes
 
 
 def test_two_server_processes_relay_on_their_own_and_a_watcher_moves_between_them(rstack, corpus_id):
-    max_steps = 3000
+    max_steps = 1500
     second = rstack.start_another_server()
     first = rstack.server
     try:

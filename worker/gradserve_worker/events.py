@@ -26,6 +26,8 @@ def to_event(report) -> jobs_pb2.Event:
                 ],
                 nonfinite_grads=report.nonfinite_grads,
                 skipped_steps=report.skipped_steps,
+                tokens=report.tokens,
+                seconds=report.seconds,
             )
         )
     if isinstance(report, Evaluation):

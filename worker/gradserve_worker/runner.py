@@ -23,6 +23,7 @@ from collections.abc import Callable
 import redis
 
 from gradserve.spec import SYNTHETIC_TASKS
+from gradserve.summary import add as add_to_summary
 from gradserve.v1 import jobs_pb2
 from gradserve_store.store import Fenced, JobStore, Lease, NotFound, Refused
 from gradserve_worker import hooks
@@ -171,6 +172,8 @@ def _run_attempt(job_store: JobStore, lease: Lease, keeper: LeaseKeeper, shutdow
     job_id = lease.job_id
     cancel = _CancelPoll(job_store, job_id)
     last_step = lease.checkpoint_step
+    # Carried over from earlier attempts: what they trained counts too.
+    summary = retrying(job_store.summary, job_id)
 
     def should_stop() -> bool:
         return keeper.lost.is_set() or shutdown.is_set() or cancel()
@@ -186,7 +189,9 @@ def _run_attempt(job_store: JobStore, lease: Lease, keeper: LeaseKeeper, shutdow
             return
         if isinstance(report, StepMetrics):
             last_step = report.step
-        retrying(job_store.append_event, lease, to_event(report))
+        event = to_event(report)
+        changed = add_to_summary(summary, event)
+        retrying(job_store.append_event, lease, event, summary if changed else None)
 
     def end(state: int, reason: str = "", step: int | None = None) -> None:
         retrying(job_store.finish, lease, state, reason=reason, step=last_step if step is None else step)

@@ -115,6 +115,8 @@ class StepMetrics:
     param_grad_norms: dict[str, float]  # per named parameter, before clipping, at the interval's last step
     nonfinite_grads: int = 0  # NaN or infinite gradient entries summed over the interval's steps
     skipped_steps: int = 0  # steps of the interval whose update was dropped (on_nonfinite="skip")
+    tokens: int = 0  # time steps × batch the interval's steps took
+    seconds: float = 0.0  # wall seconds of the interval's steps: tokens_per_sec is tokens / seconds
 
 
 @dataclass
@@ -225,6 +227,8 @@ class _Interval:
             param_grad_norms=param_grad_norms,
             nonfinite_grads=self.nonfinite,
             skipped_steps=self.skipped,
+            tokens=self.tokens,
+            seconds=self.seconds,
         )
 
 

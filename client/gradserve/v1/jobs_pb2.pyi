@@ -98,7 +98,7 @@ class JobSpec(_message.Message):
     def __init__(self, dataset: _Optional[str] = ..., tokenization: _Optional[str] = ..., preprocess: _Optional[str] = ..., model: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., batch_size: _Optional[int] = ..., num_steps: _Optional[int] = ..., partition: _Optional[str] = ..., max_steps: _Optional[int] = ..., optimizer: _Optional[str] = ..., lr: _Optional[float] = ..., clip_norm: _Optional[float] = ..., seed: _Optional[int] = ..., device: _Optional[str] = ..., log_every: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., min_freq: _Optional[int] = ..., nonlinearity: _Optional[str] = ..., truncation: _Optional[str] = ..., tbptt_k1: _Optional[int] = ..., tbptt_k2: _Optional[int] = ..., truncation_keep: _Optional[float] = ..., dropout: _Optional[float] = ..., embedding_size: _Optional[int] = ..., val_fraction: _Optional[float] = ..., eval_every: _Optional[int] = ..., weight_decay: _Optional[float] = ..., schedule: _Optional[str] = ..., lr_step_every: _Optional[int] = ..., lr_gamma: _Optional[float] = ..., probe_every: _Optional[int] = ..., seq_len: _Optional[int] = ..., on_nonfinite: _Optional[str] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "spec", "state", "created_at", "started_at", "finished_at", "reason", "worker", "last_step", "queue", "checkpoint_step", "attempt", "tenant", "waiting")
+    __slots__ = ("id", "spec", "state", "created_at", "started_at", "finished_at", "reason", "worker", "last_step", "queue", "checkpoint_step", "attempt", "tenant", "waiting", "summary")
     ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -113,6 +113,7 @@ class Job(_message.Message):
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
     id: str
     spec: JobSpec
     state: JobState
@@ -127,7 +128,38 @@ class Job(_message.Message):
     attempt: int
     tenant: str
     waiting: str
-    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reason: _Optional[str] = ..., worker: _Optional[str] = ..., last_step: _Optional[int] = ..., queue: _Optional[str] = ..., checkpoint_step: _Optional[int] = ..., attempt: _Optional[int] = ..., tenant: _Optional[str] = ..., waiting: _Optional[str] = ...) -> None: ...
+    summary: JobSummary
+    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reason: _Optional[str] = ..., worker: _Optional[str] = ..., last_step: _Optional[int] = ..., queue: _Optional[str] = ..., checkpoint_step: _Optional[int] = ..., attempt: _Optional[int] = ..., tenant: _Optional[str] = ..., waiting: _Optional[str] = ..., summary: _Optional[_Union[JobSummary, _Mapping]] = ...) -> None: ...
+
+class JobSummary(_message.Message):
+    __slots__ = ("step", "train_loss", "train_perplexity", "best_step", "best_val_loss", "best_val_perplexity", "metric", "metric_value", "tokens", "train_seconds", "tokens_per_sec", "clipped_steps", "clip_fraction")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_PERPLEXITY_FIELD_NUMBER: _ClassVar[int]
+    BEST_STEP_FIELD_NUMBER: _ClassVar[int]
+    BEST_VAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    BEST_VAL_PERPLEXITY_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    METRIC_VALUE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_SEC_FIELD_NUMBER: _ClassVar[int]
+    CLIPPED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    CLIP_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    train_loss: float
+    train_perplexity: float
+    best_step: int
+    best_val_loss: float
+    best_val_perplexity: float
+    metric: str
+    metric_value: float
+    tokens: int
+    train_seconds: float
+    tokens_per_sec: float
+    clipped_steps: int
+    clip_fraction: float
+    def __init__(self, step: _Optional[int] = ..., train_loss: _Optional[float] = ..., train_perplexity: _Optional[float] = ..., best_step: _Optional[int] = ..., best_val_loss: _Optional[float] = ..., best_val_perplexity: _Optional[float] = ..., metric: _Optional[str] = ..., metric_value: _Optional[float] = ..., tokens: _Optional[int] = ..., train_seconds: _Optional[float] = ..., tokens_per_sec: _Optional[float] = ..., clipped_steps: _Optional[int] = ..., clip_fraction: _Optional[float] = ...) -> None: ...
 
 class SubmitJobRequest(_message.Message):
     __slots__ = ("spec",)
@@ -208,7 +240,7 @@ class ParamGradNorm(_message.Message):
     def __init__(self, name: _Optional[str] = ..., norm: _Optional[float] = ...) -> None: ...
 
 class Metrics(_message.Message):
-    __slots__ = ("step", "epoch", "loss", "perplexity", "tokens_per_sec", "lr", "grad_norm", "clipped", "clip_fraction", "param_grad_norms", "nonfinite_grads", "skipped_steps")
+    __slots__ = ("step", "epoch", "loss", "perplexity", "tokens_per_sec", "lr", "grad_norm", "clipped", "clip_fraction", "param_grad_norms", "nonfinite_grads", "skipped_steps", "tokens", "seconds")
     STEP_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
@@ -221,6 +253,8 @@ class Metrics(_message.Message):
     PARAM_GRAD_NORMS_FIELD_NUMBER: _ClassVar[int]
     NONFINITE_GRADS_FIELD_NUMBER: _ClassVar[int]
     SKIPPED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
     step: int
     epoch: int
     loss: float
@@ -233,7 +267,9 @@ class Metrics(_message.Message):
     param_grad_norms: _containers.RepeatedCompositeFieldContainer[ParamGradNorm]
     nonfinite_grads: int
     skipped_steps: int
-    def __init__(self, step: _Optional[int] = ..., epoch: _Optional[int] = ..., loss: _Optional[float] = ..., perplexity: _Optional[float] = ..., tokens_per_sec: _Optional[float] = ..., lr: _Optional[float] = ..., grad_norm: _Optional[float] = ..., clipped: _Optional[bool] = ..., clip_fraction: _Optional[float] = ..., param_grad_norms: _Optional[_Iterable[_Union[ParamGradNorm, _Mapping]]] = ..., nonfinite_grads: _Optional[int] = ..., skipped_steps: _Optional[int] = ...) -> None: ...
+    tokens: int
+    seconds: float
+    def __init__(self, step: _Optional[int] = ..., epoch: _Optional[int] = ..., loss: _Optional[float] = ..., perplexity: _Optional[float] = ..., tokens_per_sec: _Optional[float] = ..., lr: _Optional[float] = ..., grad_norm: _Optional[float] = ..., clipped: _Optional[bool] = ..., clip_fraction: _Optional[float] = ..., param_grad_norms: _Optional[_Iterable[_Union[ParamGradNorm, _Mapping]]] = ..., nonfinite_grads: _Optional[int] = ..., skipped_steps: _Optional[int] = ..., tokens: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class Evaluation(_message.Message):
     __slots__ = ("step", "loss", "perplexity", "metric", "value", "baseline")
