@@ -143,9 +143,15 @@ async def _run_stack(args) -> int:
         proc = await asyncio.create_subprocess_shell(shell_command, env={**os.environ, "GRADSERVE_SERVER": address})
         exit_code = await proc.wait()
         # The command's own output may end with hints (download, generate) that need a running stack.
-        print("\nThe --run command is done, so the dev stack stops now; its jobs, datasets and checkpoints go with "
-              f"it, and hints above that name a job need a stack that stays up: `{command('gradserve-server dev')}` "
-              "without --run keeps one.", flush=True)
+        if args.data_dir:
+            print(f"\nThe --run command is done, so the dev stack stops now. Its jobs, datasets and checkpoints stay "
+                  f"in {args.data_dir}: hints above that name a job work once `{command('gradserve-server dev')} "
+                  f"--data-dir {args.data_dir}` runs again.", flush=True)
+        else:
+            print("\nThe --run command is done, so the dev stack stops now; its jobs, datasets and checkpoints go "
+                  "with it, and hints above that name a job need a stack that stays up: "
+                  f"`{command('gradserve-server dev')}` without --run keeps one (add --data-dir DIR to keep them "
+                  "across restarts too).", flush=True)
         stop.set()
 
     async def on_ready(address: str, stop: asyncio.Event) -> None:
@@ -174,9 +180,15 @@ async def _run_stack(args) -> int:
         # Checked before anything starts, rather than after Redis and the workers are up.
         _check_listen(args.listen)
         port = free_port()
-        redis_proc = start_redis(port, workdir)
+        if args.data_dir:
+            # Append-only, so that a stack stopped at any moment starts again with every job it had written.
+            redis_proc = start_redis(port, args.data_dir, appendonly=True)
+            kept = f"data kept in {args.data_dir}, append-only: a stack started on it again has its jobs"
+        else:
+            redis_proc = start_redis(port, workdir)
+            kept = "data in memory: the jobs go with the stack; --data-dir DIR keeps them"
         redis_url = f"redis://127.0.0.1:{port}/0"
-        print(f"redis    {redis_url}  ({binary}, {origin}, pid {redis_proc.pid})", flush=True)
+        print(f"redis    {redis_url}  ({binary}, {origin}, pid {redis_proc.pid})  {kept}", flush=True)
         # Each worker gets its share of the cores: oversubscribed torch threads spin against each other.
         threads = max(1, (os.cpu_count() or 1) // args.workers)
         for i in range(args.workers):
@@ -230,9 +242,22 @@ def main(argv: list[str]) -> None:
         help="once the stack is ready, run this shell command with GRADSERVE_SERVER set, then stop everything "
         "and exit with its status",
     )
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        metavar="DIR",
+        help="keep Redis's data (jobs, datasets, checkpoints) in DIR with append-only persistence, so that a dev "
+        "stack started again on DIR has them; created if missing (default: in memory, gone with the stack)",
+    )
     args = p.parse_args(argv)
     if args.workers < 1:
         p.error("--workers must be at least 1")
+    if args.data_dir:
+        try:
+            args.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            p.error(f"--data-dir: cannot use {str(args.data_dir)!r} as a folder: {e.strerror or e}")
+        args.data_dir = args.data_dir.resolve()
     try:
         # The workers it starts inherit this environment, so they read the same settings.
         args.shared = Shared.from_env(os.environ)

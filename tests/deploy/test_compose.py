@@ -216,6 +216,21 @@ def test_image_runs_as_non_root_on_python_slim(dockerfile):
     assert "://" not in path.read_text()
 
 
+# Each image's distributions: what its program imports, and nothing more (see the README's architecture).
+IMAGE_SOURCES = {"server/Dockerfile": {"client", "proto", "server"}, "worker/Dockerfile": {"client", "proto", "worker"}}
+
+
+@pytest.mark.parametrize("dockerfile", IMAGE_SOURCES)
+def test_each_image_copies_and_installs_exactly_its_distributions(dockerfile):
+    instructions = dockerfile_instructions(ROOT / dockerfile)
+    copied = {re.match(r"(\w+)/ /tmp/src/\1/$", args).group(1) for kw, args in instructions if kw == "COPY"}
+    installed = {name for kw, args in instructions if kw == "RUN" and "/tmp/src/" in args
+                 for name in re.findall(r"/tmp/src/(\w+)(?=[\s\]'\"]|$)", args.split("&&")[0])}
+    assert copied == installed == IMAGE_SOURCES[dockerfile]
+    for name in copied:
+        assert (ROOT / name / "pyproject.toml").is_file(), f"{name}/ is not a distribution"
+
+
 def test_server_image_does_not_install_the_worker():
     runs = [args for kw, args in dockerfile_instructions(ROOT / "server/Dockerfile") if kw == "RUN"]
     assert not any(re.search(r"\bworker\b", args) for args in runs), runs

@@ -57,6 +57,8 @@ def test_dev_exits_with_the_commands_status():
         capture_output=True, text=True, timeout=240,
     )
     assert done.returncode == 7, done.stdout + done.stderr
+    # Without --data-dir, the start line says what becomes of the jobs.
+    assert "data in memory: the jobs go with the stack; --data-dir DIR keeps them" in done.stdout
 
 
 def test_sigterm_stops_the_stack_and_every_process_it_started():
@@ -75,3 +77,25 @@ def test_sigterm_stops_the_stack_and_every_process_it_started():
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0
     assert all(_gone(p) for p in pids), f"left running: {[p for p in pids if not _gone(p)]}"
+
+
+def test_a_dev_stack_on_a_data_dir_keeps_its_jobs_when_started_again(tmp_path):
+    data = tmp_path / "data"
+    script = (
+        "import gradserve; c = gradserve.Client(); "
+        "j = c.submit(dataset='builtin:pydocs', model='rnn', hidden_size=16, max_steps=5, log_every=5); "
+        "print('job', j.wait(timeout=120).id)"
+    )
+    dev = [str(BIN / "gradserve-server"), "dev", "--listen", "127.0.0.1:0", "--data-dir", str(data)]
+    first = subprocess.run([*dev, "--run", f"{sys.executable} -c \"{script}\""], capture_output=True, text=True,
+                           timeout=240)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert f"data kept in {data.resolve()}, append-only" in first.stdout
+    assert f"stay in {data.resolve()}" in first.stdout
+    job_id = re.search(r"^job (job-\w+)$", first.stdout, re.M).group(1)
+
+    again = subprocess.run([*dev, "--run", f"{BIN / 'gradserve'} status {job_id}"], capture_output=True, text=True,
+                           timeout=240)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert re.search(r"^state +SUCCEEDED$", again.stdout, re.M), again.stdout
+
