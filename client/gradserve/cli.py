@@ -6,6 +6,7 @@
     gradserve status JOB
     gradserve list [--state RUNNING] [--limit 20]
     gradserve cancel JOB
+    gradserve delete JOB [JOB ...]                     # ended jobs: record, events and checkpoint
     gradserve download JOB -o model.pt
     gradserve generate JOB --prefix "time traveller" [--num-tokens 100] [--temperature 0] [--seed 0]
     gradserve plot JOB -o run.png                      # needs the plot extra: pip install 'gradserve[plot]'
@@ -606,6 +607,24 @@ def cmd_cancel(ctx: Context) -> int:
     return EXIT_OK
 
 
+def cmd_delete(ctx: Context) -> int:
+    deleted, code = [], EXIT_OK
+    with ctx.client() as client:
+        for job_id in ctx.args.jobs:
+            try:
+                deleted.append(client.get_job(job_id).delete().info)
+            except GradserveError as e:
+                print_error(ctx.err, e, ctx.args.server)
+                code = EXIT_FAILED
+    if ctx.args.json:
+        print_json(ctx.out, [as_dict(info) for info in deleted])
+    else:
+        for info in deleted:
+            _plain(ctx.out, f"deleted {info.id} ({state_name(info.state)} at step {info.last_step}): its record, "
+                            "events and checkpoint are gone")
+    return code
+
+
 def cmd_download(ctx: Context) -> int:
     folder = ctx.args.output.parent
     if not folder.is_dir():
@@ -833,6 +852,11 @@ def build_parser() -> argparse.ArgumentParser:
                 epilog="exits 0 once the job is cancelled, asked to stop, or had already ended (the output says\n"
                        "which); 1 when it cannot be reached or found.")
     p.add_argument("job", metavar="JOB")
+
+    p = subcommand("delete", cmd_delete, "remove ended jobs: their records, events and checkpoints",
+                epilog="A QUEUED or RUNNING job is refused: cancel it first. Exits 0 when every job given was\n"
+                       "deleted, 1 when any was not (each one's reason is printed).")
+    p.add_argument("jobs", nargs="+", metavar="JOB")
 
     p = subcommand("download", cmd_download, "write a job's latest checkpoint to a file")
     p.add_argument("job", metavar="JOB")

@@ -261,6 +261,15 @@ class Job:
         self.info = self.client._unary(self.client.stub.CancelJob, jobs_pb2.CancelJobRequest(job_id=self.id))
         return self
 
+    def delete(self) -> "Job":
+        """Remove the ended job from the service: its record, events and checkpoint. Returns this handle,
+        holding the record as it was.
+
+        A job still QUEUED or RUNNING raises FailedPrecondition: cancel it first.
+        """
+        self.info = self.client._unary(self.client.stub.DeleteJob, jobs_pb2.DeleteJobRequest(job_id=self.id))
+        return self
+
     def wait(self, timeout: float | None = None) -> "Job":
         """Block until the job ends; returns this handle, holding the final record. Raises TimeoutError after `timeout` s.
 

@@ -110,3 +110,23 @@ local attempt = redis.call('HGET', KEYS[2], 'attempt')
 if not attempt or attempt == ARGV[2] then redis.call('ZREM', KEYS[1], ARGV[1]) end
 return 1
 """
+
+
+# Remove an ended job whole: its record, events and checkpoint, and its place
+# in its tenant's list; a job still QUEUED or RUNNING is left as it is.
+#   KEYS: job hash, event stream, checkpoint hash, tenant's jobs zset, tenant's active set, leases, dispatch
+#   ARGV: job id, then the states it may be deleted in
+#   Returns {1} deleted, {0, state} refused, {-1} no such job.
+DELETE = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return {-1} end
+local deletable = false
+for i = 2, #ARGV do if state == ARGV[i] then deletable = true end end
+if not deletable then return {0, tonumber(state)} end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+redis.call('ZREM', KEYS[4], ARGV[1])
+redis.call('SREM', KEYS[5], ARGV[1])
+redis.call('ZREM', KEYS[6], ARGV[1])
+redis.call('ZREM', KEYS[7], ARGV[1])
+return {1}
+"""

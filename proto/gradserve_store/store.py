@@ -298,6 +298,7 @@ class JobStore:
         self._checkpoint = client.register_script(scripts.CHECKPOINT)
         self._take_dispatch = client.register_script(scripts.TAKE_DISPATCH)
         self._dispatched = client.register_script(scripts.DISPATCHED)
+        self._delete = client.register_script(scripts.DELETE)
 
     @classmethod
     def from_url(cls, url: str, **options) -> "JobStore":
@@ -395,6 +396,23 @@ class JobStore:
             if state != jobs_pb2.QUEUED:
                 raise Refused(job_id, state)
         return self.get_job(job_id)
+
+    def delete_job(self, job_id: str) -> jobs_pb2.Job:
+        """Remove an ended job (record, events, checkpoint) and return its record as it was.
+
+        Raises Refused for a job still QUEUED or RUNNING, NotFound when there is none.
+        """
+        job = self.get_job(job_id)
+        result = self._delete(
+            keys=[job_key(job_id), events_key(job_id), checkpoint_key(job_id), tenant_jobs_key(job.tenant),
+                  active_key(job.tenant), LEASES_KEY, DISPATCH_KEY],
+            args=[job_id, *sorted(TERMINAL)],
+        )
+        if result[0] == -1:
+            raise NotFound(job_id)
+        if result[0] == 0:
+            raise Refused(job_id, int(result[1]))
+        return job
 
     def cancel_requested(self, job_id: str) -> bool:
         return self.r.hget(job_key(job_id), "cancel") == b"1"

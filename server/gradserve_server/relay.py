@@ -58,7 +58,7 @@ BATCH_BYTES = 1 << 20
 # Short reads (history, a feed's start) in flight at once, whatever the number of watchers arriving:
 # each holds a connection.
 HISTORY_READS = 8
-# A feed's wait before it tries Redis again after a failed read.
+# The reader's wait before it tries Redis again after a failed read.
 RETRY_S = 0.5
 # Notice codes that end a stream early; the client resumes from the notice's cursor on any notice.
 SERVER_SHUTTING_DOWN = "SERVER_SHUTTING_DOWN"

@@ -337,6 +337,16 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
             raise errors.Precondition(f"{e}: only QUEUED or RUNNING jobs can be cancelled") from None
 
     @errors.rpc
+    async def DeleteJob(self, request, context):
+        _require_id(request.job_id, "job_id", "job-")
+        await self._owned_job(request.job_id)
+        try:
+            return await self._call(self.store.delete_job, request.job_id)
+        except store.Refused as e:
+            raise errors.Precondition(f"{e}: only a job that has ended can be deleted; cancel it first "
+                                      f"(gradserve cancel {request.job_id})") from None
+
+    @errors.rpc
     async def StreamEvents(self, request, context):
         # Each event's bytes, encoded once by the relay (see ENCODED).
         async for batch in self._follow(request):

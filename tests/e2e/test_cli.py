@@ -67,6 +67,12 @@ def test_submit_follow_then_status_list_and_download(stack, tmp_path):
     assert download.returncode == 0 and "step 30" in download.stdout
     assert torch.load(out, weights_only=False)["step"] == 30
 
+    deleted = run(stack, "delete", job_id, "job-00000000000000000000")
+    assert deleted.returncode == 1, "one of the two was not there"
+    assert deleted.stdout == f"deleted {job_id} (SUCCEEDED at step 30): its record, events and checkpoint are gone\n"
+    assert "job-00000000000000000000 not found" in deleted.stderr
+    assert run(stack, "status", job_id).returncode == 1
+
 
 def test_a_refused_spec_names_the_field_and_exits_1(stack):
     done = run(stack, "submit", "--dataset", "builtin:pydocs", "--model", "rnn_scratch", "--num-layers", "2")

@@ -6,6 +6,7 @@ import math
 import time
 
 import pytest
+import redis
 import torch
 
 import gradserve
@@ -94,6 +95,27 @@ def test_the_job_record_carries_its_results_as_its_events_add_up(client, corpus_
         gradserve.summary.add(folded, event)
     assert folded == summary
     assert client.list_jobs(limit=5)[0].info.summary == summary
+
+
+def test_deleting_an_ended_job_leaves_nothing_of_it_and_an_active_one_is_refused(stack, client, corpus_id, tmp_path):
+    done = client.submit(dataset=corpus_id, max_steps=20, log_every=10, checkpoint_every=20, **SMALL).wait(timeout=60)
+    running = client.submit(dataset=corpus_id, max_steps=1_000_000, log_every=10, **SMALL)
+    wait_for_state(running, "RUNNING")
+    with pytest.raises(gradserve.FailedPrecondition) as refused:
+        running.delete()
+    assert str(refused.value) == (f"job {running.id} is RUNNING: only a job that has ended can be deleted; "
+                                  f"cancel it first (gradserve cancel {running.id})")
+    running.cancel().wait(timeout=60)
+
+    gone = done.delete()
+    assert gone.info.state == jobs_pb2.SUCCEEDED and gone.info.last_step == 20
+    for call in (lambda: client.get_job(done.id), lambda: list(done.events(follow=False)),
+                 lambda: done.download_checkpoint(tmp_path / "m.pt"), done.delete):
+        with pytest.raises(gradserve.NotFound):
+            call()
+    assert done.id not in [j.id for j in client.list_jobs(limit=1000)]
+    assert not list(redis.Redis.from_url(stack.redis_url).scan_iter(f"*{done.id}*")), "a key of the job is left"
+    assert running.delete().info.state == jobs_pb2.CANCELLED
 
 
 def test_a_cut_stream_resumes_from_its_cursor_without_loss_or_duplicates(client, corpus_id):

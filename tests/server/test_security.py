@@ -47,6 +47,8 @@ def test_a_tenant_sees_only_its_own_jobs_and_datasets(secured):
             assert str(err.value) == f"{job.id} not found", "another tenant's job must look exactly like a missing one"
         with pytest.raises(gradserve.NotFound):
             gradserve.Job(bob, job.info).cancel()
+        with pytest.raises(gradserve.NotFound):
+            gradserve.Job(bob, job.info).delete()
         with pytest.raises(gradserve.NotFound, match="upload it first"):
             bob.submit(dataset=dataset, **SMALL)
         assert job.id not in [j.id for j in bob.list_jobs()]

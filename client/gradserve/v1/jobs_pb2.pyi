@@ -193,6 +193,12 @@ class CancelJobRequest(_message.Message):
     job_id: str
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
+class DeleteJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
 class StreamEventsRequest(_message.Message):
     __slots__ = ("job_id", "cursor", "history_only")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]

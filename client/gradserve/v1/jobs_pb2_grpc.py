@@ -54,6 +54,11 @@ class JobServiceStub:
                 request_serializer=gradserve_dot_v1_dot_jobs__pb2.CancelJobRequest.SerializeToString,
                 response_deserializer=gradserve_dot_v1_dot_jobs__pb2.Job.FromString,
                 _registered_method=True)
+        self.DeleteJob = channel.unary_unary(
+                '/gradserve.v1.JobService/DeleteJob',
+                request_serializer=gradserve_dot_v1_dot_jobs__pb2.DeleteJobRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_jobs__pb2.Job.FromString,
+                _registered_method=True)
         self.StreamEvents = channel.unary_stream(
                 '/gradserve.v1.JobService/StreamEvents',
                 request_serializer=gradserve_dot_v1_dot_jobs__pb2.StreamEventsRequest.SerializeToString,
@@ -111,6 +116,15 @@ class JobServiceServicer:
 
     def CancelJob(self, request, context):
         """A queued job is cancelled at once; a running one stops at its next step.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteJob(self, request, context):
+        """Removes an ended job: its record, events and checkpoint. A QUEUED or
+        RUNNING job is refused (FAILED_PRECONDITION): cancel it first. Answers
+        with the record as it was.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -184,6 +198,11 @@ def add_JobServiceServicer_to_server(servicer, server):
             'CancelJob': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelJob,
                     request_deserializer=gradserve_dot_v1_dot_jobs__pb2.CancelJobRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_jobs__pb2.Job.SerializeToString,
+            ),
+            'DeleteJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteJob,
+                    request_deserializer=gradserve_dot_v1_dot_jobs__pb2.DeleteJobRequest.FromString,
                     response_serializer=gradserve_dot_v1_dot_jobs__pb2.Job.SerializeToString,
             ),
             'StreamEvents': grpc.unary_stream_rpc_method_handler(
@@ -324,6 +343,33 @@ class JobService:
             target,
             '/gradserve.v1.JobService/CancelJob',
             gradserve_dot_v1_dot_jobs__pb2.CancelJobRequest.SerializeToString,
+            gradserve_dot_v1_dot_jobs__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradserve.v1.JobService/DeleteJob',
+            gradserve_dot_v1_dot_jobs__pb2.DeleteJobRequest.SerializeToString,
             gradserve_dot_v1_dot_jobs__pb2.Job.FromString,
             options,
             channel_credentials,
