@@ -237,6 +237,11 @@ class Job:
         return self.info.attempt
 
     @property
+    def summary(self) -> jobs_pb2.JobSummary:
+        """Its results so far: latest training loss, best evaluation, tokens, time, clipped steps."""
+        return self.info.summary
+
+    @property
     def spec(self) -> jobs_pb2.JobSpec:
         """The complete, effective spec: every field the server defaulted is filled in."""
         return self.info.spec

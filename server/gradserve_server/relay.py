@@ -39,6 +39,7 @@ from collections.abc import AsyncIterator
 import redis
 
 from gradserve.v1 import jobs_pb2
+from gradserve_server import errors
 from gradserve_store import store
 
 log = logging.getLogger("gradserve.relay")
@@ -49,6 +50,8 @@ DEFAULT_QUEUE_EVENTS = 10_000
 # 1.85) stops starting new streaming calls at about 2,400 open ones, without an error, and gradserve's at
 # about 1,800: below that, a stream too many is told so instead of hanging (see BENCHMARKS.md).
 DEFAULT_MAX_WATCHERS = 1_500
+# When a stream refused as busy may try again: by then a watcher has often left.
+BUSY_RETRY_AFTER_S = 1.0
 # How long the reader's blocking read waits for an event before it reads again, taking in feeds added meanwhile.
 FEED_POLL_S = 0.25
 # Events one history read takes at a time, and the reader from each stream.
@@ -105,8 +108,11 @@ class _Feed:
 class Relay:
     """The feeds of this server process's followed jobs and their one reader. `follow` is what the streams run."""
 
-    def __init__(self, astore: store.AsyncJobStore, *, queue_events: int = DEFAULT_QUEUE_EVENTS):
-        self.astore, self.queue_events = astore, queue_events
+    def __init__(self, astore: store.AsyncJobStore, *, queue_events: int = DEFAULT_QUEUE_EVENTS,
+                 max_watchers: int = DEFAULT_MAX_WATCHERS):
+        if max_watchers < 1:
+            raise ValueError(f"max_watchers must be at least 1, got {max_watchers}")
+        self.astore, self.queue_events, self.max_watchers = astore, queue_events, max_watchers
         self._feeds: dict[str, _Feed] = {}
         self._watchers: set[_Watcher] = set()
         self._reader: asyncio.Task | None = None
@@ -204,6 +210,13 @@ class Relay:
         A stream ended early (the server closing, the watcher too slow) ends
         with a notice whose cursor is that of the last event given.
         """
+        # Counted and registered in one step, with no wait between: streams arriving together cannot all
+        # pass the check before any of them counts.
+        if len(self._watchers) >= self.max_watchers:
+            raise errors.Exhausted(
+                f"server busy: this server process already serves {len(self._watchers)} event streams "
+                f"(--max-watchers {self.max_watchers}); retry shortly, or reach another server process",
+                retry_after_s=BUSY_RETRY_AFTER_S)
         watcher = _Watcher(self.queue_events)
         if self._closing:
             watcher.end(SERVER_SHUTTING_DOWN)

@@ -45,8 +45,6 @@ DEFAULT_MAX_UPLOADS = 2
 UPLOAD_WAIT_S = 10.0
 # What a busy refusal tells the client to wait before it sends the upload again.
 UPLOAD_RETRY_AFTER_S = 1.0
-# When a stream refused as busy may try again: by then a watcher has often left.
-WATCHERS_RETRY_AFTER_S = 1.0
 CHUNK_BYTES = 1024 * 1024
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX = 50, 1000
@@ -114,7 +112,8 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
                  watcher_queue_events: int = DEFAULT_QUEUE_EVENTS, max_watchers: int = DEFAULT_MAX_WATCHERS):
         self.store = store.JobStore.from_url(redis_url)
         # Streams and Generate's waits use connections of their own, so that neither can starve the other.
-        self.relay = Relay(store.AsyncJobStore.from_url(redis_url), queue_events=watcher_queue_events)
+        self.relay = Relay(store.AsyncJobStore.from_url(redis_url), queue_events=watcher_queue_events,
+                           max_watchers=max_watchers)
         self.replies = store.AsyncJobStore.from_url(redis_url)
         self.celery = make_celery(redis_url, shared.visibility_timeout_s)
         self.max_dataset_bytes = max_dataset_bytes
@@ -123,9 +122,6 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
             raise ValueError(f"max_uploads must be at least 1, got {max_uploads}")
         self.max_uploads = max_uploads
         self._upload_slots = asyncio.Semaphore(max_uploads)
-        if max_watchers < 1:
-            raise ValueError(f"max_watchers must be at least 1, got {max_watchers}")
-        self.max_watchers = max_watchers
         self._builtin_lock = asyncio.Lock()
 
     async def close(self) -> None:
@@ -360,11 +356,6 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
 
     async def _follow(self, request):
         _require_id(request.job_id, "job_id", "job-")
-        if self.relay.watchers >= self.max_watchers:
-            raise errors.Exhausted(
-                f"server busy: this server process already serves {self.relay.watchers} event streams "
-                f"(--max-watchers {self.max_watchers}); retry shortly, or reach another server process",
-                retry_after_s=WATCHERS_RETRY_AFTER_S)
         after = _parse_cursor(request.cursor) if request.cursor else (0, 0)
         job = await self._owned_job(request.job_id)
         last = request.cursor or "0-0"
