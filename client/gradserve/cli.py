@@ -27,6 +27,9 @@ import argparse
 import errno
 import json
 import os
+import re
+import shlex
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -39,6 +42,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
+from gradserve import labels
 from gradserve import spec as specs
 from gradserve.client import DEFAULT_GENERATE_TOKENS, TERMINAL_STATES, Client, state_name
 from gradserve.cmdline import Parser, add_version, command
@@ -69,7 +73,7 @@ DEFAULT_CHECKPOINT_FILE = "model.pt"
 # Enough of a content-hash id to tell datasets apart in a table.
 DATASET_ID_SHOWN = 11
 # The list drops its least needed columns, last first, to fit the screen.
-LIST_COLUMNS = ("id", "state", "model", "step/max", "created", "train", "best val", "dataset", "worker")
+LIST_COLUMNS = ("id", "state", "name", "model", "step/max", "created", "train", "best val", "dataset", "worker")
 WORKER_COLUMNS = ("name", "queues", "current job", "last seen", "device", "memory budget", "host", "pid")
 _TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 _FLOAT_TYPES = {descriptor.FieldDescriptor.TYPE_DOUBLE, descriptor.FieldDescriptor.TYPE_FLOAT}
@@ -262,7 +266,12 @@ def _plain(console: Console, text: str, style: str | None = None) -> None:
 def render_job(console: Console, job: jobs_pb2.Job, now: float | None = None) -> None:
     """The job record, one `key  value` line each, times with their durations."""
     now = time.time() if now is None else now
-    rows: list[tuple[str, str]] = [("id", job.id), ("state", state_name(job.state))]
+    rows: list[tuple[str, str]] = [("id", job.id)]
+    if job.name:
+        rows.append(("name", job.name))
+    if job.tags:
+        rows.append(("tags", " ".join(f"{k}={v}" for k, v in sorted(job.tags.items()))))
+    rows.append(("state", state_name(job.state)))
     if job.reason:
         rows.append(("reason", job.reason))
     if job.waiting:
@@ -298,6 +307,8 @@ def render_job(console: Console, job: jobs_pb2.Job, now: float | None = None) ->
     elif job.HasField("finished_at"):
         rows.append(("finished", f"{_local_time(job.finished_at)} (never started)"))
     rows.append(("spec", spec_summary(job.spec)))
+    if job.note:
+        rows.append(("note", job.note))
     # Plain lines rather than a table: piped output carries no padding, and long values wrap on a screen.
     width = max(len(key) for key, _ in rows)
     for key, value in rows:
@@ -331,6 +342,7 @@ def render_jobs(console: Console, jobs: Sequence[jobs_pb2.Job], now: float | Non
         {
             "id": job.id,
             "state": state_name(job.state) + ("*" if job.waiting else ""),
+            "name": job.name or "-",
             "model": job.spec.model,
             "step/max": _step_of(job),
             "train": _train_result(job.summary),
@@ -341,7 +353,9 @@ def render_jobs(console: Console, jobs: Sequence[jobs_pb2.Job], now: float | Non
         }
         for job in jobs
     ]
-    header, *lines = fit_columns(rows, LIST_COLUMNS, console.width)
+    # Only a list where some job has a name gives the column room.
+    columns = [c for c in LIST_COLUMNS if c != "name" or any(job.name for job in jobs)]
+    header, *lines = fit_columns(rows, columns, console.width)
     _plain(console, header, style="bold")
     for line in lines:
         _plain(console, line)
@@ -504,6 +518,7 @@ class Context:
     client_factory: ClientFactory
     out: Console
     err: Console
+    argv: Sequence[str] = ()  # the command line as given, for hints that repeat it
 
     def client(self) -> Client:
         a = self.args
@@ -541,7 +556,8 @@ def cmd_submit(ctx: Context) -> int:
     fields = {f.name: getattr(ctx.args, f.name) for f in specs.FIELDS}
     with ctx.client() as client:
         dataset = resolve_dataset(ctx, client, ctx.args.dataset)
-        job = client.submit(dataset=dataset, **fields)
+        job = client.submit(dataset=dataset, name=ctx.args.name, tags=dict(ctx.args.tag), note=ctx.args.note,
+                            **fields)
         if ctx.args.json:
             print_json(ctx.out, as_dict(job.info))
         else:
@@ -576,12 +592,22 @@ def cmd_status(ctx: Context) -> int:
 
 
 def cmd_list(ctx: Context) -> int:
+    a = ctx.args
     with ctx.client() as client:
-        jobs = [j.info for j in client.list_jobs(limit=ctx.args.limit, state=ctx.args.state)]
-    if ctx.args.json:
+        page = client.list_jobs(limit=a.limit, state=a.state, name=a.name, tags=dict(a.tag), model=a.model or "",
+                                dataset=a.dataset, created_after=a.after, created_before=a.before,
+                                order_by=a.sort, reverse=a.reverse, page_token=a.page_token)
+    jobs = [j.info for j in page]
+    if a.json:
         print_json(ctx.out, [as_dict(j) for j in jobs])
     else:
         render_jobs(ctx.out, jobs)
+    if page.next_page_token:  # on stderr, so that --json output stays one list
+        # The same command without its page token ("--page-token X" or "--page-token=X"), then the new one.
+        again = [arg for i, arg in enumerate(ctx.argv)
+                 if not arg.startswith("--page-token") and (i == 0 or ctx.argv[i - 1] != "--page-token")]
+        _plain(ctx.err, "more: " + shlex.join(["gradserve", *again, "--page-token", page.next_page_token]),
+               style="dim")
     return EXIT_OK
 
 
@@ -791,6 +817,51 @@ def _temperature(text: str) -> float:
 
 
 _JOB_STATES = tuple(n for n in jobs_pb2.JobState.keys() if n != "JOB_STATE_UNSPECIFIED")
+# ListJobsRequest.order_by's values, and the most jobs one page may hold.
+SORT_ORDERS = ("created", "train_loss", "val_loss", "tokens_per_sec")
+LIST_LIMIT_MAX = 1000
+_AGE = re.compile(r"(\d+(?:\.\d+)?)([mhd])")
+_AGE_SECONDS = {"m": 60, "h": 3600, "d": 86400}
+
+
+def _choice(choices: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"must be one of {', '.join(choices)}, got {text!r}")
+        return text
+
+    return parse
+
+
+def _label(rule: Callable[[str], list]) -> Callable[[str], str]:
+    """An argparse type checking a name or note by gradserve.labels' rule, before anything is sent."""
+
+    def parse(text: str) -> str:
+        problems = rule(text)
+        if problems:
+            raise argparse.ArgumentTypeError(problems[0][1])
+        return text
+
+    return parse
+
+
+def _tag(text: str) -> tuple[str, str]:
+    try:
+        return labels.parse_tag(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _time_arg(text: str, now: float | None = None) -> float:
+    """A Unix time from a local date or time, or from an age such as 90m, 6h or 2d (that long before now)."""
+    if m := _AGE.fullmatch(text):
+        return (time.time() if now is None else now) - float(m[1]) * _AGE_SECONDS[m[2]]
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be a date or time like 2026-11-30 or 2026-11-30T14:00, or an age like 90m, 6h or 2d; got {text!r}"
+        ) from None
 
 
 def _job_state(text: str) -> str:
@@ -831,6 +902,12 @@ def build_parser() -> argparse.ArgumentParser:
              + ", ".join(specs.BUILTIN_DATASETS),
     )
     p.add_argument("--follow", action="store_true", help="then watch the job until it ends, as `gradserve watch` does")
+    p.add_argument("--name", default="", type=_label(labels.name_violations),
+                   help=f"a label to find the job by (`list --name`), at most {labels.MAX_NAME_CHARS} characters")
+    p.add_argument("--tag", action="append", default=[], type=_tag, metavar="KEY=VALUE",
+                   help="a tag to filter by (`list --tag`); repeat for more")
+    p.add_argument("--note", default="", type=_label(labels.note_violations),
+                   help=f"free text kept with the job, at most {labels.MAX_NOTE_CHARS} characters")
     add_spec_flags(p)
 
     p = subcommand("watch", cmd_watch, "follow a job's progress until it ends",
@@ -842,11 +919,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = subcommand("status", cmd_status, "show a job's record and effective spec")
     p.add_argument("job", metavar="JOB")
 
-    p = subcommand("list", cmd_list, "list jobs, newest first")
+    p = subcommand("list", cmd_list, "list jobs, newest first; filters combine",
+                   epilog="TIME is a date or time (2026-11-30, 2026-11-30T14:00, local time) or an age: 90m, 6h, 2d\n"
+                          "(that long ago). When there are more, the last line prints the command for the next page.")
     p.add_argument("--state", type=_job_state, metavar="STATE",
                    help="only jobs in this state: " + ", ".join(_JOB_STATES))
-    p.add_argument("--limit", type=_int_at_least(1), default=DEFAULT_LIST_LIMIT,
-                   help=f"at most this many (default {DEFAULT_LIST_LIMIT})")
+    p.add_argument("--name", default="", type=_label(labels.name_violations),
+                   help="only jobs whose name contains this, ignoring case")
+    p.add_argument("--tag", action="append", default=[], type=_tag, metavar="KEY=VALUE",
+                   help="only jobs with this tag; repeat for jobs with all of them")
+    p.add_argument("--model", type=_choice(tuple(specs.MODELS)), metavar="MODEL",
+                   help="only jobs of this model: " + ", ".join(specs.MODELS))
+    p.add_argument("--dataset", default="", help="only jobs on this dataset (an id or built-in name)")
+    p.add_argument("--after", type=_time_arg, metavar="TIME", help="only jobs created at or after TIME")
+    p.add_argument("--before", type=_time_arg, metavar="TIME", help="only jobs created before TIME")
+    p.add_argument("--sort", default="created", type=_choice(SORT_ORDERS), metavar="ORDER",
+                   help="created (newest first, the default), train_loss or val_loss (lowest first), "
+                        "tokens_per_sec (highest first)")
+    p.add_argument("--reverse", action="store_true", help="the opposite order")
+    p.add_argument("--limit", type=_int_at_least(1, LIST_LIMIT_MAX), default=DEFAULT_LIST_LIMIT,
+                   help=f"at most this many, 1 to {LIST_LIMIT_MAX} (default {DEFAULT_LIST_LIMIT})")
+    p.add_argument("--page-token", default="", metavar="TOKEN", help="the next page, as printed below a full page")
 
     p = subcommand("cancel", cmd_cancel, "cancel a job: at once if queued, at its next step if running",
                 epilog="exits 0 once the job is cancelled, asked to stop, or had already ended (the output says\n"
@@ -891,11 +984,12 @@ def main(argv: Sequence[str] | None = None, client_factory: ClientFactory = Clie
 
     `client_factory` turns the --server address into a client; tests pass a fake.
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     out = Console()
     if not out.is_terminal and "COLUMNS" not in os.environ:
         out = Console(width=PIPED_WIDTH)
-    ctx = Context(args, client_factory, out, Console(stderr=True))
+    ctx = Context(args, client_factory, out, Console(stderr=True), argv)
     try:
         code = args.handler(ctx)
     except GradserveError as e:

@@ -59,9 +59,11 @@ end
 # resumed attempt recomputing steps its predecessor reported) is skipped, so a
 # watcher never sees a step twice or going back. With the event comes the
 # job's summary as it stands after it (JobSummary bytes, "" when the event
-# leaves it as it was), stored only with the event.
+# leaves it as it was), stored only with the event, and the summary's
+# numbers that ListJobs sorts by, as plain fields LIST can read.
 #   KEYS: job hash, event stream
-#   ARGV: attempt, token, RUNNING, kind, step ("" when the event has none), event bytes, summary bytes
+#   ARGV: attempt, token, RUNNING, kind, step ("" when the event has none), event bytes, summary bytes,
+#         then pairs of sort field and its value ("" for none yet)
 #   Returns {1, entry id} appended, {2} skipped, {0, state, attempt} fenced off.
 APPEND = FENCE + """
 if ARGV[5] ~= '' then
@@ -69,7 +71,12 @@ if ARGV[5] ~= '' then
   if tonumber(ARGV[5]) <= tonumber(redis.call('HGET', KEYS[1], seen) or '-1') then return {2} end
   redis.call('HSET', KEYS[1], seen, ARGV[5])
 end
-if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'summary', ARGV[7]) end
+if ARGV[7] ~= '' then
+  redis.call('HSET', KEYS[1], 'summary', ARGV[7])
+  for i = 8, #ARGV, 2 do
+    if ARGV[i + 1] ~= '' then redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+  end
+end
 return {1, redis.call('XADD', KEYS[2], '*', 'e', ARGV[6])}
 """
 
@@ -129,4 +136,110 @@ redis.call('SREM', KEYS[5], ARGV[1])
 redis.call('ZREM', KEYS[6], ARGV[1])
 redis.call('ZREM', KEYS[7], ARGV[1])
 return {1}
+"""
+
+
+# One page of a tenant's jobs that match a filter, read inside Redis so that
+# only the page crosses the network. The filter's fields are plain fields of
+# each job's hash, written at submission (model, dataset, name_key, tags as
+# "\nkey=value\n" lines) or kept by APPEND (the sort fields).
+#   KEYS: the tenant's jobs zset (scored by creation time)
+#   ARGV: the job hash key prefix, then the query as JSON {state, model, dataset, name, tags: ["\nk=v\n", ...],
+#         after, before (creation times, or absent), sort ("" for creation time, else a sort field),
+#         desc (bool: highest or newest first), limit, token: the previous page's last job as
+#         {score, id} in creation order or {rank, score, id} by a metric, or absent}
+#   Returns {ids..., next token's score, next token's id}: the last two are "" on the last page.
+# In creation order it reads the zset a slice at a time and stops at a full
+# page; by a metric it must read every job in the creation range and sort.
+LIST = """
+local q = cjson.decode(ARGV[2])
+local prefix = ARGV[1]
+local function matches(id)
+  local h = redis.call('HMGET', prefix .. id, 'state', 'model', 'dataset', 'name_key', 'tags')
+  if not h[1] then return false end
+  if q.state and h[1] ~= q.state then return false end
+  if q.model and h[2] ~= q.model then return false end
+  if q.dataset and h[3] ~= q.dataset then return false end
+  if q.name and not string.find(h[4] or '', q.name, 1, true) then return false end
+  for _, tag in ipairs(q.tags) do
+    if not string.find(h[5] or '', tag, 1, true) then return false end
+  end
+  return true
+end
+local hi = q.before and ('(' .. q.before) or '+inf'
+local lo = q.after or '-inf'
+local page = {}
+if q.sort == '' then
+  -- Newest first unless q.desc is false; equal scores come in id order the same way round,
+  -- so the ones up to the token's were on earlier pages.
+  local token, newest = q.token, q.desc
+  if token then
+    if newest then hi = token.score else lo = token.score end
+  end
+  local offset, slice = 0, 512
+  while true do
+    local got
+    if newest then
+      got = redis.call('ZREVRANGEBYSCORE', KEYS[1], hi, lo, 'WITHSCORES', 'LIMIT', offset, slice)
+    else
+      got = redis.call('ZRANGEBYSCORE', KEYS[1], lo, hi, 'WITHSCORES', 'LIMIT', offset, slice)
+    end
+    for i = 1, #got, 2 do
+      local id, score = got[i], got[i + 1]
+      local seen = token and tonumber(score) == tonumber(token.score)
+        and ((newest and id >= token.id) or (not newest and id <= token.id))
+      if not seen and matches(id) then
+        if #page == q.limit then
+          local last = page[#page]
+          page[#page + 1] = redis.call('ZSCORE', KEYS[1], last)
+          page[#page + 1] = last
+          return page
+        end
+        page[#page + 1] = id
+      end
+    end
+    if #got < 2 * slice then break end
+    offset = offset + slice
+  end
+  page[#page + 1] = ''
+  page[#page + 1] = ''
+  return page
+end
+-- By a metric: every matching job with its value, sorted; jobs without one last, newest first among them.
+local rows = {}
+local ids = redis.call('ZREVRANGEBYSCORE', KEYS[1], hi, lo, 'WITHSCORES')
+for i = 1, #ids, 2 do
+  local id = ids[i]
+  if matches(id) then
+    local v = redis.call('HGET', prefix .. id, q.sort)
+    local value = tonumber(v or '')
+    -- rank 0: has the metric, ordered by it; rank 1: has none, in creation order (newest first).
+    if value == nil or value ~= value then
+      rows[#rows + 1] = {1, -tonumber(ids[i + 1]), id}
+    else
+      rows[#rows + 1] = {0, q.desc and -value or value, id}
+    end
+  end
+end
+local function before(a, b)
+  if a[1] ~= b[1] then return a[1] < b[1] end
+  if a[2] ~= b[2] then return a[2] < b[2] end
+  return a[3] < b[3]
+end
+table.sort(rows, before)
+local start = 1
+if q.token then
+  local key = {tonumber(q.token.rank), tonumber(q.token.score), q.token.id}
+  while start <= #rows and not before(key, rows[start]) do start = start + 1 end
+end
+for i = start, math.min(#rows, start + q.limit - 1) do page[#page + 1] = rows[i][3] end
+if start + q.limit - 1 < #rows then
+  local last = rows[start + q.limit - 1]
+  page[#page + 1] = last[1] .. ':' .. string.format('%.17g', last[2])
+  page[#page + 1] = last[3]
+else
+  page[#page + 1] = ''
+  page[#page + 1] = ''
+end
+return page
 """

@@ -9,7 +9,9 @@ Keys (all under ``gradserve:``):
     job:{id}        hash    spec (JobSpec bytes), state, queue, times, reason, worker, steps, cancel flag,
                             attempt, owner (the running attempt's fencing token), losses (workers lost),
                             last_step and seen:{kind} (the last step of the stream's metrics events,
-                            and of each other kind of event), summary (JobSummary bytes)
+                            and of each other kind of event), summary (JobSummary bytes);
+                            for ListJobs' filters and orders: model, dataset, name, name_key (casefolded),
+                            tags ("\nkey=value\n" lines), note, and s_* (summary numbers it sorts by)
     jobs:{tenant}   zset    job id -> creation time, for listing a tenant's jobs newest first
     active:{tenant} set     the tenant's jobs that may still be QUEUED or RUNNING (pruned when counted)
     datasets:{tenant} set   the dataset ids the tenant uploaded (datasets are shared by content)
@@ -25,12 +27,15 @@ Keys (all under ``gradserve:``):
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 import logging
 import secrets
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import redis
@@ -288,6 +293,95 @@ def dataset_id_for(data: bytes) -> str:
     return "ds-" + hashlib.sha256(data).hexdigest()
 
 
+# ------------------------------------------------------------ finding jobs
+
+
+class Labels(NamedTuple):
+    """What a job is called and tagged with at submission (validated by the server)."""
+
+    name: str = ""
+    tags: dict[str, str] = {}
+    note: str = ""
+
+
+def _tag_line(key: str, value: str) -> str:
+    # Keys have no "=" and neither has control characters, so "\nkey=value\n" matches one tag whole.
+    return f"\n{key}={value}\n"
+
+
+def _tags_from(lines: str) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in lines.split("\n") if line)
+
+
+def _index_fields(spec: jobs_pb2.JobSpec, labels: Labels) -> dict[str, str]:
+    """The plain fields of a job's hash that scripts.LIST filters on, and the labels themselves."""
+    tags = "".join(_tag_line(k, v) for k, v in sorted(labels.tags.items()))
+    return {"model": spec.model, "dataset": spec.dataset, "name": labels.name, "name_key": labels.name.casefold(),
+            "tags": tags + "\n" if tags else "", "note": labels.note}
+
+
+class SortField(NamedTuple):
+    field: str  # the job hash's field LIST sorts by; "" for creation time
+    highest_first: bool
+    of: Callable[[jobs_pb2.JobSummary], str] | None  # its value in a summary ("" for none yet)
+
+
+def _best_val(summary: jobs_pb2.JobSummary) -> str:
+    return repr(summary.best_val_loss) if summary.best_step else ""
+
+
+# ListJobsRequest.order_by: each order's field and natural direction.
+SORT_FIELDS = {
+    "created": SortField("", True, None),
+    "train_loss": SortField("s_train_loss", False, lambda s: repr(s.train_loss) if s.step else ""),
+    "val_loss": SortField("s_val_loss", False, _best_val),
+    "tokens_per_sec": SortField("s_tokens_per_sec", True, lambda s: repr(s.tokens_per_sec) if s.step else ""),
+}
+
+
+@dataclass(frozen=True)
+class JobQuery:
+    """A ListJobs query: every filter that is set must hold. Built and validated by the server."""
+
+    limit: int = 50
+    state: int = 0
+    name_contains: str = ""
+    tags: dict[str, str] = field(default_factory=dict)
+    model: str = ""
+    dataset: str = ""
+    created_after: float | None = None
+    created_before: float | None = None
+    order_by: str = "created"
+    reverse: bool = False
+    page_token: str = ""
+
+    def _fingerprint(self) -> str:
+        # A token is good only for the query that made it: same filters, same order.
+        what = json.dumps([self.state, self.name_contains, sorted(self.tags.items()), self.model, self.dataset,
+                           self.created_after, self.created_before, self.order_by, self.reverse])
+        return hashlib.sha256(what.encode()).hexdigest()[:16]
+
+    def position(self) -> dict | None:
+        """Where the previous page ended, as scripts.LIST reads it; None for the first page."""
+        if not self.page_token:
+            return None
+        try:
+            token = json.loads(base64.urlsafe_b64decode(self.page_token.encode()))
+            if token["q"] != self._fingerprint():
+                raise ValueError
+            if SORT_FIELDS[self.order_by].field:
+                rank, score = token["s"].split(":")
+                return {"rank": int(rank), "score": float(score), "id": token["i"]}
+            return {"score": str(float(token["s"])), "id": token["i"]}
+        except (ValueError, KeyError, TypeError, binascii.Error):
+            raise ValueError("is not the next_page_token of an earlier page of this same query (same filters "
+                             "and order)") from None
+
+    def next_token(self, score: str, last_id: str) -> str:
+        token = json.dumps({"q": self._fingerprint(), "s": score, "i": last_id}, separators=(",", ":"))
+        return base64.urlsafe_b64encode(token.encode()).decode()
+
+
 class JobStore:
     """Synchronous access to the shared Redis. The async server calls it from a thread."""
 
@@ -299,6 +393,7 @@ class JobStore:
         self._take_dispatch = client.register_script(scripts.TAKE_DISPATCH)
         self._dispatched = client.register_script(scripts.DISPATCHED)
         self._delete = client.register_script(scripts.DELETE)
+        self._list = client.register_script(scripts.LIST)
 
     @classmethod
     def from_url(cls, url: str, **options) -> "JobStore":
@@ -318,7 +413,8 @@ class JobStore:
 
     # ---------------------------------------------------------------- jobs
 
-    def create_job(self, job_id: str, spec: jobs_pb2.JobSpec, queue: str, tenant: str = "") -> jobs_pb2.Job:
+    def create_job(self, job_id: str, spec: jobs_pb2.JobSpec, queue: str, tenant: str = "",
+                   labels: Labels = Labels()) -> jobs_pb2.Job:
         """Record a QUEUED job as attempt 1, in the dispatch outbox until `dispatched` says its task was sent."""
         now = time.time()
         event = status_event(job_id, jobs_pb2.QUEUED, attempt=1)
@@ -327,7 +423,7 @@ class JobStore:
             p.hset(
                 job_key(job_id),
                 mapping={"spec": spec.SerializeToString(), "state": jobs_pb2.QUEUED, "queue": queue, "created": now,
-                         "attempt": 1, "tenant": tenant},
+                         "attempt": 1, "tenant": tenant, **_index_fields(spec, labels)},
             )
             p.zadd(tenant_jobs_key(tenant), {job_id: now})
             p.sadd(active_key(tenant), job_id)
@@ -335,7 +431,7 @@ class JobStore:
             p.xadd(events_key(job_id), {"e": encode_event(event)})
             p.execute()
         return jobs_pb2.Job(id=job_id, spec=spec, state=jobs_pb2.QUEUED, queue=queue, attempt=1, tenant=tenant,
-                            created_at=timestamp(now))
+                            created_at=timestamp(now), name=labels.name, tags=labels.tags, note=labels.note)
 
     def get_job(self, job_id: str) -> jobs_pb2.Job:
         raw = self.r.hgetall(job_key(job_id))
@@ -343,24 +439,30 @@ class JobStore:
             raise NotFound(job_id)
         return _job_from_hash(job_id, raw)
 
-    def list_jobs(self, limit: int, state: int = 0, tenant: str = "") -> list[jobs_pb2.Job]:
-        """The tenant's newest jobs, optionally only those in `state`."""
-        jobs = []
-        # Filtering happens after reading, so read in pages until enough match.
-        start = 0
-        while len(jobs) < limit:
-            ids = self.r.zrevrange(tenant_jobs_key(tenant), start, start + 4 * limit - 1)
-            if not ids:
-                break
-            start += len(ids)
-            with self.r.pipeline(transaction=False) as p:
-                for i in ids:
-                    p.hgetall(job_key(i.decode()))
-                raws = p.execute()
-            for i, raw in zip(ids, raws):
-                if raw and (not state or int(raw[b"state"]) == state):
-                    jobs.append(_job_from_hash(i.decode(), raw))
-        return jobs[:limit]
+    def list_jobs(self, query: JobQuery, tenant: str = "") -> tuple[list[jobs_pb2.Job], str]:
+        """One page of the tenant's jobs that match `query`, and the token of the next page ("" on the last).
+
+        Raises ValueError when query.page_token was not made by an earlier page of the same query.
+        """
+        sort = SORT_FIELDS[query.order_by]
+        args = {"state": str(query.state) if query.state else None, "model": query.model or None,
+                "dataset": query.dataset or None, "name": query.name_contains.casefold() or None,
+                "tags": [_tag_line(k, v) for k, v in sorted(query.tags.items())],
+                "after": repr(query.created_after) if query.created_after is not None else None,
+                "before": repr(query.created_before) if query.created_before is not None else None,
+                "sort": sort.field, "desc": sort.highest_first != query.reverse, "limit": query.limit,
+                "token": query.position()}
+        # Left out rather than null: Lua's cjson reads null as a value, and a true one.
+        query_json = json.dumps({k: v for k, v in args.items() if v is not None})
+        found = self._list(keys=[tenant_jobs_key(tenant)], args=[job_key(""), query_json])
+        ids, (score, last) = [i.decode() for i in found[:-2]], (_text(v) for v in found[-2:])
+        with self.r.pipeline(transaction=False) as p:
+            for i in ids:
+                p.hgetall(job_key(i))
+            raws = p.execute()
+        # A job deleted between the two reads is left out of its page.
+        jobs = [_job_from_hash(i, raw) for i, raw in zip(ids, raws) if raw]
+        return jobs, query.next_token(score, last) if last else ""
 
     def active_counts(self, tenant: str) -> tuple[int, int]:
         """How many of the tenant's jobs are (QUEUED, RUNNING) now; forgets the ones that have ended."""
@@ -413,6 +515,27 @@ class JobStore:
         if result[0] == 0:
             raise Refused(job_id, int(result[1]))
         return job
+
+    def ended_before(self, cutoff: float, limit: int = 1000) -> list[str]:
+        """Up to `limit` jobs, of any tenant, that ended (SUCCEEDED, FAILED, CANCELLED) before Unix time `cutoff`.
+
+        A job ends after it is created, so only those created before the cutoff are looked at.
+        """
+        found: list[str] = []
+        for key in self.r.scan_iter(match=tenant_jobs_key("*"), count=1000):
+            start = 0
+            while len(found) < limit:
+                ids = [i.decode() for i in self.r.zrangebyscore(key, "-inf", cutoff, start=start, num=limit)]
+                if not ids:
+                    break
+                start += len(ids)
+                with self.r.pipeline(transaction=False) as p:
+                    for i in ids:
+                        p.hmget(job_key(i), "state", "finished")
+                    rows = p.execute()
+                found += [i for i, (state, finished) in zip(ids, rows)
+                          if state is not None and int(state) in TERMINAL and finished and float(finished) < cutoff]
+        return found[:limit]
 
     def cancel_requested(self, job_id: str) -> bool:
         return self.r.hget(job_key(job_id), "cancel") == b"1"
@@ -642,10 +765,15 @@ class JobStore:
         kind = event.WhichOneof("kind")
         payload = getattr(event, kind)
         step = str(payload.step) if "step" in payload.DESCRIPTOR.fields_by_name else ""
+        sort_values = []
+        if summary is not None:
+            for sort in SORT_FIELDS.values():
+                if sort.of is not None:
+                    sort_values += [sort.field, sort.of(summary)]
         result = self._append(
             keys=[job_key(lease.job_id), events_key(lease.job_id)],
             args=[*self._fence_args(lease), kind, step, encode_event(event),
-                  summary.SerializeToString() if summary is not None else b""],
+                  summary.SerializeToString() if summary is not None else b"", *sort_values],
         )
         return self._fenced_result(lease, result)
 
@@ -836,10 +964,13 @@ def _job_from_hash(job_id: str, raw: dict) -> jobs_pb2.Job:
         attempt=int(g.get("attempt", 1)),
         tenant=g.get("tenant", b"").decode(),
         summary=jobs_pb2.JobSummary.FromString(g.get("summary", b"")),
+        name=g.get("name", b"").decode(),
+        tags=_tags_from(g.get("tags", b"").decode()),
+        note=g.get("note", b"").decode(),
     )
-    for field, name in (("created_at", "created"), ("started_at", "started"), ("finished_at", "finished")):
+    for attr, name in (("created_at", "created"), ("started_at", "started"), ("finished_at", "finished")):
         if name in g:
-            getattr(job, field).CopyFrom(timestamp(float(g[name])))
+            getattr(job, attr).CopyFrom(timestamp(float(g[name])))
     return job
 
 

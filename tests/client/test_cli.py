@@ -10,6 +10,7 @@ import argparse
 import io
 import json
 import re
+from datetime import datetime
 
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -17,6 +18,7 @@ from rich.console import Console
 
 from gradserve import cli
 from gradserve import spec as specs
+from gradserve.client import JobPage
 from gradserve.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from gradserve.v1 import jobs_pb2
 
@@ -118,6 +120,7 @@ class FakeClient:
         self.error = error
         self._workers = list(workers)
         self.submitted: dict | None = None
+        self.next_page_token = ""
         self.uploaded: list = []
         self.target = None
 
@@ -150,10 +153,11 @@ class FakeClient:
         self._check()
         return self.job
 
-    def list_jobs(self, limit=50, state=None):
+    def list_jobs(self, limit=50, state=None, page_token="", **filters):
         self._check()
         self.listed = (limit, state)
-        return [self.job]
+        self.filters = filters
+        return JobPage([self.job], self.next_page_token)
 
     def workers(self):
         self._check()
@@ -349,6 +353,51 @@ def test_global_options_work_before_and_after_the_command(capsys, monkeypatch):
 # ------------------------------------------------------------------- commands
 
 
+def test_submit_sends_name_tags_and_note(capsys):
+    fake = FakeClient(FakeJob(job_record(jobs_pb2.QUEUED)))
+    code, _, _ = run(["submit", "--dataset", "builtin:pydocs", "--name", "T=5 run", "--tag", "study=tbptt",
+                      "--tag", "T=5", "--note", "first"], fake, capsys)
+    assert code == 0
+    assert (fake.submitted["name"], fake.submitted["tags"], fake.submitted["note"]) == (
+        "T=5 run", {"study": "tbptt", "T": "5"}, "first")
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["submit", "--dataset", "builtin:pydocs", "--tag", "study"], "must be key=value, got 'study'"),
+    (["submit", "--dataset", "builtin:pydocs", "--tag", "a b=c"], "letters, digits or _.- characters, got 'a b'"),
+    (["submit", "--dataset", "builtin:pydocs", "--name", "x" * 101], "at most 100 characters, got 101"),
+    (["list", "--after", "yesterday"], "an age like 90m, 6h or 2d; got 'yesterday'"),
+    (["list", "--sort", "loss"], "must be one of created, train_loss, val_loss, tokens_per_sec, got 'loss'"),
+    (["list", "--model", "transformer"], "must be one of rnn_scratch, rnn, gru, lstm, got 'transformer'"),
+])
+def test_bad_labels_and_filters_are_usage_errors_naming_the_value(argv, words, capsys):
+    fake = FakeClient()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv, client_factory=fake)
+    assert exit_info.value.code == cli.EXIT_USAGE
+    assert words in capsys.readouterr().err
+    assert fake.submitted is None
+
+
+def test_list_sends_its_filters_and_prints_the_command_for_the_next_page(capsys):
+    fake = FakeClient()
+    fake.next_page_token = "TOKEN2"
+    argv = ["list", "--server", "h:9", "--tag", "study=tbptt", "--model", "gru", "--after", "2026-11-30",
+            "--sort", "val_loss", "--page-token", "TOKEN1", "--limit", "2"]
+    code, _, err = run(argv, fake, capsys)
+    assert code == 0
+    f = fake.filters
+    assert (f["tags"], f["model"], f["order_by"], f["reverse"]) == ({"study": "tbptt"}, "gru", "val_loss", False)
+    assert f["created_after"] == datetime(2026, 11, 30).timestamp()
+    assert err.split() == ["more:", "gradserve", "list", "--server", "h:9", "--tag", "study=tbptt", "--model", "gru",
+                           "--after", "2026-11-30", "--sort", "val_loss", "--limit", "2", "--page-token", "TOKEN2"]
+
+
+def test_an_age_counts_back_from_now():
+    assert cli._time_arg("90m", now=10_000.0) == 10_000.0 - 5400
+    assert cli._time_arg("2d", now=200_000.0) == 200_000.0 - 172_800
+
+
 def test_submit_sends_the_flags_and_prints_the_id_and_spec(capsys):
     fake = FakeClient(FakeJob(job_record(jobs_pb2.QUEUED)))
     code, out, _ = run(["submit", "--dataset", "builtin:pydocs", "--hidden-size", "64", "--model", "gru"], fake, capsys)
@@ -356,7 +405,7 @@ def test_submit_sends_the_flags_and_prints_the_id_and_spec(capsys):
     assert fake.submitted["dataset"] == "builtin:pydocs"
     assert fake.submitted["hidden_size"] == 64 and fake.submitted["model"] == "gru"
     assert fake.submitted["lr"] is None  # left to the server, which picks it by optimizer
-    assert set(fake.submitted) == {"dataset"} | {f.name for f in specs.FIELDS}
+    assert set(fake.submitted) == {"dataset", "name", "tags", "note"} | {f.name for f in specs.FIELDS}
     assert out.splitlines()[0] == JOB_ID
     assert "QUEUED on queue cpu" in out and "max_steps=1500" in out
 

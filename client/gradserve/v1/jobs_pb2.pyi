@@ -98,7 +98,14 @@ class JobSpec(_message.Message):
     def __init__(self, dataset: _Optional[str] = ..., tokenization: _Optional[str] = ..., preprocess: _Optional[str] = ..., model: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., batch_size: _Optional[int] = ..., num_steps: _Optional[int] = ..., partition: _Optional[str] = ..., max_steps: _Optional[int] = ..., optimizer: _Optional[str] = ..., lr: _Optional[float] = ..., clip_norm: _Optional[float] = ..., seed: _Optional[int] = ..., device: _Optional[str] = ..., log_every: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., min_freq: _Optional[int] = ..., nonlinearity: _Optional[str] = ..., truncation: _Optional[str] = ..., tbptt_k1: _Optional[int] = ..., tbptt_k2: _Optional[int] = ..., truncation_keep: _Optional[float] = ..., dropout: _Optional[float] = ..., embedding_size: _Optional[int] = ..., val_fraction: _Optional[float] = ..., eval_every: _Optional[int] = ..., weight_decay: _Optional[float] = ..., schedule: _Optional[str] = ..., lr_step_every: _Optional[int] = ..., lr_gamma: _Optional[float] = ..., probe_every: _Optional[int] = ..., seq_len: _Optional[int] = ..., on_nonfinite: _Optional[str] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "spec", "state", "created_at", "started_at", "finished_at", "reason", "worker", "last_step", "queue", "checkpoint_step", "attempt", "tenant", "waiting", "summary")
+    __slots__ = ("id", "spec", "state", "created_at", "started_at", "finished_at", "reason", "worker", "last_step", "queue", "checkpoint_step", "attempt", "tenant", "waiting", "summary", "name", "tags", "note")
+    class TagsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -114,6 +121,9 @@ class Job(_message.Message):
     TENANT_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
     SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
     id: str
     spec: JobSpec
     state: JobState
@@ -129,7 +139,10 @@ class Job(_message.Message):
     tenant: str
     waiting: str
     summary: JobSummary
-    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reason: _Optional[str] = ..., worker: _Optional[str] = ..., last_step: _Optional[int] = ..., queue: _Optional[str] = ..., checkpoint_step: _Optional[int] = ..., attempt: _Optional[int] = ..., tenant: _Optional[str] = ..., waiting: _Optional[str] = ..., summary: _Optional[_Union[JobSummary, _Mapping]] = ...) -> None: ...
+    name: str
+    tags: _containers.ScalarMap[str, str]
+    note: str
+    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reason: _Optional[str] = ..., worker: _Optional[str] = ..., last_step: _Optional[int] = ..., queue: _Optional[str] = ..., checkpoint_step: _Optional[int] = ..., attempt: _Optional[int] = ..., tenant: _Optional[str] = ..., waiting: _Optional[str] = ..., summary: _Optional[_Union[JobSummary, _Mapping]] = ..., name: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., note: _Optional[str] = ...) -> None: ...
 
 class JobSummary(_message.Message):
     __slots__ = ("step", "train_loss", "train_perplexity", "best_step", "best_val_loss", "best_val_perplexity", "metric", "metric_value", "tokens", "train_seconds", "tokens_per_sec", "clipped_steps", "clip_fraction")
@@ -162,10 +175,23 @@ class JobSummary(_message.Message):
     def __init__(self, step: _Optional[int] = ..., train_loss: _Optional[float] = ..., train_perplexity: _Optional[float] = ..., best_step: _Optional[int] = ..., best_val_loss: _Optional[float] = ..., best_val_perplexity: _Optional[float] = ..., metric: _Optional[str] = ..., metric_value: _Optional[float] = ..., tokens: _Optional[int] = ..., train_seconds: _Optional[float] = ..., tokens_per_sec: _Optional[float] = ..., clipped_steps: _Optional[int] = ..., clip_fraction: _Optional[float] = ...) -> None: ...
 
 class SubmitJobRequest(_message.Message):
-    __slots__ = ("spec",)
+    __slots__ = ("spec", "name", "tags", "note")
+    class TagsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     SPEC_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
     spec: JobSpec
-    def __init__(self, spec: _Optional[_Union[JobSpec, _Mapping]] = ...) -> None: ...
+    name: str
+    tags: _containers.ScalarMap[str, str]
+    note: str
+    def __init__(self, spec: _Optional[_Union[JobSpec, _Mapping]] = ..., name: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., note: _Optional[str] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("job_id",)
@@ -174,18 +200,45 @@ class GetJobRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class ListJobsRequest(_message.Message):
-    __slots__ = ("limit", "state")
+    __slots__ = ("limit", "state", "name_contains", "tags", "model", "dataset", "created_after", "created_before", "order_by", "reverse", "page_token")
+    class TagsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    NAME_CONTAINS_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AFTER_FIELD_NUMBER: _ClassVar[int]
+    CREATED_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    ORDER_BY_FIELD_NUMBER: _ClassVar[int]
+    REVERSE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     limit: int
     state: JobState
-    def __init__(self, limit: _Optional[int] = ..., state: _Optional[_Union[JobState, str]] = ...) -> None: ...
+    name_contains: str
+    tags: _containers.ScalarMap[str, str]
+    model: str
+    dataset: str
+    created_after: _timestamp_pb2.Timestamp
+    created_before: _timestamp_pb2.Timestamp
+    order_by: str
+    reverse: bool
+    page_token: str
+    def __init__(self, limit: _Optional[int] = ..., state: _Optional[_Union[JobState, str]] = ..., name_contains: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., model: _Optional[str] = ..., dataset: _Optional[str] = ..., created_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., order_by: _Optional[str] = ..., reverse: _Optional[bool] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListJobsResponse(_message.Message):
-    __slots__ = ("jobs",)
+    __slots__ = ("jobs", "next_page_token")
     JOBS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     jobs: _containers.RepeatedCompositeFieldContainer[Job]
-    def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class CancelJobRequest(_message.Message):
     __slots__ = ("job_id",)
