@@ -10,11 +10,15 @@ Keys (all under ``gradserve:``):
                             attempt, owner (the running attempt's fencing token), losses (workers lost),
                             last_step and seen:{kind} (the last step of the stream's metrics events,
                             and of each other kind of event), summary (JobSummary bytes);
-                            for ListJobs' filters and orders: model, dataset, name, name_key (casefolded),
-                            tags ("\nkey=value\n" lines), note, and s_* (summary numbers it sorts by)
+                            name, tags ("\nkey=value\n" lines) and note, as given at submission
     jobs:{tenant}   zset    job id -> creation time, for listing a tenant's jobs newest first
     active:{tenant} set     the tenant's jobs that may still be QUEUED or RUNNING (pruned when counted)
     datasets:{tenant} set   the dataset ids the tenant uploaded (datasets are shared by content)
+    by:{tenant}:{attribute}:{value}
+                    zset    job id -> creation time, for ListJobs' filters: the tenant's jobs in one state
+                            (attribute "state", kept by every change), or of one model, dataset or tag ("k=v")
+    names           hash    job id -> its name casefolded, for ListJobs' name filter
+    sort:{order}:{tenant} zset  job id -> its train_loss, val_loss or tokens_per_sec, once it has one
     leases          zset    job id -> the moment (Redis clock, ms) its running attempt's lease expires
     dispatch        zset    job id -> the moment (ms) after which any server may (re)send its train task
     events:{id}     stream  one entry per Event (field "e", Event bytes; the entry id is the cursor)
@@ -32,6 +36,7 @@ import binascii
 import hashlib
 import json
 import logging
+import math
 import secrets
 import time
 from collections.abc import Callable
@@ -89,6 +94,27 @@ def tenant_datasets_key(tenant: str) -> str:
     return f"{PREFIX}datasets:{tenant}"
 
 
+def sort_key(order: str, tenant: str) -> str:
+    return f"{PREFIX}sort:{order}:{tenant}"
+
+
+def by_key(tenant: str, attribute: str, value: str) -> str:
+    """The tenant's zset of jobs (scored by creation time) whose `attribute` (state, model, dataset, tag) is `value`."""
+    # Tenant names have no ":" (auth), so the tenant ends at the first one.
+    return f"{PREFIX}by:{tenant}:{attribute}:{value}"
+
+
+def state_keys(tenant: str) -> list[str]:
+    """The tenant's zsets of jobs by state, in JOB_STATES' order (scripts.CAS finds them by state number)."""
+    return [by_key(tenant, "state", str(state)) for state in JOB_STATES]
+
+
+def label_keys(tenant: str, spec: jobs_pb2.JobSpec, tags: dict[str, str]) -> list[str]:
+    """The zsets a job is in for what never changes: its model, its dataset and each of its tags."""
+    return [by_key(tenant, "model", spec.model), by_key(tenant, "dataset", spec.dataset),
+            *(by_key(tenant, "tag", f"{k}={v}") for k, v in sorted(tags.items()))]
+
+
 def builtin_key(name: str) -> str:
     return f"{PREFIX}builtin:{name}"
 
@@ -103,6 +129,8 @@ def reply_key(request_id: str) -> str:
 REPLY_TTL_S = 60
 
 LEASES_KEY = f"{PREFIX}leases"
+NAMES_KEY = f"{PREFIX}names"
+JOB_STATES = tuple(range(jobs_pb2.QUEUED, jobs_pb2.CANCELLED + 1))
 DISPATCH_KEY = f"{PREFIX}dispatch"
 
 # A job in the dispatch outbox whose task nobody confirmed sending this long
@@ -258,6 +286,7 @@ class Lease:
     queue: str
     # The checkpoint this attempt resumes from; 0 when it starts from scratch.
     checkpoint_step: int
+    tenant: str = ""  # the job's owner, whose indexes its writes keep current
 
 
 def _text(value: bytes | str | None) -> str:
@@ -304,39 +333,38 @@ class Labels(NamedTuple):
     note: str = ""
 
 
-def _tag_line(key: str, value: str) -> str:
-    # Keys have no "=" and neither has control characters, so "\nkey=value\n" matches one tag whole.
-    return f"\n{key}={value}\n"
+def _tags_field(tags: dict[str, str]) -> str:
+    return json.dumps(dict(sorted(tags.items()))) if tags else ""
 
 
-def _tags_from(lines: str) -> dict[str, str]:
-    return dict(line.split("=", 1) for line in lines.split("\n") if line)
+def _tags_from(field: str) -> dict[str, str]:
+    return json.loads(field) if field else {}
 
 
-def _index_fields(spec: jobs_pb2.JobSpec, labels: Labels) -> dict[str, str]:
-    """The plain fields of a job's hash that scripts.LIST filters on, and the labels themselves."""
-    tags = "".join(_tag_line(k, v) for k, v in sorted(labels.tags.items()))
-    return {"model": spec.model, "dataset": spec.dataset, "name": labels.name, "name_key": labels.name.casefold(),
-            "tags": tags + "\n" if tags else "", "note": labels.note}
+def _finite(value: float) -> str:
+    return repr(value) if math.isfinite(value) else ""
 
 
 class SortField(NamedTuple):
-    field: str  # the job hash's field LIST sorts by; "" for creation time
+    name: str  # its zset's name (sort_key); "" for creation time, the tenant's jobs zset
     highest_first: bool
-    of: Callable[[jobs_pb2.JobSummary], str] | None  # its value in a summary ("" for none yet)
+    of: Callable[[jobs_pb2.JobSummary], str] | None  # a summary's value for it ("" for none yet)
 
 
-def _best_val(summary: jobs_pb2.JobSummary) -> str:
-    return repr(summary.best_val_loss) if summary.best_step else ""
-
-
-# ListJobsRequest.order_by: each order's field and natural direction.
+# ListJobsRequest.order_by: each order and its natural direction. A NaN or
+# infinite loss (a diverged job) is no value: the job sorts with those that have none.
 SORT_FIELDS = {
     "created": SortField("", True, None),
-    "train_loss": SortField("s_train_loss", False, lambda s: repr(s.train_loss) if s.step else ""),
-    "val_loss": SortField("s_val_loss", False, _best_val),
-    "tokens_per_sec": SortField("s_tokens_per_sec", True, lambda s: repr(s.tokens_per_sec) if s.step else ""),
+    "train_loss": SortField("train_loss", False, lambda s: _finite(s.train_loss) if s.step else ""),
+    "val_loss": SortField("val_loss", False, lambda s: _finite(s.best_val_loss) if s.best_step else ""),
+    "tokens_per_sec": SortField("tokens_per_sec", True, lambda s: _finite(s.tokens_per_sec) if s.step else ""),
 }
+METRIC_SORTS = tuple(f for f in SORT_FIELDS.values() if f.of is not None)
+
+
+def sort_keys(tenant: str) -> list[str]:
+    """The tenant's sort zsets, in METRIC_SORTS' order."""
+    return [sort_key(f.name, tenant) for f in METRIC_SORTS]
 
 
 @dataclass(frozen=True)
@@ -369,16 +397,17 @@ class JobQuery:
             token = json.loads(base64.urlsafe_b64decode(self.page_token.encode()))
             if token["q"] != self._fingerprint():
                 raise ValueError
-            if SORT_FIELDS[self.order_by].field:
-                rank, score = token["s"].split(":")
-                return {"rank": int(rank), "score": float(score), "id": token["i"]}
-            return {"score": str(float(token["s"])), "id": token["i"]}
+            rank, score, job_id = int(token["r"]), float(token["s"]), str(token["i"])
+            if rank not in (0, 1) or not math.isfinite(score):
+                raise ValueError
+            # repr: the shortest text that reads back as the same double, which LIST compares scores by.
+            return {"rank": rank, "score": repr(score), "id": job_id}
         except (ValueError, KeyError, TypeError, binascii.Error):
             raise ValueError("is not the next_page_token of an earlier page of this same query (same filters "
                              "and order)") from None
 
-    def next_token(self, score: str, last_id: str) -> str:
-        token = json.dumps({"q": self._fingerprint(), "s": score, "i": last_id}, separators=(",", ":"))
+    def next_token(self, rank: str, score: str, last_id: str) -> str:
+        token = json.dumps({"q": self._fingerprint(), "r": int(rank), "s": score, "i": last_id}, separators=(",", ":"))
         return base64.urlsafe_b64encode(token.encode()).decode()
 
 
@@ -423,8 +452,10 @@ class JobStore:
             p.hset(
                 job_key(job_id),
                 mapping={"spec": spec.SerializeToString(), "state": jobs_pb2.QUEUED, "queue": queue, "created": now,
-                         "attempt": 1, "tenant": tenant, **_index_fields(spec, labels)},
+                         "attempt": 1, "tenant": tenant, "name": labels.name, "tags": _tags_field(labels.tags),
+                         "note": labels.note},
             )
+            self._index(p, job_id, tenant, spec, labels, now, jobs_pb2.QUEUED)
             p.zadd(tenant_jobs_key(tenant), {job_id: now})
             p.sadd(active_key(tenant), job_id)
             p.zadd(DISPATCH_KEY, {job_id: resend_at})
@@ -432,6 +463,19 @@ class JobStore:
             p.execute()
         return jobs_pb2.Job(id=job_id, spec=spec, state=jobs_pb2.QUEUED, queue=queue, attempt=1, tenant=tenant,
                             created_at=timestamp(now), name=labels.name, tags=labels.tags, note=labels.note)
+
+    @staticmethod
+    def _index(p, job_id: str, tenant: str, spec: jobs_pb2.JobSpec, labels: Labels, created: float, state: int,
+               summary: jobs_pb2.JobSummary | None = None) -> None:
+        """Queue on `p` the writes that put a job in ListJobs' indexes."""
+        for key in label_keys(tenant, spec, labels.tags):
+            p.zadd(key, {job_id: created})
+        p.zadd(by_key(tenant, "state", str(state)), {job_id: created})
+        p.hset(NAMES_KEY, job_id, labels.name.casefold())
+        if summary is not None:
+            for f, zset in zip(METRIC_SORTS, sort_keys(tenant)):
+                if value := f.of(summary):
+                    p.zadd(zset, {job_id: value})
 
     def get_job(self, job_id: str) -> jobs_pb2.Job:
         raw = self.r.hgetall(job_key(job_id))
@@ -445,24 +489,61 @@ class JobStore:
         Raises ValueError when query.page_token was not made by an earlier page of the same query.
         """
         sort = SORT_FIELDS[query.order_by]
-        args = {"state": str(query.state) if query.state else None, "model": query.model or None,
-                "dataset": query.dataset or None, "name": query.name_contains.casefold() or None,
-                "tags": [_tag_line(k, v) for k, v in sorted(query.tags.items())],
+        filters = [by_key(tenant, "state", str(query.state))] if query.state else []
+        filters += [by_key(tenant, "model", query.model)] if query.model else []
+        filters += [by_key(tenant, "dataset", query.dataset)] if query.dataset else []
+        filters += [by_key(tenant, "tag", f"{k}={v}") for k, v in sorted(query.tags.items())]
+        args = {"name": query.name_contains.casefold() or None,
                 "after": repr(query.created_after) if query.created_after is not None else None,
                 "before": repr(query.created_before) if query.created_before is not None else None,
-                "sort": sort.field, "desc": sort.highest_first != query.reverse, "limit": query.limit,
+                "by_metric": bool(sort.name), "desc": sort.highest_first != query.reverse, "limit": query.limit,
                 "token": query.position()}
         # Left out rather than null: Lua's cjson reads null as a value, and a true one.
         query_json = json.dumps({k: v for k, v in args.items() if v is not None})
-        found = self._list(keys=[tenant_jobs_key(tenant)], args=[job_key(""), query_json])
-        ids, (score, last) = [i.decode() for i in found[:-2]], (_text(v) for v in found[-2:])
+        jobs_zset = tenant_jobs_key(tenant)
+        ordered_by = sort_key(sort.name, tenant) if sort.name else jobs_zset
+        found = self._list(keys=[jobs_zset, NAMES_KEY, ordered_by, *filters], args=[query_json])
+        ids, (rank, score, last) = [i.decode() for i in found[:-3]], (_text(v) for v in found[-3:])
         with self.r.pipeline(transaction=False) as p:
             for i in ids:
                 p.hgetall(job_key(i))
             raws = p.execute()
         # A job deleted between the two reads is left out of its page.
         jobs = [_job_from_hash(i, raw) for i, raw in zip(ids, raws) if raw]
-        return jobs, query.next_token(score, last) if last else ""
+        return jobs, query.next_token(rank, score, last) if last else ""
+
+    def index_missing(self) -> int:
+        """Put the jobs recorded before ListJobs' indexes existed into them; returns how many there were."""
+        added = 0
+        for key in self.r.scan_iter(match=tenant_jobs_key("*"), count=1000):
+            ids = [i.decode() for i in self.r.zrange(key, 0, -1)]
+            for start in range(0, len(ids), 500):
+                chunk = ids[start:start + 500]
+                # Every indexed job has a name entry, "" when it has no name.
+                missing = [i for i, name in zip(chunk, self.r.hmget(NAMES_KEY, chunk)) if name is None]
+                with self.r.pipeline(transaction=False) as p:
+                    for i in missing:
+                        p.hgetall(job_key(i))
+                    raws = p.execute()
+                for i, raw in zip(missing, raws):
+                    if not raw:
+                        continue
+                    job = _job_from_hash(i, raw)
+                    # One transaction with a check of the state: a worker that moved the job since it was read
+                    # moved it between state zsets this one is not in yet, so the next start tries again.
+                    with self.r.pipeline(transaction=True) as p:
+                        p.watch(job_key(i))
+                        if int(p.hget(job_key(i), "state") or 0) != job.state:
+                            continue
+                        p.multi()
+                        self._index(p, i, job.tenant, job.spec, Labels(job.name, dict(job.tags), job.note),
+                                    job.created_at.ToNanoseconds() / 1e9, job.state, job.summary)
+                        try:
+                            p.execute()
+                            added += 1
+                        except redis.WatchError:
+                            pass
+        return added
 
     def active_counts(self, tenant: str) -> tuple[int, int]:
         """How many of the tenant's jobs are (QUEUED, RUNNING) now; forgets the ones that have ended."""
@@ -507,7 +588,8 @@ class JobStore:
         job = self.get_job(job_id)
         result = self._delete(
             keys=[job_key(job_id), events_key(job_id), checkpoint_key(job_id), tenant_jobs_key(job.tenant),
-                  active_key(job.tenant), LEASES_KEY, DISPATCH_KEY],
+                  active_key(job.tenant), LEASES_KEY, DISPATCH_KEY, NAMES_KEY, *state_keys(job.tenant),
+                  *label_keys(job.tenant, job.spec, dict(job.tags)), *sort_keys(job.tenant)],
             args=[job_id, *sorted(TERMINAL)],
         )
         if result[0] == -1:
@@ -559,8 +641,9 @@ class JobStore:
                 "dispatch": "", "dispatch_ms": 0, **op}
         full["expect"] = {k: str(v) for k, v in full["expect"].items()}
         full["set"] = {k: str(v) for k, v in full["set"].items()}
+        tenant = _text(self.r.hget(job_key(job_id), "tenant"))
         result = self._cas(
-            keys=[job_key(job_id), events_key(job_id), LEASES_KEY, DISPATCH_KEY],
+            keys=[job_key(job_id), events_key(job_id), LEASES_KEY, DISPATCH_KEY, *state_keys(tenant)],
             args=[json.dumps(full), encode_event(event) if event is not None else b""],
         )
         if result[0] == -1:
@@ -591,8 +674,8 @@ class JobStore:
         the task got it first, or it ended), Fenced when it was queued again as
         a later attempt after this task was sent, NotFound when there is no job.
         """
-        state, current, checkpoint, started, queue = self.r.hmget(
-            job_key(job_id), "state", "attempt", "checkpoint_step", "started", "queue"
+        state, current, checkpoint, started, queue, tenant = self.r.hmget(
+            job_key(job_id), "state", "attempt", "checkpoint_step", "started", "queue", "tenant"
         )
         if state is None:
             raise NotFound(job_id)
@@ -621,7 +704,7 @@ class JobStore:
         if not applied:
             # Another delivery of the same attempt won the race.
             raise Refused(job_id, int(self.r.hget(job_key(job_id), "state") or jobs_pb2.RUNNING))
-        return Lease(job_id, number, token, worker, _text(queue), resumed)
+        return Lease(job_id, number, token, worker, _text(queue), resumed, _text(tenant))
 
     def renew(self, lease: Lease, lease_s: float) -> bool:
         """Extend the lease to `lease_s` seconds from now; False when the attempt no longer owns the job."""
@@ -765,15 +848,11 @@ class JobStore:
         kind = event.WhichOneof("kind")
         payload = getattr(event, kind)
         step = str(payload.step) if "step" in payload.DESCRIPTOR.fields_by_name else ""
-        sort_values = []
-        if summary is not None:
-            for sort in SORT_FIELDS.values():
-                if sort.of is not None:
-                    sort_values += [sort.field, sort.of(summary)]
+        values = [f.of(summary) for f in METRIC_SORTS] if summary is not None else []
         result = self._append(
-            keys=[job_key(lease.job_id), events_key(lease.job_id)],
+            keys=[job_key(lease.job_id), events_key(lease.job_id), *(sort_keys(lease.tenant) if values else [])],
             args=[*self._fence_args(lease), kind, step, encode_event(event),
-                  summary.SerializeToString() if summary is not None else b"", *sort_values],
+                  summary.SerializeToString() if summary is not None else b"", lease.job_id, *values],
         )
         return self._fenced_result(lease, result)
 

@@ -46,6 +46,10 @@ async def serve(redis_url: str, listen: str, *, shared: Shared, max_dataset_byte
     """
     server, port, service, health_servicer = create_server(redis_url, listen, shared=shared,
                                                            max_dataset_bytes=max_dataset_bytes, **server_options)
+    # Jobs recorded by an older server are not in ListJobs' indexes yet; once done, this finds none.
+    indexed = await asyncio.to_thread(service.store.index_missing)
+    if indexed:
+        log.info("added %d jobs recorded before ListJobs' filters to their indexes", indexed)
     await server.start()
     await mark_serving(health_servicer, True)
     reaper = Reaper(redis_url, shared=shared, max_attempts=max_attempts, interval=reap_interval, retain_s=retain_s)

@@ -124,20 +124,26 @@ def test_a_page_token_works_only_for_its_own_query(idle_stack):
 
 def test_sorting_by_a_summary_metric_puts_jobs_without_it_last(idle_stack, job_store):
     with idle_stack.client() as c:
-        made = {}
+        # Other jobs with a val loss: enough that a tag filter is far smaller than the metric's index.
+        for i in range(25):
+            _finish(job_store, c.submit(**TINY, name=f"other {i}").id, 0.1 + i / 10)
         for name, loss in (("mid", 0.7), ("best", 0.2), ("none", None), ("worst", 1.5), ("queued", None)):
-            made[name] = c.submit(**TINY, name=name, tags={"sorted": "yes"})
+            job = c.submit(**TINY, name=f"sorted {name}", tags={"sorted": "yes"})
             if name != "queued":
-                _finish(job_store, made[name].id, loss)
+                _finish(job_store, job.id, loss)
 
-        def names(**kw) -> list[str]:
-            return [j.name for j in c.iter_jobs(limit=2, tags={"sorted": "yes"}, order_by="val_loss", **kw)]
+        def names(limit: int, **kw) -> list[str]:
+            return [j.name.split()[1] for j in c.iter_jobs(limit=limit, order_by="val_loss", **kw)]
 
-        # Among the jobs without a val loss, the newest comes first.
-        assert names() == ["best", "mid", "worst", "queued", "none"]
-        assert names(reverse=True) == ["worst", "mid", "best", "queued", "none"]
-        assert [j.name for j in c.list_jobs(tags={"sorted": "yes"}, order_by="val_loss", state="SUCCEEDED")] == [
-            "best", "mid", "worst", "none"]
+        # Two ways to the same order: the tag's few jobs sorted whole, and the name, which no index serves,
+        # checked while walking the metric's index. Pages end within the jobs with the metric, right after
+        # the last of them, and within the jobs without it (newest first among those).
+        for limit in (2, 3, 4, 50):
+            assert names(limit, tags={"sorted": "yes"}) == names(limit, name="sorted ") == [
+                "best", "mid", "worst", "queued", "none"]
+            assert names(limit, tags={"sorted": "yes"}, reverse=True) == names(limit, name="sorted ", reverse=True) == [
+                "worst", "mid", "best", "queued", "none"]
+        assert names(50, tags={"sorted": "yes"}, state="SUCCEEDED") == ["best", "mid", "worst", "none"]
 
 
 def test_list_requests_out_of_range_are_refused_naming_the_field(idle_stack):
@@ -170,3 +176,18 @@ def test_retention_deletes_jobs_that_ended_longer_ago_and_keeps_the_rest(make_st
     job_store = store.JobStore.from_url(s.redis_url)
     assert not job_store.r.exists(store.events_key(ended.id))
     job_store.close()
+
+
+def test_jobs_recorded_before_the_indexes_are_added_to_them(idle_stack, job_store):
+    with idle_stack.client() as c:
+        old = c.submit(**{**TINY, "model": "lstm"}, name="from before", tags={"era": "old"})
+        _finish(job_store, old.id, 0.25)
+        # As a server without ListJobs' indexes left it: the record alone.
+        job_store.r.hdel(store.NAMES_KEY, old.id)
+        for key in [*store.state_keys(""), *store.label_keys("", old.spec, old.tags), *store.sort_keys("")]:
+            job_store.r.zrem(key, old.id)
+        assert [j.id for j in c.list_jobs(tags={"era": "old"})] == []
+        assert job_store.index_missing() == 1
+        assert [j.id for j in c.list_jobs(tags={"era": "old"}, model="lstm", state="SUCCEEDED",
+                                          order_by="val_loss")] == [old.id]
+        assert job_store.index_missing() == 0
