@@ -282,9 +282,11 @@ def render_job(console: Console, job: jobs_pb2.Job, now: float | None = None) ->
     rows.append(("step", f"{_step_of(job)} ({percent:.0%})"))
     rows.append(("checkpoint", f"step {job.checkpoint_step}" if job.checkpoint_step else "none yet"))
     summary = job.summary
-    if summary.step:
+    if summary.step and summary.train_perplexity:
         rows.append(("train", f"{_train_result(summary)}, loss {summary.train_loss:.4f} nats/token "
                               f"at step {summary.step}"))
+    elif summary.step:  # a synthetic task: its own loss (MSE, or cross-entropy over the recalled symbols)
+        rows.append(("train", f"{_train_result(summary)} at step {summary.step}"))
     if summary.best_step:
         rows.append(("best val", f"{_best_result(summary)}, loss {summary.best_val_loss:.4f} "
                                  f"at step {summary.best_step}"))

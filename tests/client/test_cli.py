@@ -252,6 +252,17 @@ def test_job_record_shows_progress_times_and_spec():
         assert part in text, part
 
 
+def test_job_record_gives_a_text_job_its_perplexity_and_a_task_its_own_loss():
+    text_job = job_record(summary=jobs_pb2.JobSummary(step=300, train_loss=2.1395, train_perplexity=8.4945))
+    task_job = job_record(summary=jobs_pb2.JobSummary(step=50, train_loss=0.4022))
+    lines = []
+    for job in (text_job, task_job):
+        out, buffer = console()
+        cli.render_job(out, job, now=NOW)
+        lines += [line for line in buffer.getvalue().splitlines() if line.startswith("train")]
+    assert lines == ["train        ppl 8.49, loss 2.1395 nats/token at step 300", "train        loss 0.4022 at step 50"]
+
+
 def test_running_job_record_says_how_long_it_has_run():
     out, buffer = console()
     cli.render_job(out, job_record(), now=NOW)
