@@ -74,6 +74,7 @@ DEFAULT_CHECKPOINT_FILE = "model.pt"
 DATASET_ID_SHOWN = 11
 # The list drops its least needed columns, last first, to fit the screen.
 LIST_COLUMNS = ("id", "state", "name", "model", "step/max", "created", "train", "best val", "dataset", "worker")
+DATASET_COLUMNS = ("id", "name", "size", "chars", "words", "uploaded")
 WORKER_COLUMNS = ("name", "queues", "current job", "last seen", "device", "memory budget", "host", "pid")
 _TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 _FLOAT_TYPES = {descriptor.FieldDescriptor.TYPE_DOUBLE, descriptor.FieldDescriptor.TYPE_FLOAT}
@@ -653,6 +654,56 @@ def cmd_delete(ctx: Context) -> int:
     return code
 
 
+def render_datasets(console: Console, datasets: Sequence[jobs_pb2.Dataset], now: float | None = None) -> None:
+    if not datasets:
+        _plain(console, "no datasets; upload one with `gradserve upload FILE`")
+        return
+    now = time.time() if now is None else now
+    rows = [
+        {
+            "id": d.id,
+            "name": d.name or "-",
+            "size": human_bytes(d.size_bytes),
+            "chars": human_count(d.num_chars),
+            "words": human_count(d.num_words) if d.num_words else "-",
+            "uploaded": _age(d.uploaded_at, now) if d.HasField("uploaded_at") else "-",
+        }
+        for d in datasets
+    ]
+    header, *lines = fit_columns(rows, DATASET_COLUMNS, console.width)
+    _plain(console, header, style="bold")
+    for line in lines:
+        _plain(console, line)
+
+
+def cmd_datasets(ctx: Context) -> int:
+    with ctx.client() as client:
+        datasets = client.list_datasets()
+    if ctx.args.json:
+        print_json(ctx.out, [as_dict(d) for d in datasets])
+    else:
+        render_datasets(ctx.out, datasets)
+    return EXIT_OK
+
+
+def cmd_delete_dataset(ctx: Context) -> int:
+    deleted, code = [], EXIT_OK
+    with ctx.client() as client:
+        for dataset_id in ctx.args.datasets:
+            try:
+                deleted.append(client.delete_dataset(dataset_id))
+            except GradserveError as e:
+                print_error(ctx.err, e, ctx.args.server)
+                code = EXIT_FAILED
+    if ctx.args.json:
+        print_json(ctx.out, [as_dict(d) for d in deleted])
+    else:
+        for d in deleted:
+            _plain(ctx.out, f"deleted {d.id} ({d.name or 'no name'}, {human_bytes(d.size_bytes)}); jobs that "
+                            "trained on it keep their records and checkpoints")
+    return code
+
+
 def cmd_download(ctx: Context) -> int:
     folder = ctx.args.output.parent
     if not folder.is_dir():
@@ -976,6 +1027,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job", metavar="JOB")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="FILE",
                    help="where to write it; the extension picks the format (.png, .svg, .pdf)")
+
+    subcommand("datasets", cmd_datasets, "list your datasets, newest upload first")
+
+    p = subcommand("delete-dataset", cmd_delete_dataset, "forget datasets you uploaded",
+                   epilog="A dataset a QUEUED or RUNNING job of yours trains on is refused. The text is removed\n"
+                          "once no one else has uploaded it. Exits 0 when every dataset given was deleted.")
+    p.add_argument("datasets", nargs="+", metavar="DATASET")
 
     subcommand("workers", cmd_workers, "list the workers that are alive")
     return parser

@@ -208,6 +208,17 @@ class Client:
             yield from page
             token = page.next_page_token
 
+    def list_datasets(self) -> list[jobs_pb2.Dataset]:
+        """Your datasets, newest upload first: id, name, size in bytes, characters, words, upload time."""
+        return list(self._unary(self.stub.ListDatasets, jobs_pb2.ListDatasetsRequest()).datasets)
+
+    def delete_dataset(self, dataset_id: str) -> jobs_pb2.Dataset:
+        """Forget one of your datasets (its text goes once no one else has it); returns what it was.
+
+        FailedPrecondition while a QUEUED or RUNNING job of yours trains on it.
+        """
+        return self._unary(self.stub.DeleteDataset, jobs_pb2.DeleteDatasetRequest(dataset_id=dataset_id))
+
     def workers(self) -> list[jobs_pb2.Worker]:
         """Workers whose heartbeat is current."""
         return list(self._unary(self.stub.ListWorkers, jobs_pb2.ListWorkersRequest()).workers)

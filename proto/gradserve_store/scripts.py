@@ -328,3 +328,44 @@ else
 end
 return page
 """
+
+
+# A dataset's text is stored once, however many tenants upload it, and goes
+# when the last of them deletes it: its hash counts the tenants that hold it
+# (holders). Each step is one script, so an upload and a delete of the same
+# text cannot cross. A dataset stored before the count existed has none, and
+# its text is kept.
+#   KEYS: dataset hash, the tenant's datasets set.  ARGV: dataset id
+#   Returns 1 when the text is there (now held by the tenant), 0 when it must be stored (STORE_DATASET).
+HOLD_DATASET = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('SADD', KEYS[2], ARGV[1]) == 1 and redis.call('HEXISTS', KEYS[1], 'holders') == 1 then
+  redis.call('HINCRBY', KEYS[1], 'holders', 1)
+end
+return 1
+"""
+
+# Stores the text unless it is there already, then holds it as HOLD_DATASET does.
+#   KEYS: as HOLD_DATASET.  ARGV: dataset id, data, then field, value pairs (name, size, counts...)
+STORE_DATASET = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('HSET', KEYS[1], 'data', ARGV[2], 'holders', 0)
+  for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+end
+if redis.call('SADD', KEYS[2], ARGV[1]) == 1 and redis.call('HEXISTS', KEYS[1], 'holders') == 1 then
+  redis.call('HINCRBY', KEYS[1], 'holders', 1)
+end
+return 1
+"""
+
+# The tenant lets go of a dataset; the text goes with its last holder.
+#   KEYS: as HOLD_DATASET.  ARGV: dataset id.  Returns 2 when the text went, 1 when it stays.
+RELEASE_DATASET = """
+if redis.call('SREM', KEYS[2], ARGV[1]) == 1 and redis.call('HEXISTS', KEYS[1], 'holders') == 1 then
+  if redis.call('HINCRBY', KEYS[1], 'holders', -1) <= 0 then
+    redis.call('DEL', KEYS[1])
+    return 2
+  end
+end
+return 1
+"""

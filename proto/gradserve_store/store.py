@@ -423,6 +423,9 @@ class JobStore:
         self._dispatched = client.register_script(scripts.DISPATCHED)
         self._delete = client.register_script(scripts.DELETE)
         self._list = client.register_script(scripts.LIST)
+        self._hold_dataset = client.register_script(scripts.HOLD_DATASET)
+        self._store_dataset = client.register_script(scripts.STORE_DATASET)
+        self._release_dataset = client.register_script(scripts.RELEASE_DATASET)
 
     @classmethod
     def from_url(cls, url: str, **options) -> "JobStore":
@@ -871,13 +874,12 @@ class JobStore:
                     tenant: str = "") -> jobs_pb2.Dataset:
         """Store the text once per content, and record that `tenant` may use it."""
         dataset_id = dataset_id_for(data)
-        key = dataset_key(dataset_id)
-        if not self.r.exists(key):
-            mapping = {"data": data, "name": name, "size": len(data), "num_chars": num_chars}
-            mapping.update(stats)
-            self.r.hset(key, mapping=mapping)
-        self.r.sadd(tenant_datasets_key(tenant), dataset_id)
-        return self.dataset_info(dataset_id)
+        keys = [dataset_key(dataset_id), tenant_datasets_key(tenant)]
+        # The text goes over the wire only when Redis does not have it already.
+        if not self._hold_dataset(keys=keys, args=[dataset_id]):
+            fields = {"name": name, "size": len(data), "num_chars": num_chars, "uploaded": time.time(), **stats}
+            self._store_dataset(keys=keys, args=[dataset_id, data, *(x for kv in fields.items() for x in kv)])
+        return self.dataset_info(dataset_id, tenant)
 
     def owns_dataset(self, tenant: str, dataset_id: str) -> bool:
         return bool(self.r.sismember(tenant_datasets_key(tenant), dataset_id))
@@ -901,11 +903,46 @@ class JobStore:
             return dataset_id
         return name
 
-    def dataset_info(self, dataset_id: str) -> jobs_pb2.Dataset:
-        name, size, num_chars = self.r.hmget(dataset_key(dataset_id), "name", "size", "num_chars")
+    def dataset_info(self, dataset_id: str, tenant: str = "") -> jobs_pb2.Dataset:
+        name, size, num_chars, words, uploaded = self.r.hmget(
+            dataset_key(dataset_id), "name", "size", "num_chars", text.stat_key("tokens", "word", "none"), "uploaded")
         if size is None:
             raise NotFound(dataset_id)
-        return jobs_pb2.Dataset(id=dataset_id, name=name.decode(), size_bytes=int(size), num_chars=int(num_chars))
+        info = jobs_pb2.Dataset(id=dataset_id, name=name.decode(), size_bytes=int(size), num_chars=int(num_chars),
+                                num_words=int(words or 0), tenant=tenant)
+        if uploaded is not None:
+            info.uploaded_at.CopyFrom(timestamp(float(uploaded)))
+        return info
+
+    def list_datasets(self, tenant: str) -> list[jobs_pb2.Dataset]:
+        """The tenant's datasets, newest upload first."""
+        found = []
+        for dataset_id in self.r.smembers(tenant_datasets_key(tenant)):
+            try:
+                found.append(self.dataset_info(dataset_id.decode(), tenant))
+            except NotFound:  # its text went with a delete racing this read
+                pass
+        return sorted(found, key=lambda d: (d.uploaded_at.ToNanoseconds(), d.id), reverse=True)
+
+    def datasets_in_use(self, tenant: str, dataset_id: str) -> list[str]:
+        """The tenant's QUEUED and RUNNING jobs on this dataset."""
+        active = [i.decode() for state in (jobs_pb2.QUEUED, jobs_pb2.RUNNING)
+                  for i in self.r.zrange(by_key(tenant, "state", str(state)), 0, -1)]
+        if not active:
+            return []
+        on_it = self.r.zmscore(by_key(tenant, "dataset", dataset_id), active)
+        return [i for i, score in zip(active, on_it) if score is not None]
+
+    def delete_dataset(self, tenant: str, dataset_id: str) -> jobs_pb2.Dataset:
+        """Take the dataset from the tenant, and remove its text once no tenant has it; returns what it was.
+
+        Raises NotFound when the tenant has no such dataset.
+        """
+        if not self.owns_dataset(tenant, dataset_id):
+            raise NotFound(dataset_id)
+        info = self.dataset_info(dataset_id, tenant)
+        self._release_dataset(keys=[dataset_key(dataset_id), tenant_datasets_key(tenant)], args=[dataset_id])
+        return info
 
     def dataset_tokens(self, dataset_id: str, tokenization: str, preprocess: str) -> tuple[int, int]:
         """(token count, distinct tokens) of the dataset under that tokenization."""

@@ -410,6 +410,32 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
             yield batch
 
     @errors.rpc
+    async def ListDatasets(self, request, context):
+        datasets = await self._call(self.store.list_datasets, auth.current_tenant.get())
+        return jobs_pb2.ListDatasetsResponse(datasets=datasets)
+
+    @errors.rpc
+    async def DeleteDataset(self, request, context):
+        _require_id(request.dataset_id, "dataset_id", "ds-")
+        tenant = auth.current_tenant.get()
+        if not await self._call(self.store.owns_dataset, tenant, request.dataset_id):
+            raise errors.NotFound(f"dataset {request.dataset_id} not found (`gradserve datasets` lists yours)")
+        for name in corpus.BUILTINS:
+            if await self._call(self.store.builtin_dataset_id, name) == request.dataset_id:
+                raise errors.Precondition(f"dataset {request.dataset_id} is the built-in corpus {name}, which "
+                                          "every tenant may use; it cannot be deleted")
+        users = await self._call(self.store.datasets_in_use, tenant, request.dataset_id)
+        if users:
+            raise errors.Precondition(
+                f"dataset {request.dataset_id} is in use by {len(users)} QUEUED or RUNNING job(s): "
+                f"{', '.join(users[:5])}{', ...' if len(users) > 5 else ''}; wait for them to end, or cancel them "
+                "(gradserve cancel JOB)")
+        try:
+            return await self._call(self.store.delete_dataset, tenant, request.dataset_id)
+        except store.NotFound:  # deleted by a call racing this one
+            raise errors.NotFound(f"dataset {request.dataset_id} not found (`gradserve datasets` lists yours)") from None
+
+    @errors.rpc
     async def UploadDataset(self, request_iterator, context):
         # A slot first, before reading a byte: until then gRPC's flow control keeps the upload in the client.
         await self._take_upload_slot(context)

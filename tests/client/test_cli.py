@@ -163,6 +163,16 @@ class FakeClient:
         self._check()
         return self._workers
 
+    def list_datasets(self):
+        self._check()
+        return [jobs_pb2.Dataset(id=DATASET_ID, name="book.txt", size_bytes=183_000, num_chars=183_000,
+                                 num_words=32_000, uploaded_at=ts(NOW - 3600))]
+
+    def delete_dataset(self, dataset_id):
+        self._check()
+        self.deleted_dataset = dataset_id
+        return self.list_datasets()[0]
+
 
 def run(argv, fake: FakeClient, capsys) -> tuple[int, str, str]:
     code = cli.main(argv, client_factory=fake)
@@ -402,6 +412,18 @@ def test_list_sends_its_filters_and_prints_the_command_for_the_next_page(capsys)
     assert f["created_after"] == datetime(2026, 11, 30).timestamp()
     assert err.split() == ["more:", "gradserve", "list", "--server", "h:9", "--tag", "study=tbptt", "--model", "gru",
                            "--after", "2026-11-30", "--sort", "val_loss", "--limit", "2", "--page-token", "TOKEN2"]
+
+
+def test_datasets_are_listed_with_sizes_in_units_and_deleted_by_id(capsys, monkeypatch):
+    monkeypatch.setattr(cli.time, "time", lambda: NOW)
+    fake = FakeClient()
+    code, out, _ = run(["datasets"], fake, capsys)
+    header, row = out.splitlines()
+    assert header.split() == ["id", "name", "size", "chars", "words", "uploaded"]
+    assert row.split() == [DATASET_ID, "book.txt", "178.7", "KiB", "183.0k", "32.0k", "1h00m", "ago"]
+    code, out, _ = run(["delete-dataset", DATASET_ID], fake, capsys)
+    assert code == 0 and fake.deleted_dataset == DATASET_ID
+    assert out.startswith(f"deleted {DATASET_ID} (book.txt, 178.7 KiB)")
 
 
 def test_an_age_counts_back_from_now():

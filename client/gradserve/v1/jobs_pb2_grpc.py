@@ -74,6 +74,16 @@ class JobServiceStub:
                 request_serializer=gradserve_dot_v1_dot_jobs__pb2.UploadDatasetRequest.SerializeToString,
                 response_deserializer=gradserve_dot_v1_dot_jobs__pb2.Dataset.FromString,
                 _registered_method=True)
+        self.ListDatasets = channel.unary_unary(
+                '/gradserve.v1.JobService/ListDatasets',
+                request_serializer=gradserve_dot_v1_dot_jobs__pb2.ListDatasetsRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_jobs__pb2.ListDatasetsResponse.FromString,
+                _registered_method=True)
+        self.DeleteDataset = channel.unary_unary(
+                '/gradserve.v1.JobService/DeleteDataset',
+                request_serializer=gradserve_dot_v1_dot_jobs__pb2.DeleteDatasetRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_jobs__pb2.Dataset.FromString,
+                _registered_method=True)
         self.DownloadCheckpoint = channel.unary_stream(
                 '/gradserve.v1.JobService/DownloadCheckpoint',
                 request_serializer=gradserve_dot_v1_dot_jobs__pb2.DownloadCheckpointRequest.SerializeToString,
@@ -157,6 +167,22 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListDatasets(self, request, context):
+        """The caller's datasets, newest upload first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteDataset(self, request, context):
+        """Forgets one of the caller's datasets; its text goes once no tenant has
+        it. Refused (FAILED_PRECONDITION) while a QUEUED or RUNNING job of the
+        caller's trains on it, and for a built-in corpus.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DownloadCheckpoint(self, request, context):
         """The job's latest checkpoint, in chunks.
         """
@@ -219,6 +245,16 @@ def add_JobServiceServicer_to_server(servicer, server):
             'UploadDataset': grpc.stream_unary_rpc_method_handler(
                     servicer.UploadDataset,
                     request_deserializer=gradserve_dot_v1_dot_jobs__pb2.UploadDatasetRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_jobs__pb2.Dataset.SerializeToString,
+            ),
+            'ListDatasets': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDatasets,
+                    request_deserializer=gradserve_dot_v1_dot_jobs__pb2.ListDatasetsRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_jobs__pb2.ListDatasetsResponse.SerializeToString,
+            ),
+            'DeleteDataset': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteDataset,
+                    request_deserializer=gradserve_dot_v1_dot_jobs__pb2.DeleteDatasetRequest.FromString,
                     response_serializer=gradserve_dot_v1_dot_jobs__pb2.Dataset.SerializeToString,
             ),
             'DownloadCheckpoint': grpc.unary_stream_rpc_method_handler(
@@ -452,6 +488,60 @@ class JobService:
             target,
             '/gradserve.v1.JobService/UploadDataset',
             gradserve_dot_v1_dot_jobs__pb2.UploadDatasetRequest.SerializeToString,
+            gradserve_dot_v1_dot_jobs__pb2.Dataset.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDatasets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradserve.v1.JobService/ListDatasets',
+            gradserve_dot_v1_dot_jobs__pb2.ListDatasetsRequest.SerializeToString,
+            gradserve_dot_v1_dot_jobs__pb2.ListDatasetsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteDataset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradserve.v1.JobService/DeleteDataset',
+            gradserve_dot_v1_dot_jobs__pb2.DeleteDatasetRequest.SerializeToString,
             gradserve_dot_v1_dot_jobs__pb2.Dataset.FromString,
             options,
             channel_credentials,
