@@ -614,6 +614,25 @@ def cmd_list(ctx: Context) -> int:
     return EXIT_OK
 
 
+def log_line(line: jobs_pb2.LogLine) -> str:
+    return f"{_local_time(line.time)} attempt {line.attempt} {line.level} {line.logger}: {line.message}"
+
+
+def cmd_logs(ctx: Context) -> int:
+    with ctx.client() as client:
+        job = client.get_job(ctx.args.job)
+        try:
+            for line in job.logs(follow=ctx.args.follow):
+                if ctx.args.json:
+                    print_json(ctx.out, as_dict(line))
+                else:
+                    _plain(ctx.out, log_line(line))
+        except KeyboardInterrupt:
+            _plain(ctx.err, f"\nstopped following; the job goes on (gradserve logs {job.id} -f follows it again)")
+            return EXIT_INTERRUPTED
+    return EXIT_OK
+
+
 def cmd_cancel(ctx: Context) -> int:
     # One rule: exit 0 whenever the job ends up not running, whether this
     # cancelled it, asked it to stop, or it had already ended by itself.
@@ -993,6 +1012,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_int_at_least(1, LIST_LIMIT_MAX), default=DEFAULT_LIST_LIMIT,
                    help=f"at most this many, 1 to {LIST_LIMIT_MAX} (default {DEFAULT_LIST_LIMIT})")
     p.add_argument("--page-token", default="", metavar="TOKEN", help="the next page, as printed below a full page")
+
+    p = subcommand("logs", cmd_logs, "print what the workers logged while they ran a job",
+                   epilog="A job keeps its newest 1,000 lines: warnings, each attempt's start and end, and a crash's\n"
+                          "traceback. With -f, new lines follow until the job ends.")
+    p.add_argument("job", metavar="JOB")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines until the job ends")
 
     p = subcommand("cancel", cmd_cancel, "cancel a job: at once if queued, at its next step if running",
                 epilog="exits 0 once the job is cancelled, asked to stop, or had already ended (the output says\n"

@@ -443,6 +443,18 @@ class Job:
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
 
+    def logs(self, cursor: str = "", follow: bool = False) -> Iterator[jobs_pb2.LogLine]:
+        """The job's log lines after `cursor` (from the oldest kept by default): what its workers logged.
+
+        With follow=True it then waits for new lines until the job ends.
+        Each line's `.cursor` resumes right after it.
+        """
+        request = jobs_pb2.StreamLogsRequest(job_id=self.id, cursor=cursor, follow=follow)
+        try:
+            yield from self.client.stub.StreamLogs(request, timeout=None if follow else self.client.timeout)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
     def download_checkpoint(self, path: str | os.PathLike) -> int:
         """Write the job's latest checkpoint to `path` (whole or not at all); returns its step."""
         path = Path(path)

@@ -126,10 +126,11 @@ return 1
 """
 
 
-# Remove an ended job whole: its record, events and checkpoint, and its place
+# Remove an ended job whole: its record, events, checkpoint and log, and its place
 # in its tenant's list and in every index; a job still QUEUED or RUNNING is
 # left as it is.
-#   KEYS: job hash, event stream, checkpoint hash, tenant's jobs zset, tenant's active set, leases, dispatch,
+#   KEYS: job hash, event stream, checkpoint hash, log stream, tenant's jobs zset, tenant's active set, leases,
+#         dispatch,
 #         names hash, then every other zset of the tenant's that may hold the job (by state, model,
 #         dataset, tag, sort order)
 #   ARGV: job id, then the states it may be deleted in
@@ -140,17 +141,15 @@ if not state then return {-1} end
 local deletable = false
 for i = 2, #ARGV do if state == ARGV[i] then deletable = true end end
 if not deletable then return {0, tonumber(state)} end
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
-redis.call('ZREM', KEYS[4], ARGV[1])
-redis.call('SREM', KEYS[5], ARGV[1])
-redis.call('ZREM', KEYS[6], ARGV[1])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+redis.call('ZREM', KEYS[5], ARGV[1])
+redis.call('SREM', KEYS[6], ARGV[1])
 redis.call('ZREM', KEYS[7], ARGV[1])
-redis.call('HDEL', KEYS[8], ARGV[1])
-for i = 9, #KEYS do redis.call('ZREM', KEYS[i], ARGV[1]) end
+redis.call('ZREM', KEYS[8], ARGV[1])
+redis.call('HDEL', KEYS[9], ARGV[1])
+for i = 10, #KEYS do redis.call('ZREM', KEYS[i], ARGV[1]) end
 return {1}
 """
-
-
 
 
 # One page of a tenant's jobs that match a filter, found inside Redis so that

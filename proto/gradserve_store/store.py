@@ -22,6 +22,8 @@ Keys (all under ``gradserve:``):
     leases          zset    job id -> the moment (Redis clock, ms) its running attempt's lease expires
     dispatch        zset    job id -> the moment (ms) after which any server may (re)send its train task
     events:{id}     stream  one entry per Event (field "e", Event bytes; the entry id is the cursor)
+    logs:{id}       stream  the job's log lines, the newest LOG_LINES kept (fields: time, level, logger, attempt,
+                            message; the entry id is the cursor)
     dataset:{id}    hash    data (UTF-8 text), name, size, num_chars, token counts per tokenization
     builtin:{name}  string  the dataset id a built-in corpus is stored under
     ckpt:{id}       hash    data (the trainer's bytes), step; replaced whole, in one script
@@ -68,6 +70,10 @@ def job_key(job_id: str) -> str:
 
 def events_key(job_id: str) -> str:
     return f"{PREFIX}events:{job_id}"
+
+
+def logs_key(job_id: str) -> str:
+    return f"{PREFIX}logs:{job_id}"
 
 
 def dataset_key(dataset_id: str) -> str:
@@ -122,6 +128,11 @@ def builtin_key(name: str) -> str:
 def reply_key(request_id: str) -> str:
     return f"{PREFIX}reply:{request_id}"
 
+
+# A job's log keeps its newest lines, each cut to a length: at most about
+# LOG_LINES x LOG_LINE_CHARS bytes (4 MiB) a job, whatever it prints.
+LOG_LINES = 1000
+LOG_LINE_CHARS = 4000
 
 # How long a generate reply waits to be read: long enough for a server still
 # waiting for it; short enough that replies nobody reads (the caller gave up)
@@ -590,7 +601,7 @@ class JobStore:
         """
         job = self.get_job(job_id)
         result = self._delete(
-            keys=[job_key(job_id), events_key(job_id), checkpoint_key(job_id), tenant_jobs_key(job.tenant),
+            keys=[job_key(job_id), events_key(job_id), checkpoint_key(job_id), logs_key(job_id), tenant_jobs_key(job.tenant),
                   active_key(job.tenant), LEASES_KEY, DISPATCH_KEY, NAMES_KEY, *state_keys(job.tenant),
                   *label_keys(job.tenant, job.spec, dict(job.tags)), *sort_keys(job.tenant)],
             args=[job_id, *sorted(TERMINAL)],
@@ -868,6 +879,20 @@ class JobStore:
         start = f"({cursor}" if cursor else "-"
         return [decode_event(i, f) for i, f in self.r.xrange(events_key(job_id), start, "+", count=count)]
 
+    # ---------------------------------------------------------------- logs
+
+    def append_log(self, job_id: str, attempt: int, created: float, level: str, logger: str, message: str) -> None:
+        """Keep one log line of the job's; only the newest LOG_LINES stay, each cut to LOG_LINE_CHARS."""
+        if len(message) > LOG_LINE_CHARS:
+            message = message[:LOG_LINE_CHARS] + f" [... {len(message) - LOG_LINE_CHARS} more characters]"
+        self.r.xadd(logs_key(job_id), {"t": created, "l": level, "n": logger, "a": attempt, "m": message},
+                    maxlen=LOG_LINES, approximate=True)
+
+    def logs_after(self, job_id: str, cursor: str = "", count: int = 500) -> list[jobs_pb2.LogLine]:
+        """The job's log lines strictly after `cursor` (from the oldest kept when it is empty)."""
+        start = f"({cursor}" if cursor else "-"
+        return [_log_line(i, f) for i, f in self.r.xrange(logs_key(job_id), start, "+", count=count)]
+
     # ------------------------------------------------------------ datasets
 
     def put_dataset(self, data: bytes, name: str, num_chars: int, stats: dict[str, int],
@@ -1064,6 +1089,12 @@ def _worker_from_hash(raw: dict) -> jobs_pb2.Worker:
         memory_budget_bytes=int(g.get("memory_budget", 0)),
         heartbeat_interval_s=float(g.get("heartbeat_interval_s", HEARTBEAT_S)),
     )
+
+
+def _log_line(entry_id: bytes, fields: dict) -> jobs_pb2.LogLine:
+    g = {k.decode(): v.decode(errors="replace") for k, v in fields.items()}
+    return jobs_pb2.LogLine(cursor=_text(entry_id), time=timestamp(float(g["t"])), level=g["l"], logger=g["n"],
+                            attempt=int(g["a"]), message=g["m"])
 
 
 def _job_from_hash(job_id: str, raw: dict) -> jobs_pb2.Job:

@@ -48,6 +48,10 @@ UPLOAD_RETRY_AFTER_S = 1.0
 CHUNK_BYTES = 1024 * 1024
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX = 50, 1000
+# StreamLogs reads a job's log this many lines at a time, and a follower's looks for new ones this often:
+# logs are few and seldom followed, so polling holds no Redis connection.
+LOG_BATCH = 500
+LOG_POLL_S = 0.5
 _CURSOR = re.compile(r"\d{1,20}-\d{1,20}")
 # How long Generate waits for a generate worker's reply (less when the
 # caller's deadline is nearer), and what it keeps of that deadline for the answer.
@@ -408,6 +412,29 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
         live = not request.history_only and job.state not in store.TERMINAL
         async for batch in self.relay.follow(request.job_id, last, live=live):
             yield batch
+
+    @errors.rpc
+    async def StreamLogs(self, request, context):
+        _require_id(request.job_id, "job_id", "job-")
+        cursor = request.cursor
+        if cursor:
+            _parse_cursor(cursor)
+        await self._owned_job(request.job_id)
+        while True:
+            lines = await self._call(self.store.logs_after, request.job_id, cursor, LOG_BATCH)
+            for line in lines:
+                yield line
+            if lines:
+                cursor = lines[-1].cursor
+                if len(lines) == LOG_BATCH:
+                    continue
+            if not request.follow:
+                return
+            # A job that has ended logs no more, once what it logged before has been sent.
+            ended = (await self._owned_job(request.job_id)).state in store.TERMINAL
+            if ended and not await self._call(self.store.logs_after, request.job_id, cursor, 1):
+                return
+            await asyncio.sleep(LOG_POLL_S)
 
     @errors.rpc
     async def ListDatasets(self, request, context):

@@ -100,6 +100,11 @@ class FakeJob:
     def refresh(self):
         return self.info
 
+    def logs(self, cursor="", follow=False):
+        self.followed = follow
+        yield jobs_pb2.LogLine(cursor="5-0", time=ts(NOW), level="WARNING", logger="py.warnings", attempt=2,
+                               message="UserWarning: a warning\n  and its second line")
+
     def cancel(self):
         if self.state in ("SUCCEEDED", "FAILED"):
             raise FailedPrecondition(f"job {self.id} is {self.state}: only QUEUED or RUNNING jobs can be cancelled")
@@ -424,6 +429,14 @@ def test_datasets_are_listed_with_sizes_in_units_and_deleted_by_id(capsys, monke
     code, out, _ = run(["delete-dataset", DATASET_ID], fake, capsys)
     assert code == 0 and fake.deleted_dataset == DATASET_ID
     assert out.startswith(f"deleted {DATASET_ID} (book.txt, 178.7 KiB)")
+
+
+def test_logs_print_time_attempt_level_and_logger_before_each_message(capsys):
+    fake = FakeClient()
+    code, out, _ = run(["logs", JOB_ID, "-f"], fake, capsys)
+    assert code == 0 and fake.job.followed
+    when = datetime.fromtimestamp(NOW).strftime("%Y-%m-%d %H:%M:%S")
+    assert out == f"{when} attempt 2 WARNING py.warnings: UserWarning: a warning\n  and its second line\n"
 
 
 def test_an_age_counts_back_from_now():

@@ -69,6 +69,11 @@ class JobServiceStub:
                 request_serializer=gradserve_dot_v1_dot_jobs__pb2.StreamEventsRequest.SerializeToString,
                 response_deserializer=gradserve_dot_v1_dot_jobs__pb2.EventBatch.FromString,
                 _registered_method=True)
+        self.StreamLogs = channel.unary_stream(
+                '/gradserve.v1.JobService/StreamLogs',
+                request_serializer=gradserve_dot_v1_dot_jobs__pb2.StreamLogsRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_jobs__pb2.LogLine.FromString,
+                _registered_method=True)
         self.UploadDataset = channel.stream_unary(
                 '/gradserve.v1.JobService/UploadDataset',
                 request_serializer=gradserve_dot_v1_dot_jobs__pb2.UploadDatasetRequest.SerializeToString,
@@ -159,6 +164,15 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamLogs(self, request, context):
+        """The job's log lines after `cursor`, oldest first: what its workers
+        logged while they ran it (warnings, and a crash's traceback, included).
+        With `follow`, the stream stays open for new lines until the job ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def UploadDataset(self, request_iterator, context):
         """The first message carries the dataset's metadata, the rest carry UTF-8 text.
         The answer's id is derived from the content, so uploading twice is free.
@@ -241,6 +255,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.StreamEventBatches,
                     request_deserializer=gradserve_dot_v1_dot_jobs__pb2.StreamEventsRequest.FromString,
                     response_serializer=gradserve_dot_v1_dot_jobs__pb2.EventBatch.SerializeToString,
+            ),
+            'StreamLogs': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamLogs,
+                    request_deserializer=gradserve_dot_v1_dot_jobs__pb2.StreamLogsRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_jobs__pb2.LogLine.SerializeToString,
             ),
             'UploadDataset': grpc.stream_unary_rpc_method_handler(
                     servicer.UploadDataset,
@@ -462,6 +481,33 @@ class JobService:
             '/gradserve.v1.JobService/StreamEventBatches',
             gradserve_dot_v1_dot_jobs__pb2.StreamEventsRequest.SerializeToString,
             gradserve_dot_v1_dot_jobs__pb2.EventBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamLogs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/gradserve.v1.JobService/StreamLogs',
+            gradserve_dot_v1_dot_jobs__pb2.StreamLogsRequest.SerializeToString,
+            gradserve_dot_v1_dot_jobs__pb2.LogLine.FromString,
             options,
             channel_credentials,
             insecure,
