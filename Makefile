@@ -14,7 +14,7 @@ $(VENV)/.installed: client/pyproject.toml proto/pyproject.toml server/pyproject.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_CPU)
 	# Compat mode puts each package's folder on sys.path, so modules added later need no reinstall.
 	$(PY) -m pip install -q --config-settings editable_mode=compat \
-	  -e './client[cli,plot]' -e ./proto -e './server[dev]' -e ./worker -r tests/requirements.txt
+	  -e './client[cli,plot,export]' -e ./proto -e './server[dev]' -e ./worker -r tests/requirements.txt
 	touch $@
 
 demo: venv

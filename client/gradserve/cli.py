@@ -36,13 +36,14 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from google.protobuf import descriptor, json_format
+from google.protobuf import descriptor
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
-from gradserve import labels
+from gradserve import export, labels
+from gradserve.export import as_dict
 from gradserve import spec as specs
 from gradserve.client import DEFAULT_GENERATE_TOKENS, TERMINAL_STATES, Client, state_name
 from gradserve.cmdline import Parser, add_version, command
@@ -84,16 +85,6 @@ ClientFactory = Callable[..., Client]
 
 
 # ------------------------------------------------------------------ formatting
-
-
-def as_dict(message) -> dict:
-    """A message as JSON-ready data, with the proto's field names and every field present."""
-    return json_format.MessageToDict(
-        message,
-        preserving_proto_field_name=True,
-        always_print_fields_with_no_presence=True,
-        unquote_int64_if_possible=True,
-    )
 
 
 def print_json(console: Console, data) -> None:
@@ -781,6 +772,27 @@ def cmd_plot(ctx: Context) -> int:
     return EXIT_OK
 
 
+def cmd_export(ctx: Context) -> int:
+    if ctx.args.format == "tensorboard":
+        try:
+            export.load_tensorboard()
+        except export.ExportMissing as e:
+            # Said before anything else happens, rather than after fetching the whole history.
+            _plain(ctx.err, f"error: {e}")
+            return EXIT_FAILED
+    with ctx.client() as client:
+        job = client.get_job(ctx.args.job)
+        events = list(job.events(follow=False))
+    written = export.export(events, job.info, ctx.args.format, ctx.args.output)
+    if ctx.args.json:
+        print_json(ctx.out, {"folder": str(ctx.args.output), "written": written})
+    else:
+        what = ", ".join(f"{name} ({count:,})" for name, count in written.items())
+        _plain(ctx.out, f"wrote {ctx.args.output}: {what}; {job.id} {state_name(job.info.state)} at step "
+                        f"{job.info.last_step}")
+    return EXIT_OK
+
+
 def cmd_workers(ctx: Context) -> int:
     with ctx.client() as client:
         workers = client.workers()
@@ -1052,6 +1064,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job", metavar="JOB")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="FILE",
                    help="where to write it; the extension picks the format (.png, .svg, .pdf)")
+
+    p = subcommand("export", cmd_export, "write a job's history to files: CSV tables, JSON lines or TensorBoard",
+                   epilog="csv: metrics.csv, evaluations.csv, probes.csv, spectral_norms.csv, status.csv\n"
+                          "jsonl: job.json and events.jsonl (one event a line)\n"
+                          "tensorboard: an event file (scalars, and each probe's gradient-through-time profile as\n"
+                          "an image); needs pip install 'gradserve[export]'. Works on a running job: the history so far.")
+    p.add_argument("job", metavar="JOB")
+    p.add_argument("--format", required=True, type=_choice(export.FORMATS), metavar="FORMAT",
+                   help="csv, jsonl or tensorboard")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="DIR", help="folder to write into (made if missing)")
 
     subcommand("datasets", cmd_datasets, "list your datasets, newest upload first")
 
