@@ -246,7 +246,7 @@ class ParamGradNorm(_message.Message):
     def __init__(self, name: _Optional[str] = ..., norm: _Optional[float] = ...) -> None: ...
 
 class Metrics(_message.Message):
-    __slots__ = ("step", "epoch", "loss", "perplexity", "tokens_per_sec", "lr", "grad_norm", "clipped", "clip_fraction", "param_grad_norms", "nonfinite_grads", "skipped_steps", "tokens", "seconds")
+    __slots__ = ("step", "epoch", "loss", "perplexity", "tokens_per_sec", "lr", "grad_norm", "clipped", "clip_fraction", "param_grad_norms", "nonfinite_grads", "skipped_steps", "tokens", "seconds", "step_path", "step_path_reason")
     STEP_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
@@ -261,6 +261,8 @@ class Metrics(_message.Message):
     SKIPPED_STEPS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STEP_PATH_FIELD_NUMBER: _ClassVar[int]
+    STEP_PATH_REASON_FIELD_NUMBER: _ClassVar[int]
     step: int
     epoch: int
     loss: float
@@ -275,7 +277,9 @@ class Metrics(_message.Message):
     skipped_steps: int
     tokens: int
     seconds: float
-    def __init__(self, step: _Optional[int] = ..., epoch: _Optional[int] = ..., loss: _Optional[float] = ..., perplexity: _Optional[float] = ..., tokens_per_sec: _Optional[float] = ..., lr: _Optional[float] = ..., grad_norm: _Optional[float] = ..., clipped: _Optional[bool] = ..., clip_fraction: _Optional[float] = ..., param_grad_norms: _Optional[_Iterable[_Union[ParamGradNorm, _Mapping]]] = ..., nonfinite_grads: _Optional[int] = ..., skipped_steps: _Optional[int] = ..., tokens: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+    step_path: str
+    step_path_reason: str
+    def __init__(self, step: _Optional[int] = ..., epoch: _Optional[int] = ..., loss: _Optional[float] = ..., perplexity: _Optional[float] = ..., tokens_per_sec: _Optional[float] = ..., lr: _Optional[float] = ..., grad_norm: _Optional[float] = ..., clipped: _Optional[bool] = ..., clip_fraction: _Optional[float] = ..., param_grad_norms: _Optional[_Iterable[_Union[ParamGradNorm, _Mapping]]] = ..., nonfinite_grads: _Optional[int] = ..., skipped_steps: _Optional[int] = ..., tokens: _Optional[int] = ..., seconds: _Optional[float] = ..., step_path: _Optional[str] = ..., step_path_reason: _Optional[str] = ...) -> None: ...
 
 class Evaluation(_message.Message):
     __slots__ = ("step", "loss", "perplexity", "metric", "value", "baseline")
