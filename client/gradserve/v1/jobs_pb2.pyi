@@ -404,7 +404,7 @@ class ListWorkersRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Worker(_message.Message):
-    __slots__ = ("name", "queues", "device", "hostname", "pid", "started_at", "last_seen", "job_id", "memory_budget_bytes", "heartbeat_interval_s")
+    __slots__ = ("name", "queues", "device", "hostname", "pid", "started_at", "last_seen", "job_id", "memory_budget_bytes", "heartbeat_interval_s", "job_ids", "concurrency", "memory_reserved_bytes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     QUEUES_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -415,6 +415,9 @@ class Worker(_message.Message):
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    JOB_IDS_FIELD_NUMBER: _ClassVar[int]
+    CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_RESERVED_BYTES_FIELD_NUMBER: _ClassVar[int]
     name: str
     queues: _containers.RepeatedScalarFieldContainer[str]
     device: str
@@ -425,7 +428,10 @@ class Worker(_message.Message):
     job_id: str
     memory_budget_bytes: int
     heartbeat_interval_s: float
-    def __init__(self, name: _Optional[str] = ..., queues: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., hostname: _Optional[str] = ..., pid: _Optional[int] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., job_id: _Optional[str] = ..., memory_budget_bytes: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ...) -> None: ...
+    job_ids: _containers.RepeatedScalarFieldContainer[str]
+    concurrency: int
+    memory_reserved_bytes: int
+    def __init__(self, name: _Optional[str] = ..., queues: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., hostname: _Optional[str] = ..., pid: _Optional[int] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., job_id: _Optional[str] = ..., memory_budget_bytes: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ..., job_ids: _Optional[_Iterable[str]] = ..., concurrency: _Optional[int] = ..., memory_reserved_bytes: _Optional[int] = ...) -> None: ...
 
 class ListWorkersResponse(_message.Message):
     __slots__ = ("workers",)
