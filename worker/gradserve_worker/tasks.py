@@ -288,7 +288,11 @@ class SyntheticStream:
         """The next step's sequences as a Window, and True: every step starts its sequences from zeros."""
         X, Y = self.task.sample(self.config.batch_size, task_generator(self.config.seed, "train", self.step))
         self.step += 1
-        return Window(X.to(self.device), Y.to(self.device), 0, len(X)), True
+        return Window(self._to_device(X), self._to_device(Y), 0, len(X)), True
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        # From pinned memory the copy is asynchronous: the host does not wait for the GPU to drain first.
+        return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
 
     def batch_loss(self, model, batch: Window, state: tuple[torch.Tensor, ...]):
         """(loss, state): the task's loss over the sequences, each cut as the plan says; the state is not carried."""
