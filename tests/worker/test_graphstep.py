@@ -46,7 +46,8 @@ def trained(config: TrainConfig, text: str, step_path: str) -> tuple[list, dict]
     events = []
     train(config, text, events.append, step_path=step_path)
     [*_, last] = [e for e in events if isinstance(e, CheckpointReady)]
-    return [e for e in events if not isinstance(e, CheckpointReady)], torch.load(io.BytesIO(last.data), weights_only=True)
+    reports = [e for e in events if not isinstance(e, CheckpointReady)]
+    return reports, torch.load(io.BytesIO(last.data), weights_only=True)
 
 
 def numbers(report) -> tuple:
