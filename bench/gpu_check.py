@@ -201,8 +201,12 @@ def measure(model: str, steps: int) -> None:
     paths = []
     train(config, text, lambda e: paths.append(getattr(e, "step_path", "")))
     torch.cuda.synchronize()
+    free, total = torch.cuda.mem_get_info()
+    # nvidia-smi may not see this process (another PID namespace); then the whole device's use stands in,
+    # which is this process's alone when nothing else runs on the GPU, as during gpu-check.
+    process = _process_memory(os.getpid()) or total - free
     print(json.dumps({"max_allocated": torch.cuda.max_memory_allocated(), "reserved": torch.cuda.memory_reserved(),
-                      "process": _process_memory(os.getpid()), "path": next(p for p in paths if p)}))
+                      "process": process, "path": next(p for p in paths if p)}))
 
 
 def _process_memory(pid: int) -> int:
@@ -240,7 +244,7 @@ def check_calibrate(env) -> tuple[bool, str]:
             contexts.append(m["process"] - m["reserved"])
         rows.append(f"{model} {m['path']}: estimate {estimate / mib:.0f} MiB, max allocated "
                     f"{m['max_allocated'] / mib:.0f}, reserved {m['reserved'] / mib:.0f}, process "
-                    + (f"{m['process'] / mib:.0f}" if m["process"] else "? (no nvidia-smi)"))
+                    + f"{m['process'] / mib:.0f}")
         if m["process"] and estimate < m["process"]:
             rows[-1] += " UNDER-ESTIMATED"
     context = (f"; context + workspaces {max(contexts) / mib:.0f} MiB (CUDA_PROCESS_BYTES is "

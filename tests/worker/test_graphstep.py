@@ -161,7 +161,8 @@ def test_metrics_say_which_step_ran_and_why(timemachine):
         ("auto", {}, "eager", "graphs are captured on CUDA only"),
         ("static", {"on_nonfinite": "skip"}, "eager", "on_nonfinite=skip decides on the host"),
         ("static", {"model": "lstm", "num_layers": 2, "dropout": 0.1}, "eager", "cuDNN draws the dropout"),
-        ("static", {"model": "lstm", "num_layers": 2, "dropout": 0.1, "truncation": "randomized"}, "static", ""),
+        ("static", {"model": "lstm", "num_layers": 2, "dropout": 0.1, "truncation": "randomized"}, "static",
+         "graphs are captured on CUDA only"),
     ]:
         events = []
         train(config(max_steps=2, **extra), timemachine[:2000], events.append, step_path=step_path)

@@ -35,6 +35,7 @@ trainer runs the eager step for those jobs and says why in their metrics.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -118,6 +119,16 @@ class StaticStep:
         self.shapes: dict[tuple, _Shape] = {}
         self.current: _Shape | None = None
         self.side_stream = torch.cuda.Stream(device) if capture else None
+        self.capture_failed = ""  # why a capture failed; the step then runs uncaptured for the rest of the job
+
+    @property
+    def path(self) -> tuple[str, str]:
+        """How the steps run now, for the metrics: ("captured" | "static", why not captured)."""
+        if not self.capture:
+            return "static", "graphs are captured on CUDA only"
+        if self.capture_failed:
+            return "static", f"the capture failed, so the same step runs uncaptured: {self.capture_failed}"
+        return "captured", ""
 
     # ------------------------------------------------------------------ per step
 
@@ -152,12 +163,18 @@ class StaticStep:
             self._body(shape.window)
             return
         captured = sum(s.graph is not None for s in self.shapes.values())
-        if shape.runs >= WARMUP_STEPS and captured < MAX_GRAPHS:
-            shape.graph = self._capture(shape.window)
-            shape.graph.replay()
-            return
+        if shape.runs >= WARMUP_STEPS and captured < MAX_GRAPHS and not self.capture_failed:
+            try:
+                shape.graph = self._capture(shape.window)
+            except RuntimeError as e:  # nothing ran during the capture: the step is still to be taken
+                self.capture_failed = str(e).splitlines()[0]
+            else:
+                shape.graph.replay()
+                return
         self.side_stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.side_stream):
+        with torch.cuda.stream(self.side_stream), warnings.catch_warnings():
+            # Adam's notice that a capturable optimizer is running uncaptured: these are the warm-up steps.
+            warnings.filterwarnings("ignore", "This instance was constructed with capturable=True")
             self._body(shape.window)
         torch.cuda.current_stream().wait_stream(self.side_stream)
         shape.runs += 1

@@ -119,7 +119,7 @@ class StepMetrics:
     tokens: int = 0  # time steps × batch the interval's steps took
     seconds: float = 0.0  # wall seconds of the interval's steps: tokens_per_sec is tokens / seconds
     # How the steps ran: "captured" (graphstep's static step, one CUDA graph replay each), "eager", or "static"
-    # (graphstep's step run uncaptured: only when asked for off CUDA); and why not captured.
+    # (graphstep's step run uncaptured: off CUDA when asked for, or after a capture failed); and why not captured.
     step_path: str = ""
     step_path_reason: str = ""
 
@@ -292,9 +292,9 @@ def train(
         _set_rng_state(ckpt["rng"], device)
 
     path, why = _choose_step_path(step_path, config, device)
-    on_event = _labelled(on_event, path, why)
     if path != "eager":
         return _train_static(config, stream, model, optimizer, names, spectral, step, device, on_event, should_stop)
+    on_event = _labelled(on_event, path, why)
 
     scheduled = config.schedule != "constant"
     skip_nonfinite = config.on_nonfinite == "skip"
@@ -422,6 +422,7 @@ def _train_static(config, stream, model, optimizer, names, spectral, step, devic
             norms = dict(zip(names, totals.param_norms))
             metrics = interval.metrics(step, stream.epoch, lr, totals.grad_norm, totals.last_clipped, norms,
                                        stream.perplexity)
+            metrics.step_path, metrics.step_path_reason = program.path
             on_event(metrics)
             result = TrainResult(steps=step, loss=metrics.loss, perplexity=metrics.perplexity, stopped=stopped)
             program.reset_interval()
