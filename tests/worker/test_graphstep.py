@@ -171,6 +171,11 @@ def test_metrics_say_which_step_ran_and_why(timemachine):
         assert all(m.step_path_reason.startswith(why) for m in metrics), (extra, metrics[0].step_path_reason)
 
 
+def test_an_unknown_step_path_is_refused(timemachine):
+    with pytest.raises(ValueError, match="step_path must be one of auto, eager, static, got 'graph'"):
+        train(config(max_steps=1), timemachine[:2000], lambda e: None, step_path="graph")
+
+
 # -----------------------------------------------------------------------------
 # on CUDA: the captured replays are the eager step
 

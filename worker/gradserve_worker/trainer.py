@@ -13,7 +13,8 @@ gRPC; the worker's task wraps it.
 
 The pieces live one concern per module: what a step trains on (tasks, data),
 where gradients are cut (truncation), the models, the update rule and schedule
-(optim), the probe's diagnostics (diagnostics).
+(optim), the probe's diagnostics (diagnostics), the step as a captured CUDA
+graph (graphstep).
 """
 
 from __future__ import annotations
@@ -357,8 +358,13 @@ def train(
     return result
 
 
+STEP_PATHS = ("auto", "eager", "static")
+
+
 def _choose_step_path(asked: str, config: TrainConfig, device: torch.device) -> tuple[str, str]:
     """("captured" | "static" | "eager", why not captured) for train's `step_path`."""
+    if asked not in STEP_PATHS:
+        raise ValueError(f"step_path must be one of {', '.join(STEP_PATHS)}, got {asked!r}")
     if asked == "eager":
         return "eager", "the eager step was asked for"
     reason = unsupported(config)
