@@ -116,7 +116,7 @@ def test_a_worker_runs_two_jobs_at_once_and_a_third_waits_for_the_budget(make_st
         job_store = store.JobStore.from_url(s.redis_url)
         assert worker.memory_reserved_bytes == sum(stored_job_bytes(job_store, j.id, "cpu") for j in running)
         job_store.r.close()
-        assert waiting.status() == "QUEUED"  # seconds later: a pool process is free, the budget is not
+        assert waiting.status() == "QUEUED"  # a pool process is free, the budget is not
         running[0].cancel()
         assert running[0].wait(timeout=60).state == "CANCELLED"
         deadline = time.monotonic() + 30
