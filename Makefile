@@ -5,7 +5,12 @@ PY := $(VENV)/bin/python
 # pip finds this CPU build locally where it is cached; a bare `torch` would pull a multi-GB CUDA build.
 TORCH_CPU := torch==2.13.0
 
-.PHONY: venv demo test proto bench clean
+# The Python that `make gpu-check` runs with: on a GPU machine usually its own python3 with a CUDA torch.
+GPU_PYTHON ?= $(shell test -x $(PY) && echo $(PY) || command -v python3)
+# The GPU machine's Python version, for `make gpu-bundle`.
+GPU_PYTHON_VERSION ?= 3.12
+
+.PHONY: venv demo test proto bench gpu-bundle gpu-check clean
 
 venv: $(VENV)/.installed
 
@@ -38,5 +43,13 @@ bench: venv
 	$(PY) bench/fanout.py
 	$(PY) bench/listing.py
 
+# Wheels (and redis-server) for a GPU machine that lacks them and has no registry: gpu-bundle/ travels with the checkout.
+gpu-bundle: venv
+	$(PY) bench/gpu_check.py bundle --python-version $(GPU_PYTHON_VERSION)
+
+# Every CUDA check in one table (bench/gpu_check.py); on a machine without a GPU it says so and fails.
+gpu-check:
+	$(GPU_PYTHON) bench/gpu_check.py check
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache gpu-check-out

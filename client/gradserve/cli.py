@@ -374,6 +374,14 @@ def last_seen(worker: jobs_pb2.Worker, now: float) -> str:
     return f"{ago:.1f}s ago" + (" (overdue: likely dead)" if overdue else "")
 
 
+def running_jobs(worker: jobs_pb2.Worker) -> str:
+    """The jobs a worker runs: "idle", a job id, or "2/4: ID, ID" for one that runs several at once."""
+    jobs = list(worker.job_ids) or ([worker.job_id] if worker.job_id else [])
+    if worker.concurrency > 1:
+        return f"{len(jobs)}/{worker.concurrency}" + (": " + ", ".join(jobs) if jobs else " idle")
+    return ", ".join(jobs) or "idle"
+
+
 def render_workers(console: Console, workers: Sequence[jobs_pb2.Worker], now: float | None = None) -> None:
     if not workers:
         _plain(console, f"no worker is alive; start one with `{command('gradserve-worker')} --redis-url URL "
@@ -384,7 +392,7 @@ def render_workers(console: Console, workers: Sequence[jobs_pb2.Worker], now: fl
         {
             "name": w.name,
             "queues": ",".join(w.queues),
-            "current job": w.job_id or "idle",
+            "current job": running_jobs(w),
             "last seen": last_seen(w, now),
             "device": w.device,
             "memory budget": human_bytes(w.memory_budget_bytes) if w.memory_budget_bytes else "-",

@@ -1022,23 +1022,32 @@ class JobStore:
 
     # ------------------------------------------------------------- workers
 
-    def heartbeat(self, name: str, advert: dict) -> None:
+    def heartbeat(self, name: str, advert: dict, jobs: list[str] | None = None) -> None:
+        """Renew a worker's advertisement; `jobs`, when given, replaces the jobs it says it runs."""
+        key = worker_key(name)
+        stale = []
+        if jobs is not None:
+            fields = [f for f in map(_text, self.r.hkeys(key)) if f.startswith(_JOB_FIELD)]
+            stale = [f for f in fields if f[len(_JOB_FIELD):] not in jobs]
         with self.r.pipeline(transaction=True) as p:
-            p.hset(worker_key(name), mapping={**advert, "last_seen": time.time()})
-            p.expire(worker_key(name), WORKER_TTL_S)
+            p.hset(key, mapping={**advert, "last_seen": time.time(), **{_JOB_FIELD + j: 1 for j in jobs or ()}})
+            if stale:
+                p.hdel(key, *stale)
+            p.expire(key, WORKER_TTL_S)
             p.execute()
 
-    def set_worker_job(self, name: str, job_id: str) -> None:
-        """Record the job a worker runs now ("" for none) in its advertisement.
+    def set_worker_job(self, name: str, job_id: str, running: bool = True) -> None:
+        """Record in a worker's advertisement that it runs `job_id` now, or (running=False) no longer.
 
-        The write renews the entry's expiry too: a worker that dies mid-job
-        must not leave an entry behind that never expires.
+        A worker may run several jobs at once, each recorded apart. The write
+        renews the entry's expiry too: a worker that dies mid-job must not
+        leave an entry behind that never expires.
         """
         with self.r.pipeline(transaction=True) as p:
-            if job_id:
-                p.hset(worker_key(name), "job_id", job_id)
+            if running:
+                p.hset(worker_key(name), _JOB_FIELD + job_id, 1)
             else:
-                p.hdel(worker_key(name), "job_id")
+                p.hdel(worker_key(name), _JOB_FIELD + job_id)
             p.expire(worker_key(name), WORKER_TTL_S)
             p.execute()
 
@@ -1073,10 +1082,13 @@ class JobStore:
 
 # Worker entries already reported as malformed, so that each costs one log line, not one per read.
 _malformed_workers_logged: set[str] = set()
+# A worker's hash has one field per job it runs: this prefix and the job's id.
+_JOB_FIELD = "job:"
 
 
 def _worker_from_hash(raw: dict) -> jobs_pb2.Worker:
     g = {k.decode(): v.decode() for k, v in raw.items()}
+    jobs = sorted(k[len(_JOB_FIELD):] for k in g if k.startswith(_JOB_FIELD))
     return jobs_pb2.Worker(
         name=g["name"],
         queues=g.get("queues", "").split(","),
@@ -1085,9 +1097,12 @@ def _worker_from_hash(raw: dict) -> jobs_pb2.Worker:
         pid=int(g.get("pid", 0)),
         started_at=timestamp(float(g.get("started", 0))),
         last_seen=timestamp(float(g["last_seen"])),
-        job_id=g.get("job_id", ""),
+        job_id=jobs[0] if jobs else "",
+        job_ids=jobs,
         memory_budget_bytes=int(g.get("memory_budget", 0)),
         heartbeat_interval_s=float(g.get("heartbeat_interval_s", HEARTBEAT_S)),
+        concurrency=int(g.get("concurrency", 1)),
+        memory_reserved_bytes=int(g.get("memory_reserved", 0)),
     )
 
 

@@ -131,7 +131,7 @@ def waiting_reason(queue: str, workers: list[jobs_pb2.Worker]) -> str:
     if not serving:
         return (f"no live worker serves the {queue} queue, so the job waits until one does; start one: {hint}"
                 + ("" if queue == "cpu" else ", or submit with --device cpu"))
-    if all(w.job_id for w in serving):
+    if all(len(w.job_ids) >= max(w.concurrency, 1) for w in serving):
         busy = f"all {len(serving)} workers of the {queue} queue are" if len(serving) > 1 else (
             f"the one worker of the {queue} queue is")
         return f"{busy} busy; the job starts when one is free, or add one: {hint}"

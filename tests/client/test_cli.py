@@ -311,6 +311,16 @@ def test_workers_table_and_the_hint_when_there_are_none():
         assert part in text, part
 
 
+def test_a_worker_running_several_jobs_shows_each_and_its_concurrency():
+    busy = jobs_pb2.Worker(name="g", queues=["gpu"], job_id="job-a", job_ids=["job-a", "job-b"], concurrency=4)
+    idle = jobs_pb2.Worker(name="h", queues=["gpu"], concurrency=4)
+    single = jobs_pb2.Worker(name="c", queues=["cpu"], job_id="job-c", job_ids=["job-c"], concurrency=1)
+    assert [cli.running_jobs(w) for w in (busy, idle, single)] == ["2/4: job-a, job-b", "0/4 idle", "job-c"]
+    out, buffer = console()
+    cli.render_workers(out, [busy], now=NOW)
+    assert "2/4: job-a, job-b" in buffer.getvalue()
+
+
 @pytest.mark.parametrize("seconds, shown", [(0, "0s"), (59, "59s"), (75, "1m15s"), (7300, "2h01m"), (90_000, "1d01h")])
 def test_durations(seconds, shown):
     assert cli.human_duration(seconds) == shown

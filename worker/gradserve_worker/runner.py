@@ -152,7 +152,7 @@ def run_job(job_store: JobStore, job_id: str, worker: str, *, attempt: int = 0,
     finally:
         keeper.stop()
         with contextlib.suppress(redis.RedisError):
-            job_store.set_worker_job(worker, "")
+            job_store.set_worker_job(worker, job_id, running=False)
     if (fenced or keeper.lost.is_set()) and requeue is not None:
         _requeue_if_unclaimed(job_store, lease, requeue)
 

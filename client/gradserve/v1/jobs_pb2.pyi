@@ -299,7 +299,7 @@ class ParamGradNorm(_message.Message):
     def __init__(self, name: _Optional[str] = ..., norm: _Optional[float] = ...) -> None: ...
 
 class Metrics(_message.Message):
-    __slots__ = ("step", "epoch", "loss", "perplexity", "tokens_per_sec", "lr", "grad_norm", "clipped", "clip_fraction", "param_grad_norms", "nonfinite_grads", "skipped_steps", "tokens", "seconds")
+    __slots__ = ("step", "epoch", "loss", "perplexity", "tokens_per_sec", "lr", "grad_norm", "clipped", "clip_fraction", "param_grad_norms", "nonfinite_grads", "skipped_steps", "tokens", "seconds", "step_path", "step_path_reason")
     STEP_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
@@ -314,6 +314,8 @@ class Metrics(_message.Message):
     SKIPPED_STEPS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STEP_PATH_FIELD_NUMBER: _ClassVar[int]
+    STEP_PATH_REASON_FIELD_NUMBER: _ClassVar[int]
     step: int
     epoch: int
     loss: float
@@ -328,7 +330,9 @@ class Metrics(_message.Message):
     skipped_steps: int
     tokens: int
     seconds: float
-    def __init__(self, step: _Optional[int] = ..., epoch: _Optional[int] = ..., loss: _Optional[float] = ..., perplexity: _Optional[float] = ..., tokens_per_sec: _Optional[float] = ..., lr: _Optional[float] = ..., grad_norm: _Optional[float] = ..., clipped: _Optional[bool] = ..., clip_fraction: _Optional[float] = ..., param_grad_norms: _Optional[_Iterable[_Union[ParamGradNorm, _Mapping]]] = ..., nonfinite_grads: _Optional[int] = ..., skipped_steps: _Optional[int] = ..., tokens: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+    step_path: str
+    step_path_reason: str
+    def __init__(self, step: _Optional[int] = ..., epoch: _Optional[int] = ..., loss: _Optional[float] = ..., perplexity: _Optional[float] = ..., tokens_per_sec: _Optional[float] = ..., lr: _Optional[float] = ..., grad_norm: _Optional[float] = ..., clipped: _Optional[bool] = ..., clip_fraction: _Optional[float] = ..., param_grad_norms: _Optional[_Iterable[_Union[ParamGradNorm, _Mapping]]] = ..., nonfinite_grads: _Optional[int] = ..., skipped_steps: _Optional[int] = ..., tokens: _Optional[int] = ..., seconds: _Optional[float] = ..., step_path: _Optional[str] = ..., step_path_reason: _Optional[str] = ...) -> None: ...
 
 class Evaluation(_message.Message):
     __slots__ = ("step", "loss", "perplexity", "metric", "value", "baseline")
@@ -501,7 +505,7 @@ class ListWorkersRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Worker(_message.Message):
-    __slots__ = ("name", "queues", "device", "hostname", "pid", "started_at", "last_seen", "job_id", "memory_budget_bytes", "heartbeat_interval_s")
+    __slots__ = ("name", "queues", "device", "hostname", "pid", "started_at", "last_seen", "job_id", "memory_budget_bytes", "heartbeat_interval_s", "job_ids", "concurrency", "memory_reserved_bytes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     QUEUES_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -512,6 +516,9 @@ class Worker(_message.Message):
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    JOB_IDS_FIELD_NUMBER: _ClassVar[int]
+    CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_RESERVED_BYTES_FIELD_NUMBER: _ClassVar[int]
     name: str
     queues: _containers.RepeatedScalarFieldContainer[str]
     device: str
@@ -522,7 +529,10 @@ class Worker(_message.Message):
     job_id: str
     memory_budget_bytes: int
     heartbeat_interval_s: float
-    def __init__(self, name: _Optional[str] = ..., queues: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., hostname: _Optional[str] = ..., pid: _Optional[int] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., job_id: _Optional[str] = ..., memory_budget_bytes: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ...) -> None: ...
+    job_ids: _containers.RepeatedScalarFieldContainer[str]
+    concurrency: int
+    memory_reserved_bytes: int
+    def __init__(self, name: _Optional[str] = ..., queues: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., hostname: _Optional[str] = ..., pid: _Optional[int] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., job_id: _Optional[str] = ..., memory_budget_bytes: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ..., job_ids: _Optional[_Iterable[str]] = ..., concurrency: _Optional[int] = ..., memory_reserved_bytes: _Optional[int] = ...) -> None: ...
 
 class ListWorkersResponse(_message.Message):
     __slots__ = ("workers",)
