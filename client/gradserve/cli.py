@@ -571,6 +571,27 @@ def cmd_submit(ctx: Context) -> int:
         return follow(ctx.out, ctx.err, job, "", json_mode=ctx.args.json, server=ctx.args.server)
 
 
+def cmd_resubmit(ctx: Context) -> int:
+    a = ctx.args
+    changes = {f.name: getattr(a, f.name) for f in specs.FIELDS if getattr(a, f.name) is not None}
+    with ctx.client() as client:
+        original = client.get_job(a.job)
+        if a.dataset is not None:
+            changes["dataset"] = resolve_dataset(ctx, client, a.dataset)
+        job = original.resubmit(name=a.name, tags=dict(a.tag), note=a.note, **changes)
+        if a.json:
+            print_json(ctx.out, as_dict(job.info))
+        else:
+            _plain(ctx.out, job.id)
+            changed = ", ".join(f"{k}={v}" for k, v in changes.items()) or "no changes"
+            _plain(ctx.out, f"  {state_name(job.info.state)} on queue {job.info.queue}: {original.id} again with "
+                            f"{changed}")
+        warn_waiting(ctx.err, job.info)
+        if not a.follow:
+            return EXIT_OK
+        return follow(ctx.out, ctx.err, job, "", json_mode=a.json, server=a.server)
+
+
 def warn_waiting(err: Console, info: jobs_pb2.Job) -> None:
     if info.waiting:
         _plain(err, f"warning: {info.id} is QUEUED and waiting: {info.waiting}", style="yellow")
@@ -845,16 +866,21 @@ def _spec_help(field: specs.Field) -> str:
     return "; ".join(parts).replace("%", "%%")
 
 
-def add_spec_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per `spec.FIELDS` row: --hidden-size for hidden_size, and so on."""
-    group = parser.add_argument_group("job spec (unset flags take the defaults shown)")
+def add_spec_flags(parser: argparse.ArgumentParser, *, changes: bool = False) -> None:
+    """One flag per `spec.FIELDS` row: --hidden-size for hidden_size, and so on.
+
+    With `changes`, an unset flag is None (the field keeps its value) instead of the field's default.
+    """
+    title = "changes to the job spec" if changes else "job spec (unset flags take the defaults shown)"
+    group = parser.add_argument_group(title)
     for f in specs.FIELDS:
         flag = "--" + f.name.replace("_", "-")
+        default = None if changes else f.default
         if f.choices:
-            group.add_argument(flag, dest=f.name, default=f.default, choices=f.choices, help=_spec_help(f))
+            group.add_argument(flag, dest=f.name, default=default, choices=f.choices, help=_spec_help(f))
         else:
             parse = _number_type(f)
-            group.add_argument(flag, dest=f.name, default=f.default, type=_spec_type(f, parse),
+            group.add_argument(flag, dest=f.name, default=default, type=_spec_type(f, parse),
                                metavar="X" if parse is float else "N", help=_spec_help(f))
 
 
@@ -1001,6 +1027,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--note", default="", type=_label(labels.note_violations),
                    help=f"free text kept with the job, at most {labels.MAX_NOTE_CHARS} characters")
     add_spec_flags(p)
+
+    p = subcommand("resubmit", cmd_resubmit, "submit a job's spec again as a new job, with changes",
+                   epilog="Only the flags given change; the name and note carry over unless given, and --tag adds\n"
+                          "to the job's tags. lr, tbptt-k1 and tbptt-k2, when the job had their defaults, are\n"
+                          "derived again from the changed spec (a switch to adam gets adam's lr).")
+    p.add_argument("job", metavar="JOB")
+    p.add_argument("--dataset", help="train on this instead: an id, a local text file (uploaded first), or a built-in")
+    p.add_argument("--follow", action="store_true", help="then watch the new job until it ends")
+    p.add_argument("--name", type=_label(labels.name_violations), help="a new name")
+    p.add_argument("--tag", action="append", default=[], type=_tag, metavar="KEY=VALUE", help="a tag to add")
+    p.add_argument("--note", type=_label(labels.note_violations), help="a new note")
+    add_spec_flags(p, changes=True)
 
     p = subcommand("watch", cmd_watch, "follow a job's progress until it ends",
                 epilog="with --json: one event object per line, the last being the job's final status.\n\n"

@@ -443,6 +443,19 @@ class Job:
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
 
+    def resubmit(self, *, name: str | None = None, tags: Mapping[str, str] | None = None, note: str | None = None,
+                 **changes) -> "Job":
+        """Submit this job's spec again as a new job, with `changes` (spec fields) applied.
+
+        Fields that were derived from others (lr, tbptt_k1, tbptt_k2) are
+        derived again from the changed spec unless they were set apart from
+        their defaults. The name and note carry over unless given; `tags` are
+        added to the job's own.
+        """
+        spec = specs.rederivable(self.spec)
+        return self.client.submit(spec, name=self.name if name is None else name, tags={**self.tags, **(tags or {})},
+                                  note=self.note if note is None else note, **changes)
+
     def logs(self, cursor: str = "", follow: bool = False) -> Iterator[jobs_pb2.LogLine]:
         """The job's log lines after `cursor` (from the oldest kept by default): what its workers logged.
 

@@ -188,6 +188,18 @@ def complete(spec: jobs_pb2.JobSpec) -> jobs_pb2.JobSpec:
     return full
 
 
+def rederivable(spec: jobs_pb2.JobSpec) -> jobs_pb2.JobSpec:
+    """A copy of a complete spec whose derived fields (lr, tbptt_k1, tbptt_k2) are unset where they hold the
+    value derived from the others: submitted again with changes, they are derived again from the changed
+    fields (a switch to adam gets adam's lr), while values someone chose stay."""
+    out = jobs_pb2.JobSpec()
+    out.CopyFrom(spec)
+    for name, derive in _DERIVED.items():
+        if out.HasField(name) and getattr(out, name) == derive(lambda other: getattr(spec, other)):
+            out.ClearField(name)
+    return out
+
+
 def resolved(config, name: str):
     """Field `name` of `config` (an object whose None means "unset", like the worker's TrainConfig), with the
     default a complete spec would have given it; the same rule as `complete`."""

@@ -100,6 +100,10 @@ class FakeJob:
     def refresh(self):
         return self.info
 
+    def resubmit(self, **changes):
+        self.resubmitted = changes
+        return FakeJob(job_record(jobs_pb2.QUEUED))
+
     def logs(self, cursor="", follow=False):
         self.followed = follow
         yield jobs_pb2.LogLine(cursor="5-0", time=ts(NOW), level="WARNING", logger="py.warnings", attempt=2,
@@ -447,6 +451,15 @@ def test_logs_print_time_attempt_level_and_logger_before_each_message(capsys):
     assert code == 0 and fake.job.followed
     when = datetime.fromtimestamp(NOW).strftime("%Y-%m-%d %H:%M:%S")
     assert out == f"{when} attempt 2 WARNING py.warnings: UserWarning: a warning\n  and its second line\n"
+
+
+def test_resubmit_sends_only_the_flags_given(capsys):
+    fake = FakeClient()
+    code, out, _ = run(["resubmit", JOB_ID, "--optimizer", "adam", "--hidden-size", "64", "--tag", "try=2"], fake, capsys)
+    assert code == 0
+    assert fake.job.resubmitted == {"name": None, "tags": {"try": "2"}, "note": None, "optimizer": "adam",
+                                    "hidden_size": 64}
+    assert out.splitlines()[1].endswith(f"{JOB_ID} again with hidden_size=64, optimizer=adam")
 
 
 def test_an_age_counts_back_from_now():

@@ -191,3 +191,16 @@ def test_jobs_recorded_before_the_indexes_are_added_to_them(idle_stack, job_stor
         assert [j.id for j in c.list_jobs(tags={"era": "old"}, model="lstm", state="SUCCEEDED",
                                           order_by="val_loss")] == [old.id]
         assert job_store.index_missing() == 0
+
+
+def test_resubmit_repeats_the_spec_with_changes_and_derives_defaults_again(idle_stack):
+    with idle_stack.client() as c:
+        original = c.submit(**TINY, name="base", tags={"study": "resubmit"}, note="first")
+        chosen = c.submit(**TINY, lr=0.5, name="chosen lr")
+        again = original.resubmit(optimizer="adam", hidden_size=16, tags={"try": "2"})
+        kept = chosen.resubmit(optimizer="adam")
+    assert (again.spec.optimizer, again.spec.hidden_size, again.spec.lr) == ("adam", 16, 0.001)
+    assert (again.spec.dataset, again.spec.seq_len, again.spec.max_steps) == ("builtin:adding", 5, 10)
+    assert (again.name, again.tags, again.note) == ("base", {"study": "resubmit", "try": "2"}, "first")
+    assert kept.spec.lr == 0.5, "an lr someone chose is kept"
+    assert again.id != original.id
