@@ -173,7 +173,7 @@ def status_line(s: jobs_pb2.StatusChange) -> str:
 
 
 def checkpoint_line(c: jobs_pb2.CheckpointSaved) -> str:
-    return f"checkpoint  step {c.step}  size {human_bytes(c.size_bytes)}"
+    return f"checkpoint  step {c.step}  size {human_bytes(c.size_bytes)}" + ("  (best so far)" if c.best else "")
 
 
 def evaluation_line(e: jobs_pb2.Evaluation) -> str:
@@ -272,7 +272,14 @@ def render_job(console: Console, job: jobs_pb2.Job, now: float | None = None) ->
              ("worker", job.worker or "-")]
     percent = job.last_step / job.spec.max_steps if job.spec.max_steps else 0.0
     rows.append(("step", f"{_step_of(job)} ({percent:.0%})"))
-    rows.append(("checkpoint", f"step {job.checkpoint_step}" if job.checkpoint_step else "none yet"))
+    checkpoints = f"step {job.checkpoint_step}" if job.checkpoint_step else "none yet"
+    if job.best_checkpoint_step:
+        checkpoints += f"; best at step {job.best_checkpoint_step}"
+    rows.append(("checkpoint", checkpoints))
+    if job.HasField("init_from"):
+        taken = "weights" + (", optimizer state" if job.init_from.optimizer else "") + (
+            ", hidden state" if job.init_from.state else "")
+        rows.append(("started from", f"{job.init_from.job_id} at step {job.init_from.step} ({taken})"))
     summary = job.summary
     if summary.step and summary.train_perplexity:
         rows.append(("train", f"{_train_result(summary)}, loss {summary.train_loss:.4f} nats/token "
@@ -559,7 +566,8 @@ def cmd_submit(ctx: Context) -> int:
     with ctx.client() as client:
         dataset = resolve_dataset(ctx, client, ctx.args.dataset)
         job = client.submit(dataset=dataset, name=ctx.args.name, tags=dict(ctx.args.tag), note=ctx.args.note,
-                            **fields)
+                            init_from=ctx.args.init_from, init_optimizer=ctx.args.init_optimizer,
+                            init_state=ctx.args.init_state, **fields)
         if ctx.args.json:
             print_json(ctx.out, as_dict(job.info))
         else:
@@ -749,7 +757,7 @@ def cmd_download(ctx: Context) -> int:
         # Checked up front: otherwise the error would name the client's temporary file.
         raise FileNotFoundError(errno.ENOENT, "no such directory", str(folder))
     with ctx.client() as client:
-        step = client.get_job(ctx.args.job).download_checkpoint(ctx.args.output)
+        step = client.get_job(ctx.args.job).download_checkpoint(ctx.args.output, ctx.args.checkpoint)
     size = os.path.getsize(ctx.args.output)
     if ctx.args.json:
         print_json(ctx.out, {"path": str(ctx.args.output), "size_bytes": size, "step": step})
@@ -762,7 +770,7 @@ def cmd_generate(ctx: Context) -> int:
     args = ctx.args
     with ctx.client() as client:
         reply = client.get_job(args.job).generate(args.prefix, args.num_tokens, temperature=args.temperature,
-                                                  seed=args.seed)
+                                                  seed=args.seed, checkpoint=args.checkpoint)
     if args.json:
         print_json(ctx.out, {"job_id": args.job, **as_dict(reply)})
     else:
@@ -942,6 +950,16 @@ _AGE = re.compile(r"(\d+(?:\.\d+)?)([mhd])")
 _AGE_SECONDS = {"m": 60, "h": 3600, "d": 86400}
 
 
+CHECKPOINT_HELP = ("latest (the default), best (kept for the best evaluation so far), or the step of one of those "
+                   "two")
+
+
+def _checkpoint_arg(text: str) -> str:
+    if text in ("latest", "best") or text.isdigit():
+        return text
+    raise argparse.ArgumentTypeError(f"must be latest, best or a step number, got {text!r}")
+
+
 def _choice(choices: tuple[str, ...]) -> Callable[[str], str]:
     def parse(text: str) -> str:
         if text not in choices:
@@ -1026,6 +1044,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a tag to filter by (`list --tag`); repeat for more")
     p.add_argument("--note", default="", type=_label(labels.note_violations),
                    help=f"free text kept with the job, at most {labels.MAX_NOTE_CHARS} characters")
+    p.add_argument("--init-from", default="", metavar="JOB[@CHECKPOINT]",
+                   help="start from another job's weights: its latest checkpoint, or JOB@best, or JOB@STEP; "
+                        "model, sizes and vocabulary must match")
+    p.add_argument("--init-optimizer", action="store_true", help="with --init-from: its optimizer state too")
+    p.add_argument("--init-state", action="store_true",
+                   help="with --init-from: its carried hidden state too (same batch size, partition sequential)")
     add_spec_flags(p)
 
     p = subcommand("resubmit", cmd_resubmit, "submit a job's spec again as a new job, with changes",
@@ -1090,6 +1114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = subcommand("download", cmd_download, "write a job's latest checkpoint to a file")
     p.add_argument("job", metavar="JOB")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="FILE", help="where to write it")
+    p.add_argument("--checkpoint", default="latest", type=_checkpoint_arg, metavar="WHICH",
+                   help=CHECKPOINT_HELP)
 
     p = subcommand("generate", cmd_generate, "generate text from a job's latest checkpoint (running or finished)",
                 epilog="The model reads the prefix (preprocessed and split like the job's text; unknown tokens\n"
@@ -1103,6 +1129,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="0 (default) always takes the likeliest token; above 0 samples from softmax(logits / T)")
     p.add_argument("--seed", type=_int_at_least(0), default=0, metavar="S",
                    help="seed for sampling: the same seed gives the same text (default 0)")
+    p.add_argument("--checkpoint", default="latest", type=_checkpoint_arg, metavar="WHICH", help=CHECKPOINT_HELP)
 
     p = subcommand("plot", cmd_plot, "draw a job's loss, gradient norms and gradients through time to an image",
                 epilog="Works on a running job too: it plots the history so far. Needs matplotlib:\n"

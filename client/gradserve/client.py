@@ -148,12 +148,18 @@ class Client:
     # ---------------------------------------------------------------- jobs
 
     def submit(self, spec: jobs_pb2.JobSpec | None = None, *, name: str = "", tags: Mapping[str, str] | None = None,
-               note: str = "", **fields) -> "Job":
+               note: str = "", init_from: str = "", init_optimizer: bool = False, init_state: bool = False,
+               **fields) -> "Job":
         """Submit a job. Give a JobSpec, or its fields as keywords (unset ones take the server's defaults).
 
         Field names, defaults and allowed values: `gradserve.spec.FIELDS`.
         `name`, `tags` and `note` label the job for finding it later
         (list_jobs); the rules for them are in `gradserve.labels`.
+        `init_from` "JOB", "JOB@best" or "JOB@STEP" starts from that job's
+        latest, best or step-STEP checkpoint: its weights, and with
+        init_optimizer its optimizer state, with init_state its carried hidden
+        state. The model, sizes and vocabulary must match (the server names
+        each that does not).
         """
         unknown = sorted(set(fields) - set(jobs_pb2.JobSpec.DESCRIPTOR.fields_by_name))
         if unknown:
@@ -173,6 +179,10 @@ class Client:
                 reason = f"{allowed}, got {value!r}"
                 raise InvalidArgument(f"spec.{key} {reason}", None, [(f"spec.{key}", reason)]) from None
         request = jobs_pb2.SubmitJobRequest(spec=message, name=name, tags=tags or {}, note=note)
+        if init_from:
+            source, _, checkpoint = init_from.partition("@")
+            request.init_from.CopyFrom(jobs_pb2.InitFrom(job_id=source, checkpoint=checkpoint or "latest",
+                                                         optimizer=init_optimizer, state=init_state))
         return Job(self, self._unary(self.stub.SubmitJob, request))
 
     def get_job(self, job_id: str) -> "Job":
@@ -413,8 +423,12 @@ class Job:
             time.sleep(pause)
 
     def generate(self, prefix: str = "", num_tokens: int = DEFAULT_GENERATE_TOKENS, *, temperature: float = 0.0,
-                 seed: int = 0, timeout: float = DEFAULT_GENERATE_TIMEOUT_S) -> jobs_pb2.GenerateResponse:
+                 seed: int = 0, timeout: float = DEFAULT_GENERATE_TIMEOUT_S,
+                 checkpoint: str = "latest") -> jobs_pb2.GenerateResponse:
         """Text from the job's latest checkpoint, running or finished; `.text` holds it, `.step` the checkpoint's step.
+
+        `checkpoint` "best" takes the one kept for the best evaluation instead,
+        and a step (as a string) whichever of the two is at that step.
 
         The model reads `prefix` (split and preprocessed as the job's text was;
         tokens it never saw become <unk>), then adds `num_tokens` tokens:
@@ -429,7 +443,7 @@ class Job:
         InvalidArgument for values out of range, and Unavailable when no
         generate worker answers.
         """
-        request = jobs_pb2.GenerateRequest(job_id=self.id)
+        request = jobs_pb2.GenerateRequest(job_id=self.id, checkpoint=checkpoint)
         for field, value in (("prefix", prefix), ("num_tokens", num_tokens), ("temperature", temperature),
                              ("seed", seed)):
             try:
@@ -456,6 +470,11 @@ class Job:
         return self.client.submit(spec, name=self.name if name is None else name, tags={**self.tags, **(tags or {})},
                                   note=self.note if note is None else note, **changes)
 
+    @property
+    def best_checkpoint_step(self) -> int:
+        """The step of the checkpoint kept for the best evaluation so far; 0 when there is none."""
+        return self.info.best_checkpoint_step
+
     def logs(self, cursor: str = "", follow: bool = False) -> Iterator[jobs_pb2.LogLine]:
         """The job's log lines after `cursor` (from the oldest kept by default): what its workers logged.
 
@@ -468,8 +487,12 @@ class Job:
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
 
-    def download_checkpoint(self, path: str | os.PathLike) -> int:
-        """Write the job's latest checkpoint to `path` (whole or not at all); returns its step."""
+    def download_checkpoint(self, path: str | os.PathLike, checkpoint: str = "latest") -> int:
+        """Write the job's latest checkpoint to `path` (whole or not at all); returns its step.
+
+        `checkpoint` "best" writes the one kept for the best evaluation instead,
+        and a step (as a string) whichever of the two is at that step.
+        """
         path = Path(path)
         if not path.parent.is_dir():
             raise FileNotFoundError(f"cannot write {path}: the folder {path.parent} does not exist")
@@ -478,7 +501,8 @@ class Job:
         try:
             with open(tmp, "wb") as f:
                 for chunk in self.client.stub.DownloadCheckpoint(
-                    jobs_pb2.DownloadCheckpointRequest(job_id=self.id), timeout=self.client.timeout * 10
+                    jobs_pb2.DownloadCheckpointRequest(job_id=self.id, checkpoint=checkpoint),
+                    timeout=self.client.timeout * 10
                 ):
                     f.write(chunk.data)
                     step = chunk.step

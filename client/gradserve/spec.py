@@ -188,6 +188,23 @@ def complete(spec: jobs_pb2.JobSpec) -> jobs_pb2.JobSpec:
     return full
 
 
+# What a job started from another job's checkpoint (InitFrom) must share with
+# it: the shape of every weight, and the vocabulary the weights read and write.
+INIT_MUST_MATCH = ("model", "hidden_size", "num_layers", "embedding_size", "tokenization", "preprocess", "min_freq")
+
+
+def init_must_match(spec, *, optimizer: bool, state: bool) -> tuple[str, ...]:
+    """The fields `spec` must share with the checkpoint it starts from, given what it takes from it."""
+    names = INIT_MUST_MATCH
+    if spec.dataset in TASKS:  # a task's symbols set the input and output sizes
+        names += ("dataset",)
+    if optimizer:
+        names += ("optimizer",)
+    if state:  # the carried state is (layers, batch_size, hidden_size)
+        names += ("batch_size",)
+    return names
+
+
 def rederivable(spec: jobs_pb2.JobSpec) -> jobs_pb2.JobSpec:
     """A copy of a complete spec whose derived fields (lr, tbptt_k1, tbptt_k2) are unset where they hold the
     value derived from the others: submitted again with changes, they are derived again from the changed

@@ -100,6 +100,19 @@ redis.call('HSET', KEYS[1], 'checkpoint_step', ARGV[4])
 return {1, redis.call('XADD', KEYS[2], '*', 'e', ARGV[6])}
 """
 
+# The checkpoint of the best evaluation so far, kept beside the latest: it
+# replaces the stored one only when its held-out loss is lower.
+#   KEYS: job hash, event stream, best checkpoint hash
+#   ARGV: attempt, token, RUNNING, step, data, event bytes, the evaluation's loss. Returns as APPEND.
+BEST_CHECKPOINT = FENCE + """
+local stored = redis.call('HGET', KEYS[3], 'loss')
+if stored and tonumber(ARGV[7]) >= tonumber(stored) then return {2} end
+redis.call('DEL', KEYS[3])
+redis.call('HSET', KEYS[3], 'data', ARGV[5], 'step', ARGV[4], 'loss', ARGV[7])
+redis.call('HSET', KEYS[1], 'best_checkpoint_step', ARGV[4])
+return {1, redis.call('XADD', KEYS[2], '*', 'e', ARGV[6])}
+"""
+
 # Takes a due entry of the dispatch outbox for one caller, for the next
 # retry_ms: returns {attempt, queue} to send, or nil when the entry is not due
 # (another server took it) or the job is no longer QUEUED (the entry goes).
@@ -126,11 +139,11 @@ return 1
 """
 
 
-# Remove an ended job whole: its record, events, checkpoint and log, and its place
+# Remove an ended job whole: its record, events, checkpoints and log, and its place
 # in its tenant's list and in every index; a job still QUEUED or RUNNING is
 # left as it is.
-#   KEYS: job hash, event stream, checkpoint hash, log stream, tenant's jobs zset, tenant's active set, leases,
-#         dispatch,
+#   KEYS: job hash, event stream, latest, best and initial checkpoint hashes, log stream, tenant's jobs zset,
+#         tenant's active set, leases, dispatch,
 #         names hash, then every other zset of the tenant's that may hold the job (by state, model,
 #         dataset, tag, sort order)
 #   ARGV: job id, then the states it may be deleted in
@@ -141,13 +154,13 @@ if not state then return {-1} end
 local deletable = false
 for i = 2, #ARGV do if state == ARGV[i] then deletable = true end end
 if not deletable then return {0, tonumber(state)} end
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
-redis.call('ZREM', KEYS[5], ARGV[1])
-redis.call('SREM', KEYS[6], ARGV[1])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
 redis.call('ZREM', KEYS[7], ARGV[1])
-redis.call('ZREM', KEYS[8], ARGV[1])
-redis.call('HDEL', KEYS[9], ARGV[1])
-for i = 10, #KEYS do redis.call('ZREM', KEYS[i], ARGV[1]) end
+redis.call('SREM', KEYS[8], ARGV[1])
+redis.call('ZREM', KEYS[9], ARGV[1])
+redis.call('ZREM', KEYS[10], ARGV[1])
+redis.call('HDEL', KEYS[11], ARGV[1])
+for i = 12, #KEYS do redis.call('ZREM', KEYS[i], ARGV[1]) end
 return {1}
 """
 

@@ -27,6 +27,8 @@ Keys (all under ``gradserve:``):
     dataset:{id}    hash    data (UTF-8 text), name, size, num_chars, token counts per tokenization
     builtin:{name}  string  the dataset id a built-in corpus is stored under
     ckpt:{id}       hash    data (the trainer's bytes), step; replaced whole, in one script
+    ckpt:{id}:best  hash    data, step, loss: the checkpoint of the evaluation with the lowest held-out loss
+    init:{id}       hash    data, step: the checkpoint of another job this one starts from (InitFrom), copied
     worker:{name}   hash    a worker's advertisement; expires unless its heartbeat renews it
     reply:{req}     list    a generate worker's JSON reply to one Generate call; expires unread after REPLY_TTL_S
 """
@@ -82,6 +84,14 @@ def dataset_key(dataset_id: str) -> str:
 
 def checkpoint_key(job_id: str) -> str:
     return f"{PREFIX}ckpt:{job_id}"
+
+
+def best_checkpoint_key(job_id: str) -> str:
+    return f"{PREFIX}ckpt:{job_id}:best"
+
+
+def init_key(job_id: str) -> str:
+    return f"{PREFIX}init:{job_id}"
 
 
 def worker_key(name: str) -> str:
@@ -430,6 +440,7 @@ class JobStore:
         self._cas = client.register_script(scripts.CAS)
         self._append = client.register_script(scripts.APPEND)
         self._checkpoint = client.register_script(scripts.CHECKPOINT)
+        self._best_checkpoint = client.register_script(scripts.BEST_CHECKPOINT)
         self._take_dispatch = client.register_script(scripts.TAKE_DISPATCH)
         self._dispatched = client.register_script(scripts.DISPATCHED)
         self._delete = client.register_script(scripts.DELETE)
@@ -457,8 +468,11 @@ class JobStore:
     # ---------------------------------------------------------------- jobs
 
     def create_job(self, job_id: str, spec: jobs_pb2.JobSpec, queue: str, tenant: str = "",
-                   labels: Labels = Labels()) -> jobs_pb2.Job:
-        """Record a QUEUED job as attempt 1, in the dispatch outbox until `dispatched` says its task was sent."""
+                   labels: Labels = Labels(), init: tuple[jobs_pb2.InitFrom, bytes] | None = None) -> jobs_pb2.Job:
+        """Record a QUEUED job as attempt 1, in the dispatch outbox until `dispatched` says its task was sent.
+
+        `init` is the checkpoint it starts from (InitFrom, and the checkpoint's bytes), kept with it.
+        """
         now = time.time()
         event = status_event(job_id, jobs_pb2.QUEUED, attempt=1)
         resend_at = self.now_ms() + DISPATCH_RETRY_S * 1000
@@ -470,13 +484,17 @@ class JobStore:
                          "note": labels.note},
             )
             self._index(p, job_id, tenant, spec, labels, now, jobs_pb2.QUEUED)
+            if init is not None:
+                p.hset(init_key(job_id), mapping={"data": init[1], "step": init[0].step})
+                p.hset(job_key(job_id), "init_from", init[0].SerializeToString())
             p.zadd(tenant_jobs_key(tenant), {job_id: now})
             p.sadd(active_key(tenant), job_id)
             p.zadd(DISPATCH_KEY, {job_id: resend_at})
             p.xadd(events_key(job_id), {"e": encode_event(event)})
             p.execute()
         return jobs_pb2.Job(id=job_id, spec=spec, state=jobs_pb2.QUEUED, queue=queue, attempt=1, tenant=tenant,
-                            created_at=timestamp(now), name=labels.name, tags=labels.tags, note=labels.note)
+                            created_at=timestamp(now), name=labels.name, tags=labels.tags, note=labels.note,
+                            init_from=init[0] if init is not None else None)
 
     @staticmethod
     def _index(p, job_id: str, tenant: str, spec: jobs_pb2.JobSpec, labels: Labels, created: float, state: int,
@@ -601,7 +619,8 @@ class JobStore:
         """
         job = self.get_job(job_id)
         result = self._delete(
-            keys=[job_key(job_id), events_key(job_id), checkpoint_key(job_id), logs_key(job_id), tenant_jobs_key(job.tenant),
+            keys=[job_key(job_id), events_key(job_id), checkpoint_key(job_id), best_checkpoint_key(job_id),
+                  init_key(job_id), logs_key(job_id), tenant_jobs_key(job.tenant),
                   active_key(job.tenant), LEASES_KEY, DISPATCH_KEY, NAMES_KEY, *state_keys(job.tenant),
                   *label_keys(job.tenant, job.spec, dict(job.tags)), *sort_keys(job.tenant)],
             args=[job_id, *sorted(TERMINAL)],
@@ -999,16 +1018,51 @@ class JobStore:
         )
         return self._fenced_result(lease, result)
 
-    def get_checkpoint(self, job_id: str) -> tuple[int, bytes]:
-        data, step = self.r.hmget(checkpoint_key(job_id), "data", "step")
-        if data is None:
-            raise NotFound(job_id)
-        return int(step), data
+    def put_best_checkpoint(self, lease: Lease, step: int, loss: float, data: bytes) -> bool:
+        """Keep `data` as the job's best checkpoint if its evaluation's held-out `loss` is the lowest so far.
 
-    def checkpoint_step(self, job_id: str) -> int:
-        """The step of the job's latest checkpoint (0: none), read without its bytes."""
-        step = self.r.hget(checkpoint_key(job_id), "step")
-        return int(step) if step is not None else 0
+        Returns False, writing nothing, when the stored best is as good. Raises Fenced as put_checkpoint does.
+        """
+        event = jobs_pb2.Event(job_id=lease.job_id, time=timestamp(time.time()),
+                               checkpoint=jobs_pb2.CheckpointSaved(step=step, size_bytes=len(data), best=True))
+        result = self._best_checkpoint(
+            keys=[job_key(lease.job_id), events_key(lease.job_id), best_checkpoint_key(lease.job_id)],
+            args=[*self._fence_args(lease), step, data, encode_event(event), repr(loss)],
+        )
+        return self._fenced_result(lease, result)
+
+    def get_checkpoint(self, job_id: str, which: str = "latest") -> tuple[int, bytes]:
+        """(step, bytes) of the job's "latest" or "best" checkpoint, or of whichever of them is at step `which`.
+
+        Raises NotFound (with the job id) when there is no such checkpoint.
+        """
+        if which in ("latest", "best"):
+            key = checkpoint_key(job_id) if which == "latest" else best_checkpoint_key(job_id)
+            data, step = self.r.hmget(key, "data", "step")
+            if data is None:
+                raise NotFound(job_id)
+            return int(step), data
+        for key in (checkpoint_key(job_id), best_checkpoint_key(job_id)):
+            data, step = self.r.hmget(key, "data", "step")
+            if data is not None and step.decode() == which:
+                return int(step), data
+        raise NotFound(job_id)
+
+    def get_init(self, job_id: str) -> tuple[jobs_pb2.InitFrom, bytes] | None:
+        """The checkpoint the job starts from (what was asked, and its bytes), or None when it starts fresh."""
+        asked, data = self.r.hget(job_key(job_id), "init_from"), self.r.hget(init_key(job_id), "data")
+        if asked is None or data is None:
+            return None
+        return jobs_pb2.InitFrom.FromString(asked), data
+
+    def checkpoint_step(self, job_id: str, which: str = "latest") -> int:
+        """The step of the job's "latest" or "best" checkpoint, or `which` itself when one of them is at that
+        step; 0 when there is none. Read without the bytes."""
+        latest, best = (self.r.hget(key, "step") for key in (checkpoint_key(job_id), best_checkpoint_key(job_id)))
+        steps = {"latest": int(latest or 0), "best": int(best or 0)}
+        if which in steps:
+            return steps[which]
+        return int(which) if which in {str(s) for s in steps.values() if s} else 0
 
     # ------------------------------------------------------------- replies
 
@@ -1129,6 +1183,8 @@ def _job_from_hash(job_id: str, raw: dict) -> jobs_pb2.Job:
         name=g.get("name", b"").decode(),
         tags=_tags_from(g.get("tags", b"").decode()),
         note=g.get("note", b"").decode(),
+        best_checkpoint_step=int(g.get("best_checkpoint_step", 0)),
+        init_from=jobs_pb2.InitFrom.FromString(g.get("init_from", b"")),
     )
     for attr, name in (("created_at", "created"), ("started_at", "started"), ("finished_at", "finished")):
         if name in g:

@@ -117,6 +117,28 @@ def _job_query(request: jobs_pb2.ListJobsRequest) -> store.JobQuery:
                           page_token=request.page_token, **times)
 
 
+def _checkpoint_choice(value: str, field: str) -> str:
+    """A checkpoint selector as the store takes it: "latest" (also for ""), "best", or a step's digits."""
+    if value in ("", "latest"):
+        return "latest"
+    if value == "best" or (value.isdigit() and len(value) <= 20 and value.isascii()):
+        return value if value == "best" else str(int(value))
+    raise errors.Invalid([(field, f"must be latest, best or the step of one of those two checkpoints, got "
+                                  f"{value[:80]!r}")])
+
+
+def _checkpoint_missing(job: jobs_pb2.Job, which: str) -> str:
+    """What to say when the job has no checkpoint `which`."""
+    if not job.checkpoint_step:
+        return (f"job {job.id} has no checkpoint yet; one is written every {job.spec.checkpoint_every} steps and at "
+                "the end")
+    kept = f"latest at step {job.checkpoint_step}" + (
+        f", best at step {job.best_checkpoint_step}" if job.best_checkpoint_step else ", no best yet (one is kept at "
+        "each evaluation that improves the held-out loss)")
+    named = f"{which} checkpoint" if which in ("latest", "best") else f"checkpoint at step {which}"
+    return f"job {job.id} has no {named}; it keeps two: {kept}"
+
+
 # How to start a worker for each queue, as the hint in a waiting job's record says it.
 WORKER_HINTS = {
     "cpu": "gradserve-worker --redis-url URL --queues cpu",
@@ -306,6 +328,33 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
         for job in queued:
             job.waiting = waiting_reason(job.queue, workers)
 
+    async def _init_from(self, asked: jobs_pb2.InitFrom, spec: jobs_pb2.JobSpec) -> tuple[jobs_pb2.InitFrom, bytes]:
+        """The checkpoint a new job starts from, with its step filled in; refuses a source it cannot start from."""
+        _require_id(asked.job_id, "init_from.job_id", "job-")
+        which = _checkpoint_choice(asked.checkpoint, "init_from.checkpoint")
+        try:
+            source = await self._owned_job(asked.job_id)
+        except store.NotFound:
+            raise errors.NotFound(f"init_from: job {asked.job_id} not found") from None
+        problems = [(f"spec.{name}",
+                     f"must be {getattr(source.spec, name)!r} as in job {source.id}, which it starts from; got "
+                     f"{getattr(spec, name)!r}")
+                    for name in specs.init_must_match(spec, optimizer=asked.optimizer, state=asked.state)
+                    if getattr(spec, name) != getattr(source.spec, name)]
+        if asked.state and (spec.partition != "sequential" or spec.dataset in specs.SYNTHETIC_TASKS):
+            problems.append(("init_from.state", "carries a hidden state over, which only a text job with partition "
+                                                "sequential keeps: leave it false, or use partition sequential"))
+        if problems:
+            raise errors.Invalid(problems)
+        try:
+            step, data = await self._call(self.store.get_checkpoint, source.id, which)
+        except store.NotFound:
+            raise errors.Precondition("init_from: " + _checkpoint_missing(source, which)) from None
+        init = jobs_pb2.InitFrom()
+        init.CopyFrom(asked)
+        init.checkpoint, init.step = which, step
+        return init, data
+
     @staticmethod
     def _queue_for(device: str, workers: list[jobs_pb2.Worker]) -> str:
         if device == "cpu":
@@ -333,9 +382,10 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
         queue = self._queue_for(spec.device, workers)
         self._check_memory(spec, vocab_size, steps_per_sequence, queue, workers)
         await self._check_quota()
+        init = await self._init_from(request.init_from, spec) if request.HasField("init_from") else None
         job_id = store.new_job_id()
         job = await self._call(self.store.create_job, job_id, spec, queue, auth.current_tenant.get(),
-                               store.Labels(request.name, dict(request.tags), request.note))
+                               store.Labels(request.name, dict(request.tags), request.note), init)
         await self._call(dispatch, self.celery, self.store, job_id, job.attempt, queue)
         log.info("job %s queued on %s: %s %s", job_id, queue, spec.model, spec.dataset)
         await self._explain_waits([job], workers)
@@ -526,13 +576,12 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
     @errors.rpc
     async def DownloadCheckpoint(self, request, context):
         _require_id(request.job_id, "job_id", "job-")
-        await self._owned_job(request.job_id)
+        which = _checkpoint_choice(request.checkpoint, "checkpoint")
+        job = await self._owned_job(request.job_id)
         try:
-            step, data = await self._call(self.store.get_checkpoint, request.job_id)
+            step, data = await self._call(self.store.get_checkpoint, request.job_id, which)
         except store.NotFound:
-            raise errors.NotFound(
-                f"job {request.job_id} has no checkpoint yet; one is written every checkpoint_every steps and at the end"
-            ) from None
+            raise errors.NotFound(_checkpoint_missing(job, which)) from None
         for start in range(0, len(data), CHUNK_BYTES):
             yield jobs_pb2.CheckpointChunk(data=data[start : start + CHUNK_BYTES], step=step, total_bytes=len(data))
 
@@ -556,15 +605,13 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
                                             f"likeliest token), got {request.temperature}"))
         if problems:
             raise errors.Invalid(problems)
+        which = _checkpoint_choice(request.checkpoint, "checkpoint")
         job = await self._owned_job(request.job_id)
         if job.spec.dataset in specs.SYNTHETIC_TASKS:
             raise errors.Precondition(f"job {job.id} trains on {job.spec.dataset}, a synthetic task with no text to "
                                       "generate")
-        if not job.checkpoint_step:
-            raise errors.NotFound(
-                f"job {job.id} has no checkpoint yet; one is written every {job.spec.checkpoint_every} steps and "
-                "at the end: try again after that"
-            )
+        if not await self._call(self.store.checkpoint_step, job.id, which):
+            raise errors.NotFound(_checkpoint_missing(job, which))
         workers = await self._call(self.store.workers)
         if not any(GENERATE_QUEUE in w.queues for w in workers):
             raise errors.Unavailable(f"no worker serves the {GENERATE_QUEUE} queue; start one: {GENERATE_WORKER_HINT}")
@@ -574,7 +621,7 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
             wait_s = max(_GENERATE_MIN_WAIT_S, min(wait_s, remaining - _DEADLINE_MARGIN_S))
         request_id = secrets.token_hex(16)
         task = dict(request_id=request_id, job_id=job.id, prefix=request.prefix, num_tokens=request.num_tokens,
-                    temperature=request.temperature, seed=request.seed)
+                    temperature=request.temperature, seed=request.seed, checkpoint=which)
         # `expires`: a request still queued when this call gives up is dropped, not computed for nobody.
         give_up_at = time.monotonic() + wait_s
         await self._call(self.celery.send_task, GENERATE_TASK, kwargs=task, queue=GENERATE_QUEUE, expires=wait_s)

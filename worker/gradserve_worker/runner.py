@@ -190,7 +190,10 @@ def _run_attempt(job_store: JobStore, lease: Lease, keeper: LeaseKeeper, shutdow
         # The store skips what the stream already has, which is how a resumed
         # attempt recomputing steps up to where its predecessor died stays silent.
         if isinstance(report, CheckpointReady):
-            retrying(job_store.put_checkpoint, lease, report.step, report.data)
+            if report.best_loss is not None:
+                retrying(job_store.put_best_checkpoint, lease, report.step, report.best_loss, report.data)
+            else:
+                retrying(job_store.put_checkpoint, lease, report.step, report.data)
             return
         if isinstance(report, StepMetrics):
             last_step = report.step
@@ -212,7 +215,14 @@ def _run_attempt(job_store: JobStore, lease: Lease, keeper: LeaseKeeper, shutdow
         else:
             text = retrying(job_store.dataset_text, retrying(job_store.resolve_dataset, spec.dataset))
         resume = retrying(job_store.get_checkpoint, job_id)[1] if lease.checkpoint_step else None
-        result = train(config, text, on_event, should_stop=should_stop, resume=resume)
+        start_from = retrying(job_store.get_init, job_id) if resume is None else None
+        init = {}
+        if start_from is not None:
+            asked, data = start_from
+            log.info("job %s: starting from step %d of job %s (weights%s%s)", job_id, asked.step, asked.job_id,
+                     ", optimizer state" if asked.optimizer else "", ", hidden state" if asked.state else "")
+            init = dict(init=data, init_optimizer=asked.optimizer, init_state=asked.state)
+        result = train(config, text, on_event, should_stop=should_stop, resume=resume, **init)
     except (Fenced, *_UNREACHABLE):
         raise
     except TrainingDiverged as e:

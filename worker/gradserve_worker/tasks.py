@@ -76,13 +76,19 @@ class TextStream:
         self.corpus = train_part.to(device)
         self.heldout = heldout_windows(heldout.to(device), B, config.num_steps) if len(heldout) else []
         self.epoch, self.pos, self.state, self.zero_state = 0, 0, None, None
+        self._warm = False
         self.windows = None
         self._last = None
 
     def start(self, model, epoch: int = 0, pos: int = 0, state: tuple[torch.Tensor, ...] | None = None) -> None:
-        """Position the stream at window `pos` of `epoch` with the carried `state` (a checkpoint's, or none)."""
+        """Position the stream at window `pos` of `epoch` with the carried `state` (a checkpoint's, or none).
+
+        A `state` given at the very start (epoch 0, window 0: another run's,
+        to start from) is the first window's, where zeros would be otherwise.
+        """
         self.zero_state = model.begin_state(self.config.batch_size, self.device)
         self.epoch, self.pos, self.state = epoch, pos, state
+        self._warm = state is not None and epoch == 0 and pos == 0
         self.windows = self._epoch_windows(epoch)
 
     def _epoch_windows(self, epoch: int):
@@ -106,7 +112,8 @@ class TextStream:
         if self.pos == len(self.windows):
             self.epoch, self.pos = self.epoch + 1, 0
             self.windows = self._epoch_windows(self.epoch)
-        fresh = self.pos == 0 or not self.windows.carries_state
+        fresh = (self.pos == 0 and not self._warm) or not self.windows.carries_state
+        self._warm = False
         window = self.windows[self.pos]
         self.pos += 1
         return window, fresh

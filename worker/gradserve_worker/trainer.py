@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import torch
 from google.protobuf.descriptor import FieldDescriptor
-from gradserve.spec import BY_NAME, FIELDS, resolved, violations
+from gradserve.spec import BY_NAME, FIELDS, init_must_match, resolved, violations
 from gradserve.v1 import jobs_pb2
 from torch import nn
 
@@ -148,10 +148,14 @@ class Probe:
 
 @dataclass
 class CheckpointReady:
-    """A checkpoint of the run after `step` steps; `data` is what load_checkpoint and resume take."""
+    """A checkpoint of the run after `step` steps; `data` is what load_checkpoint and resume take.
+
+    With `best_loss`, it is also the best so far: its step's evaluation had the lowest held-out loss yet.
+    """
 
     step: int
     data: bytes
+    best_loss: float | None = None
 
 
 @dataclass
@@ -245,6 +249,9 @@ def train(
     *,
     should_stop: Callable[[], bool] = lambda: False,
     resume: bytes | None = None,
+    init: bytes | None = None,
+    init_optimizer: bool = False,
+    init_state: bool = False,
     step_path: str = "auto",
 ) -> TrainResult:
     """Train a fresh model (or the one in `resume`) for config.max_steps steps in total.
@@ -257,6 +264,15 @@ def train(
     once per step; when it says True the step finishes, its metrics, an
     evaluation and a checkpoint are reported and the run returns with
     stopped=True.
+
+    `init`, for a run that does not resume, is another run's checkpoint to
+    start from at step 0: its weights, and with init_optimizer its optimizer
+    state (under this config's lr and weight decay), with init_state its
+    carried hidden state. The settings gradserve.spec.INIT_MUST_MATCH names
+    must agree, or CannotTrain names each that does not.
+
+    After an evaluation with the lowest held-out loss so far, a CheckpointReady
+    with `best_loss` set reports the model as it is then.
 
     On CUDA the step runs as a captured graph (graphstep) when it can serve
     the job, the eager step otherwise; every StepMetrics says which ran and
@@ -273,6 +289,9 @@ def train(
     ckpt = _read_checkpoint(resume) if resume is not None else None
     if ckpt is not None:
         _check_resumable(ckpt, config, stream.vocab)
+    start_from = _read_checkpoint(init) if init is not None and ckpt is None else None
+    if start_from is not None:
+        _check_init(start_from, config, stream.vocab, init_optimizer, init_state)
 
     torch.manual_seed(config.seed)
     model = model_for(config, stream.sizes).to(device)
@@ -281,7 +300,16 @@ def train(
     names, params = zip(*model.named_parameters())
     spectral = SpectralNorms(config.seed)
     step = 0
-    if ckpt is None:
+    best = _Best(math.inf)
+    if start_from is not None:
+        model.load_state_dict(start_from["model"])
+        if init_optimizer:
+            optimizer.load_state_dict(start_from["optimizer"])
+            for group in optimizer.param_groups:  # the state carries over; the settings are this job's own
+                group["lr"], group["weight_decay"] = lr, config.weight_decay
+        state = tuple(s.to(device) for s in start_from["state"]) if init_state else ()
+        stream.start(model, state=state or None)
+    elif ckpt is None:
         stream.start(model)
     else:
         model.load_state_dict(ckpt["model"])
@@ -290,11 +318,13 @@ def train(
         state = tuple(s.to(device) for s in ckpt["state"]) or None
         stream.start(model, ckpt["epoch"], ckpt["position"], state)
         spectral = SpectralNorms(config.seed, ckpt.get("spectral"))
+        best = _Best(ckpt.get("best_loss", math.inf))
         _set_rng_state(ckpt["rng"], device)
 
     path, why = _choose_step_path(step_path, config, device)
     if path != "eager":
-        return _train_static(config, stream, model, optimizer, names, spectral, step, device, on_event, should_stop)
+        return _train_static(config, stream, model, optimizer, names, spectral, step, device, on_event, should_stop,
+                             best)
     on_event = _labelled(on_event, path, why)
 
     scheduled = config.schedule != "constant"
@@ -348,14 +378,36 @@ def train(
             interval = _Interval()
         if probe is not None:
             on_event(probe)
-        if stream.has_heldout and (last or step % config.eval_every == 0):
-            on_event(_evaluate(stream, model, step))
-        if last or step % config.checkpoint_every == 0:
-            data = _checkpoint_bytes(config, stream, model, optimizer, spectral, step, device)
-            on_event(CheckpointReady(step=step, data=data))
+        _evaluate_and_checkpoint(config, stream, model, optimizer, spectral, step, device, on_event, best,
+                                 evaluate=stream.has_heldout and (last or step % config.eval_every == 0),
+                                 checkpoint=last or step % config.checkpoint_every == 0)
         if stopped:
             break
     return result
+
+
+@dataclass
+class _Best:
+    """The lowest held-out loss of the run so far (resumed runs included)."""
+
+    loss: float
+
+
+def _evaluate_and_checkpoint(config, stream, model, optimizer, spectral, step, device, on_event, best: _Best, *,
+                             evaluate: bool, checkpoint: bool) -> None:
+    """A step's evaluation and checkpoints: the regular one, and the best one when the evaluation is the best yet."""
+    improved = None
+    if evaluate:
+        evaluation = _evaluate(stream, model, step)
+        on_event(evaluation)
+        if evaluation.loss < best.loss:
+            best.loss = improved = evaluation.loss
+    if checkpoint or improved is not None:
+        data = _checkpoint_bytes(config, stream, model, optimizer, spectral, step, device, best.loss)
+        if checkpoint:
+            on_event(CheckpointReady(step=step, data=data))
+        if improved is not None:
+            on_event(CheckpointReady(step=step, data=data, best_loss=improved))
 
 
 STEP_PATHS = ("auto", "eager", "static")
@@ -387,7 +439,7 @@ def _labelled(on_event: Callable[[object], None], path: str, why: str) -> Callab
 
 
 def _train_static(config, stream, model, optimizer, names, spectral, step, device, on_event,
-                  should_stop) -> TrainResult:
+                  should_stop, best: _Best) -> TrainResult:
     """train's loop around graphstep.StaticStep: the same steps and reports, and no host sync between reports."""
     program = StaticStep(model, optimizer, stream, config, device, capture=device.type == "cuda", step=step)
     lr = scheduled_lr(config, 1)
@@ -435,11 +487,8 @@ def _train_static(config, stream, model, optimizer, names, spectral, step, devic
             steps = tokens = 0
         if probe is not None:
             on_event(probe)
-        if evaluate:
-            on_event(_evaluate(stream, model, step))
-        if checkpoint:
-            data = _checkpoint_bytes(config, stream, model, program.portable, spectral, step, device)
-            on_event(CheckpointReady(step=step, data=data))
+        _evaluate_and_checkpoint(config, stream, model, program.portable, spectral, step, device, on_event, best,
+                                 evaluate=evaluate, checkpoint=checkpoint)
         if stopped:
             break
         if log:
@@ -474,7 +523,7 @@ def _evaluate(stream, model, step: int) -> Evaluation:
 CHECKPOINT_FORMAT = 1
 
 
-def _checkpoint_bytes(config, stream, model, optimizer, spectral, step, device) -> bytes:
+def _checkpoint_bytes(config, stream, model, optimizer, spectral, step, device, best_loss: float) -> bytes:
     """Everything needed to continue the run bit for bit, or to sample from the model."""
     payload = {
         "format": CHECKPOINT_FORMAT,
@@ -488,6 +537,7 @@ def _checkpoint_bytes(config, stream, model, optimizer, spectral, step, device) 
             "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
         },
         "spectral": spectral.state_dict(),
+        "best_loss": best_loss,  # the lowest held-out loss so far, for a resumed run's best checkpoints
         "config": asdict(config),
         "vocab": stream.vocab,
     }
@@ -522,6 +572,18 @@ def _check_resumable(ckpt: dict, config: TrainConfig, vocab: list[str]) -> None:
             )
     if ckpt["vocab"] != vocab:
         raise CannotTrain("cannot resume: the checkpoint's vocabulary differs from this text's")
+
+
+def _check_init(ckpt: dict, config: TrainConfig, vocab: list[str], optimizer: bool, state: bool) -> None:
+    """Refuse a checkpoint to start from whose model, vocabulary or (as asked) optimizer or batch differs."""
+    saved = _saved_config(ckpt)
+    mine = asdict(config)
+    problems = [f"{name} {saved.get(name)!r} there, {mine[name]!r} here"
+                for name in init_must_match(config, optimizer=optimizer, state=state) if saved.get(name) != mine[name]]
+    if ckpt["vocab"] != vocab:
+        problems.append(f"its vocabulary of {len(ckpt['vocab'])} tokens differs from this text's {len(vocab)}")
+    if problems:
+        raise CannotTrain("cannot start from that checkpoint: " + "; ".join(problems))
 
 
 def _set_rng_state(rng: dict, device: torch.device) -> None:

@@ -98,7 +98,7 @@ class JobSpec(_message.Message):
     def __init__(self, dataset: _Optional[str] = ..., tokenization: _Optional[str] = ..., preprocess: _Optional[str] = ..., model: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., batch_size: _Optional[int] = ..., num_steps: _Optional[int] = ..., partition: _Optional[str] = ..., max_steps: _Optional[int] = ..., optimizer: _Optional[str] = ..., lr: _Optional[float] = ..., clip_norm: _Optional[float] = ..., seed: _Optional[int] = ..., device: _Optional[str] = ..., log_every: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., min_freq: _Optional[int] = ..., nonlinearity: _Optional[str] = ..., truncation: _Optional[str] = ..., tbptt_k1: _Optional[int] = ..., tbptt_k2: _Optional[int] = ..., truncation_keep: _Optional[float] = ..., dropout: _Optional[float] = ..., embedding_size: _Optional[int] = ..., val_fraction: _Optional[float] = ..., eval_every: _Optional[int] = ..., weight_decay: _Optional[float] = ..., schedule: _Optional[str] = ..., lr_step_every: _Optional[int] = ..., lr_gamma: _Optional[float] = ..., probe_every: _Optional[int] = ..., seq_len: _Optional[int] = ..., on_nonfinite: _Optional[str] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "spec", "state", "created_at", "started_at", "finished_at", "reason", "worker", "last_step", "queue", "checkpoint_step", "attempt", "tenant", "waiting", "summary", "name", "tags", "note")
+    __slots__ = ("id", "spec", "state", "created_at", "started_at", "finished_at", "reason", "worker", "last_step", "queue", "checkpoint_step", "attempt", "tenant", "waiting", "summary", "name", "tags", "note", "best_checkpoint_step", "init_from")
     class TagsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -124,6 +124,8 @@ class Job(_message.Message):
     NAME_FIELD_NUMBER: _ClassVar[int]
     TAGS_FIELD_NUMBER: _ClassVar[int]
     NOTE_FIELD_NUMBER: _ClassVar[int]
+    BEST_CHECKPOINT_STEP_FIELD_NUMBER: _ClassVar[int]
+    INIT_FROM_FIELD_NUMBER: _ClassVar[int]
     id: str
     spec: JobSpec
     state: JobState
@@ -142,7 +144,23 @@ class Job(_message.Message):
     name: str
     tags: _containers.ScalarMap[str, str]
     note: str
-    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reason: _Optional[str] = ..., worker: _Optional[str] = ..., last_step: _Optional[int] = ..., queue: _Optional[str] = ..., checkpoint_step: _Optional[int] = ..., attempt: _Optional[int] = ..., tenant: _Optional[str] = ..., waiting: _Optional[str] = ..., summary: _Optional[_Union[JobSummary, _Mapping]] = ..., name: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., note: _Optional[str] = ...) -> None: ...
+    best_checkpoint_step: int
+    init_from: InitFrom
+    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reason: _Optional[str] = ..., worker: _Optional[str] = ..., last_step: _Optional[int] = ..., queue: _Optional[str] = ..., checkpoint_step: _Optional[int] = ..., attempt: _Optional[int] = ..., tenant: _Optional[str] = ..., waiting: _Optional[str] = ..., summary: _Optional[_Union[JobSummary, _Mapping]] = ..., name: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., note: _Optional[str] = ..., best_checkpoint_step: _Optional[int] = ..., init_from: _Optional[_Union[InitFrom, _Mapping]] = ...) -> None: ...
+
+class InitFrom(_message.Message):
+    __slots__ = ("job_id", "checkpoint", "optimizer", "state", "step")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    checkpoint: str
+    optimizer: bool
+    state: bool
+    step: int
+    def __init__(self, job_id: _Optional[str] = ..., checkpoint: _Optional[str] = ..., optimizer: _Optional[bool] = ..., state: _Optional[bool] = ..., step: _Optional[int] = ...) -> None: ...
 
 class JobSummary(_message.Message):
     __slots__ = ("step", "train_loss", "train_perplexity", "best_step", "best_val_loss", "best_val_perplexity", "metric", "metric_value", "tokens", "train_seconds", "tokens_per_sec", "clipped_steps", "clip_fraction")
@@ -175,7 +193,7 @@ class JobSummary(_message.Message):
     def __init__(self, step: _Optional[int] = ..., train_loss: _Optional[float] = ..., train_perplexity: _Optional[float] = ..., best_step: _Optional[int] = ..., best_val_loss: _Optional[float] = ..., best_val_perplexity: _Optional[float] = ..., metric: _Optional[str] = ..., metric_value: _Optional[float] = ..., tokens: _Optional[int] = ..., train_seconds: _Optional[float] = ..., tokens_per_sec: _Optional[float] = ..., clipped_steps: _Optional[int] = ..., clip_fraction: _Optional[float] = ...) -> None: ...
 
 class SubmitJobRequest(_message.Message):
-    __slots__ = ("spec", "name", "tags", "note")
+    __slots__ = ("spec", "name", "tags", "note", "init_from")
     class TagsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -187,11 +205,13 @@ class SubmitJobRequest(_message.Message):
     NAME_FIELD_NUMBER: _ClassVar[int]
     TAGS_FIELD_NUMBER: _ClassVar[int]
     NOTE_FIELD_NUMBER: _ClassVar[int]
+    INIT_FROM_FIELD_NUMBER: _ClassVar[int]
     spec: JobSpec
     name: str
     tags: _containers.ScalarMap[str, str]
     note: str
-    def __init__(self, spec: _Optional[_Union[JobSpec, _Mapping]] = ..., name: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., note: _Optional[str] = ...) -> None: ...
+    init_from: InitFrom
+    def __init__(self, spec: _Optional[_Union[JobSpec, _Mapping]] = ..., name: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., note: _Optional[str] = ..., init_from: _Optional[_Union[InitFrom, _Mapping]] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("job_id",)
@@ -403,12 +423,14 @@ class StatusChange(_message.Message):
     def __init__(self, state: _Optional[_Union[JobState, str]] = ..., reason: _Optional[str] = ..., worker: _Optional[str] = ..., step: _Optional[int] = ..., attempt: _Optional[int] = ..., resumed_from_step: _Optional[int] = ...) -> None: ...
 
 class CheckpointSaved(_message.Message):
-    __slots__ = ("step", "size_bytes")
+    __slots__ = ("step", "size_bytes", "best")
     STEP_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BEST_FIELD_NUMBER: _ClassVar[int]
     step: int
     size_bytes: int
-    def __init__(self, step: _Optional[int] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+    best: bool
+    def __init__(self, step: _Optional[int] = ..., size_bytes: _Optional[int] = ..., best: _Optional[bool] = ...) -> None: ...
 
 class DatasetInfo(_message.Message):
     __slots__ = ("name",)
@@ -485,10 +507,12 @@ class DeleteDatasetRequest(_message.Message):
     def __init__(self, dataset_id: _Optional[str] = ...) -> None: ...
 
 class DownloadCheckpointRequest(_message.Message):
-    __slots__ = ("job_id",)
+    __slots__ = ("job_id", "checkpoint")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     job_id: str
-    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+    checkpoint: str
+    def __init__(self, job_id: _Optional[str] = ..., checkpoint: _Optional[str] = ...) -> None: ...
 
 class CheckpointChunk(_message.Message):
     __slots__ = ("data", "step", "total_bytes")
@@ -541,18 +565,20 @@ class ListWorkersResponse(_message.Message):
     def __init__(self, workers: _Optional[_Iterable[_Union[Worker, _Mapping]]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("job_id", "prefix", "num_tokens", "temperature", "seed")
+    __slots__ = ("job_id", "prefix", "num_tokens", "temperature", "seed", "checkpoint")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     PREFIX_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     prefix: str
     num_tokens: int
     temperature: float
     seed: int
-    def __init__(self, job_id: _Optional[str] = ..., prefix: _Optional[str] = ..., num_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+    checkpoint: str
+    def __init__(self, job_id: _Optional[str] = ..., prefix: _Optional[str] = ..., num_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., seed: _Optional[int] = ..., checkpoint: _Optional[str] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("text", "step")
