@@ -627,7 +627,7 @@ def cmd_list(ctx: Context) -> int:
     with ctx.client() as client:
         page = client.list_jobs(limit=a.limit, state=a.state, name=a.name, tags=dict(a.tag), model=a.model or "",
                                 dataset=a.dataset, created_after=a.after, created_before=a.before,
-                                order_by=a.sort, reverse=a.reverse, page_token=a.page_token)
+                                order_by=a.sort, reverse=a.reverse, page_token=a.page_token, sweep=a.sweep)
     jobs = [j.info for j in page]
     if a.json:
         print_json(ctx.out, [as_dict(j) for j in jobs])
@@ -1085,6 +1085,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=_choice(tuple(specs.MODELS)), metavar="MODEL",
                    help="only jobs of this model: " + ", ".join(specs.MODELS))
     p.add_argument("--dataset", default="", help="only jobs on this dataset (an id or built-in name)")
+    p.add_argument("--sweep", default="", help="only the members of this sweep")
     p.add_argument("--after", type=_time_arg, metavar="TIME", help="only jobs created at or after TIME")
     p.add_argument("--before", type=_time_arg, metavar="TIME", help="only jobs created before TIME")
     p.add_argument("--sort", default="created", type=_choice(SORT_ORDERS), metavar="ORDER",

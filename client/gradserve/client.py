@@ -191,11 +191,11 @@ class Client:
     def list_jobs(self, limit: int = 50, state: str | None = None, *, name: str = "",
                   tags: Mapping[str, str] | None = None, model: str = "", dataset: str = "",
                   created_after: float | None = None, created_before: float | None = None,
-                  order_by: str = "created", reverse: bool = False, page_token: str = "") -> "JobPage":
+                  order_by: str = "created", reverse: bool = False, page_token: str = "", sweep: str = "") -> "JobPage":
         """One page of jobs that match every filter given, newest first unless `order_by` says otherwise.
 
         state: "RUNNING" and so on. name: a part of the name, ignoring case.
-        tags: every one must be on the job. created_after, created_before:
+        tags: every one must be on the job. sweep: its members only. created_after, created_before:
         Unix times. order_by: "created", or a summary metric, best first:
         "train_loss", "val_loss", "tokens_per_sec". The page is a list; its
         `next_page_token`, passed back with the same filters, gives the next
@@ -203,7 +203,7 @@ class Client:
         """
         request = jobs_pb2.ListJobsRequest(
             limit=limit, state=jobs_pb2.JobState.Value(state) if state else 0, name_contains=name, tags=tags or {},
-            model=model, dataset=dataset, order_by=order_by, reverse=reverse, page_token=page_token)
+            model=model, dataset=dataset, order_by=order_by, reverse=reverse, page_token=page_token, sweep=sweep)
         for attr, seconds in (("created_after", created_after), ("created_before", created_before)):
             if seconds is not None:
                 getattr(request, attr).FromNanoseconds(int(seconds * 1e9))

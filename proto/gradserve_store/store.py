@@ -125,10 +125,11 @@ def state_keys(tenant: str) -> list[str]:
     return [by_key(tenant, "state", str(state)) for state in JOB_STATES]
 
 
-def label_keys(tenant: str, spec: jobs_pb2.JobSpec, tags: dict[str, str]) -> list[str]:
-    """The zsets a job is in for what never changes: its model, its dataset and each of its tags."""
+def label_keys(tenant: str, spec: jobs_pb2.JobSpec, labels: Labels) -> list[str]:
+    """The zsets a job is in for what never changes: its model, its dataset, each of its tags, its sweep."""
     return [by_key(tenant, "model", spec.model), by_key(tenant, "dataset", spec.dataset),
-            *(by_key(tenant, "tag", f"{k}={v}") for k, v in sorted(tags.items()))]
+            *(by_key(tenant, "tag", f"{k}={v}") for k, v in sorted(labels.tags.items())),
+            *([by_key(tenant, "sweep", labels.sweep)] if labels.sweep else [])]
 
 
 def builtin_key(name: str) -> str:
@@ -352,6 +353,7 @@ class Labels(NamedTuple):
     name: str = ""
     tags: dict[str, str] = {}
     note: str = ""
+    sweep: str = ""  # the sweep the job is a member of
 
 
 def _tags_field(tags: dict[str, str]) -> str:
@@ -403,11 +405,12 @@ class JobQuery:
     order_by: str = "created"
     reverse: bool = False
     page_token: str = ""
+    sweep: str = ""
 
     def _fingerprint(self) -> str:
         # A token is good only for the query that made it: same filters, same order.
         what = json.dumps([self.state, self.name_contains, sorted(self.tags.items()), self.model, self.dataset,
-                           self.created_after, self.created_before, self.order_by, self.reverse])
+                           self.created_after, self.created_before, self.order_by, self.reverse, self.sweep])
         return hashlib.sha256(what.encode()).hexdigest()[:16]
 
     def position(self) -> dict | None:
@@ -481,7 +484,7 @@ class JobStore:
                 job_key(job_id),
                 mapping={"spec": spec.SerializeToString(), "state": jobs_pb2.QUEUED, "queue": queue, "created": now,
                          "attempt": 1, "tenant": tenant, "name": labels.name, "tags": _tags_field(labels.tags),
-                         "note": labels.note},
+                         "note": labels.note, "sweep": labels.sweep},
             )
             self._index(p, job_id, tenant, spec, labels, now, jobs_pb2.QUEUED)
             if init is not None:
@@ -494,13 +497,14 @@ class JobStore:
             p.execute()
         return jobs_pb2.Job(id=job_id, spec=spec, state=jobs_pb2.QUEUED, queue=queue, attempt=1, tenant=tenant,
                             created_at=timestamp(now), name=labels.name, tags=labels.tags, note=labels.note,
+                            sweep=labels.sweep,
                             init_from=init[0] if init is not None else None)
 
     @staticmethod
     def _index(p, job_id: str, tenant: str, spec: jobs_pb2.JobSpec, labels: Labels, created: float, state: int,
                summary: jobs_pb2.JobSummary | None = None) -> None:
         """Queue on `p` the writes that put a job in ListJobs' indexes."""
-        for key in label_keys(tenant, spec, labels.tags):
+        for key in label_keys(tenant, spec, labels):
             p.zadd(key, {job_id: created})
         p.zadd(by_key(tenant, "state", str(state)), {job_id: created})
         p.hset(NAMES_KEY, job_id, labels.name.casefold())
@@ -525,6 +529,7 @@ class JobStore:
         filters += [by_key(tenant, "model", query.model)] if query.model else []
         filters += [by_key(tenant, "dataset", query.dataset)] if query.dataset else []
         filters += [by_key(tenant, "tag", f"{k}={v}") for k, v in sorted(query.tags.items())]
+        filters += [by_key(tenant, "sweep", query.sweep)] if query.sweep else []
         args = {"name": query.name_contains.casefold() or None,
                 "after": repr(query.created_after) if query.created_after is not None else None,
                 "before": repr(query.created_before) if query.created_before is not None else None,
@@ -568,7 +573,7 @@ class JobStore:
                         if int(p.hget(job_key(i), "state") or 0) != job.state:
                             continue
                         p.multi()
-                        self._index(p, i, job.tenant, job.spec, Labels(job.name, dict(job.tags), job.note),
+                        self._index(p, i, job.tenant, job.spec, _labels_of(job),
                                     job.created_at.ToNanoseconds() / 1e9, job.state, job.summary)
                         try:
                             p.execute()
@@ -622,7 +627,7 @@ class JobStore:
             keys=[job_key(job_id), events_key(job_id), checkpoint_key(job_id), best_checkpoint_key(job_id),
                   init_key(job_id), logs_key(job_id), tenant_jobs_key(job.tenant),
                   active_key(job.tenant), LEASES_KEY, DISPATCH_KEY, NAMES_KEY, *state_keys(job.tenant),
-                  *label_keys(job.tenant, job.spec, dict(job.tags)), *sort_keys(job.tenant)],
+                  *label_keys(job.tenant, job.spec, _labels_of(job)), *sort_keys(job.tenant)],
             args=[job_id, *sorted(TERMINAL)],
         )
         if result[0] == -1:
@@ -1166,6 +1171,10 @@ def _log_line(entry_id: bytes, fields: dict) -> jobs_pb2.LogLine:
                             attempt=int(g["a"]), message=g["m"])
 
 
+def _labels_of(job: jobs_pb2.Job) -> Labels:
+    return Labels(job.name, dict(job.tags), job.note, job.sweep)
+
+
 def _job_from_hash(job_id: str, raw: dict) -> jobs_pb2.Job:
     g = {k.decode(): v for k, v in raw.items()}
     job = jobs_pb2.Job(
@@ -1185,6 +1194,7 @@ def _job_from_hash(job_id: str, raw: dict) -> jobs_pb2.Job:
         note=g.get("note", b"").decode(),
         best_checkpoint_step=int(g.get("best_checkpoint_step", 0)),
         init_from=jobs_pb2.InitFrom.FromString(g.get("init_from", b"")),
+        sweep=g.get("sweep", b"").decode(),
     )
     for attr, name in (("created_at", "created"), ("started_at", "started"), ("finished_at", "finished")):
         if name in g:

@@ -94,8 +94,9 @@ def _job_query(request: jobs_pb2.ListJobsRequest) -> store.JobQuery:
     problems += labels.tag_violations(request.tags)
     if request.model and request.model not in specs.MODELS:
         problems.append(("model", f"must be one of {', '.join(specs.MODELS)}, got {request.model[:80]!r}"))
-    if len(request.dataset) > 200:
-        problems.append(("dataset", f"must be at most 200 characters, got {len(request.dataset)}"))
+    for name in ("dataset", "sweep"):
+        if len(getattr(request, name)) > 200:
+            problems.append((name, f"must be at most 200 characters, got {len(getattr(request, name))}"))
     order_by = request.order_by or "created"
     if order_by not in store.SORT_FIELDS:
         problems.append(("order_by", f"must be one of {', '.join(store.SORT_FIELDS)}, got {request.order_by[:80]!r}"))
@@ -114,7 +115,7 @@ def _job_query(request: jobs_pb2.ListJobsRequest) -> store.JobQuery:
     return store.JobQuery(limit=request.limit or LIST_LIMIT_DEFAULT, state=request.state,
                           name_contains=request.name_contains, tags=dict(request.tags), model=request.model,
                           dataset=request.dataset, order_by=order_by, reverse=request.reverse,
-                          page_token=request.page_token, **times)
+                          page_token=request.page_token, sweep=request.sweep, **times)
 
 
 def _checkpoint_choice(value: str, field: str) -> str:

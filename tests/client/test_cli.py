@@ -474,7 +474,8 @@ def test_submit_sends_the_flags_and_prints_the_id_and_spec(capsys):
     assert fake.submitted["dataset"] == "builtin:pydocs"
     assert fake.submitted["hidden_size"] == 64 and fake.submitted["model"] == "gru"
     assert fake.submitted["lr"] is None  # left to the server, which picks it by optimizer
-    assert set(fake.submitted) == {"dataset", "name", "tags", "note"} | {f.name for f in specs.FIELDS}
+    assert set(fake.submitted) == {"dataset", "name", "tags", "note", "init_from", "init_optimizer", "init_state"} | {
+        f.name for f in specs.FIELDS}
     assert out.splitlines()[0] == JOB_ID
     assert "QUEUED on queue cpu" in out and "max_steps=1500" in out
 

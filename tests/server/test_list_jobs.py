@@ -88,6 +88,20 @@ def test_filters_combine(idle_stack, job_store):
         assert set(ids()) == mine
 
 
+def test_a_sweep_lists_its_members(idle_stack, job_store):
+    # Sweeps submit their members through the store as the server does; here two members and a loner.
+    spec = jobs_pb2.JobSpec(**TINY)
+    members = [store.new_job_id() for _ in range(2)]
+    for job_id in members:
+        job_store.create_job(job_id, spec, "cpu", "", store.Labels(sweep="sweep-0123"))
+    job_store.create_job(store.new_job_id(), spec, "cpu", "")
+    with idle_stack.client() as c:
+        listed = c.list_jobs(sweep="sweep-0123")
+        assert [j.id for j in listed] == members[::-1]
+        assert {j.info.sweep for j in listed} == {"sweep-0123"}
+        assert c.list_jobs(sweep="sweep-none") == []
+
+
 def test_pages_cover_every_job_once_in_order_even_with_equal_times(idle_stack, job_store):
     with idle_stack.client() as c:
         jobs = [c.submit(**TINY, tags={"paging": "yes"}) for _ in range(7)]
@@ -184,7 +198,7 @@ def test_jobs_recorded_before_the_indexes_are_added_to_them(idle_stack, job_stor
         _finish(job_store, old.id, 0.25)
         # As a server without ListJobs' indexes left it: the record alone.
         job_store.r.hdel(store.NAMES_KEY, old.id)
-        for key in [*store.state_keys(""), *store.label_keys("", old.spec, old.tags), *store.sort_keys("")]:
+        for key in [*store.state_keys(""), *store.label_keys("", old.spec, store.Labels(tags=old.tags)), *store.sort_keys("")]:
             job_store.r.zrem(key, old.id)
         assert [j.id for j in c.list_jobs(tags={"era": "old"})] == []
         assert job_store.index_missing() == 1

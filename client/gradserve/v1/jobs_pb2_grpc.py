@@ -198,7 +198,7 @@ class JobServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DownloadCheckpoint(self, request, context):
-        """The job's latest checkpoint, in chunks.
+        """One of the job's checkpoints (the latest unless asked otherwise), in chunks.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -212,7 +212,7 @@ class JobServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Generate(self, request, context):
-        """Text from the job's latest checkpoint, computed on a worker.
+        """Text from one of the job's checkpoints (the latest unless asked otherwise), computed on a worker.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
