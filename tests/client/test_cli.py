@@ -115,7 +115,7 @@ class FakeJob:
         self.cancelled = True
         return self
 
-    def download_checkpoint(self, path) -> int:
+    def download_checkpoint(self, path, checkpoint="latest") -> int:
         with open(path, "wb") as f:
             f.write(b"x" * 1234)
         return 500
