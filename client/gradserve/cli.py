@@ -250,6 +250,16 @@ def _best_result(summary: jobs_pb2.JobSummary) -> str:
     return f"ppl {summary.best_val_perplexity:.2f}"
 
 
+def results_line(summary: jobs_pb2.JobSummary) -> str:
+    """A job's results in one line: the latest training figure, the best evaluation, tokens and speed."""
+    parts = [f"train {_train_result(summary)}"]
+    if summary.best_step:
+        parts.append(f"best val {_best_result(summary)} at step {summary.best_step}")
+    parts.append(f"{summary.tokens:,} tokens in {human_duration(summary.train_seconds)} "
+                 f"({summary.tokens_per_sec:,.0f} tokens/s)")
+    return "; ".join(parts)
+
+
 def _plain(console: Console, text: str, style: str | None = None) -> None:
     # Server text (reasons, names) may hold brackets that rich would read as markup.
     console.print(Text(text, style=style or ""), soft_wrap=True)
@@ -513,6 +523,12 @@ def follow(console: Console, err: Console, job, cursor: str, *, json_mode: bool,
         _plain(console, f"job {job.id} {final_state} at step {step}/{job.info.spec.max_steps}")
         if reason:
             _plain(console, f"reason: {reason}")
+        try:
+            summary = job.refresh().summary
+        except GradserveError:
+            summary = None  # the results are a courtesy: the outcome above is what counts
+        if summary is not None and summary.step:
+            _plain(console, "results: " + results_line(summary))
         if final_state == "SUCCEEDED":
             _plain(console, f"get the model: {command('gradserve download')} {job.id} -o {DEFAULT_CHECKPOINT_FILE}")
     return EXIT_BY_STATE.get(final_state, EXIT_FAILED)

@@ -282,6 +282,14 @@ def test_job_record_gives_a_text_job_its_perplexity_and_a_task_its_own_loss():
     assert lines == ["train        ppl 8.49, loss 2.1395 nats/token at step 300", "train        loss 0.4022 at step 50"]
 
 
+def test_a_followed_job_ends_with_its_results_in_one_line():
+    summary = jobs_pb2.JobSummary(step=1000, train_loss=2.1395, train_perplexity=8.4945, best_step=1000,
+                                  best_val_loss=2.1286, best_val_perplexity=8.4025, tokens=1_120_000,
+                                  train_seconds=21.2, tokens_per_sec=52_949.0)
+    assert cli.results_line(summary) == (
+        "train ppl 8.49; best val ppl 8.40 at step 1000; 1,120,000 tokens in 21s (52,949 tokens/s)")
+
+
 def test_running_job_record_says_how_long_it_has_run():
     out, buffer = console()
     cli.render_job(out, job_record(), now=NOW)
