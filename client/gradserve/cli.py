@@ -699,22 +699,28 @@ def cmd_cancel(ctx: Context) -> int:
     return EXIT_OK
 
 
-def cmd_delete(ctx: Context) -> int:
+def delete_each(ctx: Context, ids: Sequence[str], delete: Callable, said: Callable[[object], str]) -> int:
+    """delete(client, id) for each id, printing what went (`said`) and why any did not; exit 0 only if all went."""
     deleted, code = [], EXIT_OK
     with ctx.client() as client:
-        for job_id in ctx.args.jobs:
+        for item in ids:
             try:
-                deleted.append(client.get_job(job_id).delete().info)
+                deleted.append(delete(client, item))
             except GradserveError as e:
                 print_error(ctx.err, e, ctx.args.server)
                 code = EXIT_FAILED
     if ctx.args.json:
-        print_json(ctx.out, [as_dict(info) for info in deleted])
+        print_json(ctx.out, [as_dict(record) for record in deleted])
     else:
-        for info in deleted:
-            _plain(ctx.out, f"deleted {info.id} ({state_name(info.state)} at step {info.last_step}): its record, "
-                            "events and checkpoint are gone")
+        for record in deleted:
+            _plain(ctx.out, said(record))
     return code
+
+
+def cmd_delete(ctx: Context) -> int:
+    return delete_each(ctx, ctx.args.jobs, lambda client, job_id: client.get_job(job_id).delete().info,
+                       lambda info: f"deleted {info.id} ({state_name(info.state)} at step {info.last_step}): its "
+                                    "record, events, checkpoints and log are gone")
 
 
 def render_datasets(console: Console, datasets: Sequence[jobs_pb2.Dataset], now: float | None = None) -> None:
@@ -750,21 +756,9 @@ def cmd_datasets(ctx: Context) -> int:
 
 
 def cmd_delete_dataset(ctx: Context) -> int:
-    deleted, code = [], EXIT_OK
-    with ctx.client() as client:
-        for dataset_id in ctx.args.datasets:
-            try:
-                deleted.append(client.delete_dataset(dataset_id))
-            except GradserveError as e:
-                print_error(ctx.err, e, ctx.args.server)
-                code = EXIT_FAILED
-    if ctx.args.json:
-        print_json(ctx.out, [as_dict(d) for d in deleted])
-    else:
-        for d in deleted:
-            _plain(ctx.out, f"deleted {d.id} ({d.name or 'no name'}, {human_bytes(d.size_bytes)}); jobs that "
-                            "trained on it keep their records and checkpoints")
-    return code
+    return delete_each(ctx, ctx.args.datasets, lambda client, dataset_id: client.delete_dataset(dataset_id),
+                       lambda d: f"deleted {d.id} ({d.name or 'no name'}, {human_bytes(d.size_bytes)}); jobs that "
+                                 "trained on it keep their records and checkpoints")
 
 
 def cmd_download(ctx: Context) -> int:
