@@ -734,6 +734,9 @@ def add_spec_flags(parser: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         if f.choices:
             group.add_argument(flag, dest=f.name, default=f.default, choices=f.choices, help=_spec_help(f))
+        elif isinstance(f.default, bool):
+            group.add_argument(flag, dest=f.name, default=f.default, action=argparse.BooleanOptionalAction,
+                               help=_spec_help(f))
         else:
             parse = _number_type(f)
             group.add_argument(flag, dest=f.name, default=f.default, type=_spec_type(f, parse),

@@ -40,6 +40,17 @@ def corpus_id(stack, timemachine) -> str:
         (dict(device="tpu"), "spec.device", "one of auto, cpu, cuda"),
         (dict(preprocess="nfkc"), "spec.preprocess", "one of none, d2l"),
         (dict(model="rnn_scratch", num_layers=2), "spec.num_layers", "must be 1 for model rnn_scratch"),
+        (dict(init="xavier"), "spec.init", "one of default, uniform, chrono"),
+        (dict(init_range=0.0), "spec.init_range", "in (0, 10], got 0"),
+        (dict(max_dependency=1), "spec.max_dependency", "in [2, 1000000], got 1"),
+        (dict(embedding_size=8, embedding_dropout=0.95), "spec.embedding_dropout", "in [0, 0.9], got 0.95"),
+        (dict(min_lr=-1.0), "spec.min_lr", "in [0, 100], got -1"),
+        (dict(schedule="exponential"), "spec.schedule", "one of constant, step, cosine, plateau"),
+        (dict(model="rnn", init="chrono"), "spec.init", "chrono sets the gate biases of gru and lstm"),
+        (dict(embedding_dropout=0.2), "spec.embedding_dropout", "embedding_size is 0"),
+        (dict(tie_weights=True, embedding_size=100, hidden_size=200), "spec.tie_weights",
+         "needs embedding_size equal to hidden_size, got embedding_size 100 and hidden_size 200"),
+        (dict(schedule="plateau", val_fraction=0.0), "spec.schedule", "val_fraction 0 holds nothing out"),
     ],
 )
 def test_a_bad_spec_field_is_named_with_its_allowed_range(client, corpus_id, fields, field, allowed):

@@ -65,7 +65,8 @@ class TextStream:
     def __init__(self, config, text: str, device: torch.device):
         self.config, self.device = config, device
         B = config.batch_size
-        vocab, corpus = build_corpus(text, config.tokenization, config.preprocess, config.min_freq)
+        vocab, corpus = build_corpus(text, config.tokenization, config.preprocess, config.min_freq,
+                                     config.eos)
         train_part, heldout = split_heldout(corpus, config.val_fraction)
         self.plan = Truncation.of(config)
         _check_text_size(config, len(corpus))

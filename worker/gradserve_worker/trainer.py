@@ -34,7 +34,7 @@ from torch import nn
 from gradserve_worker.diagnostics import SpectralNorms, count_nonfinite, gradient_profile
 from gradserve_worker.errors import CannotTrain
 from gradserve_worker.models import build_model
-from gradserve_worker.optim import make_optimizer, scheduled_lr
+from gradserve_worker.optim import Plateau, make_optimizer, scheduled_lr
 from gradserve_worker.tasks import SYNTHETIC, make_stream, perplexity
 
 # -----------------------------------------------------------------------------
@@ -65,7 +65,7 @@ class _ConfigMethods:
 
 
 _PYTHON_TYPES = {FieldDescriptor.CPPTYPE_STRING: str, FieldDescriptor.CPPTYPE_DOUBLE: float,
-                 FieldDescriptor.CPPTYPE_FLOAT: float}
+                 FieldDescriptor.CPPTYPE_FLOAT: float, FieldDescriptor.CPPTYPE_BOOL: bool}
 
 
 def _attribute(f) -> tuple:
@@ -182,7 +182,9 @@ def model_for(config: TrainConfig, sizes: dict) -> nn.Module:
     """A fresh model for `config` with the stream's input and output sizes."""
     return build_model(config.model, hidden_size=config.hidden_size, num_layers=config.num_layers,
                        nonlinearity=config.nonlinearity, dropout=config.dropout,
-                       embedding_size=config.embedding_size, **sizes)
+                       embedding_size=config.embedding_size, embedding_dropout=config.embedding_dropout,
+                       tie_weights=config.tie_weights, init=config.init, init_range=config.init_range,
+                       max_dependency=resolved(config, "max_dependency"), **sizes)
 
 
 @dataclass
@@ -268,6 +270,7 @@ def train(
     optimizer = make_optimizer(config.optimizer, model.parameters(), lr, config.weight_decay)
     names, params = zip(*model.named_parameters())
     spectral = SpectralNorms(config.seed)
+    plateau = Plateau.of(config) if config.schedule == "plateau" else None
     step = 0
     if ckpt is None:
         stream.start(model)
@@ -278,9 +281,14 @@ def train(
         state = tuple(s.to(device) for s in ckpt["state"]) or None
         stream.start(model, ckpt["epoch"], ckpt["position"], state)
         spectral = SpectralNorms(config.seed, ckpt.get("spectral"))
+        if plateau is not None:
+            # The optimizer's state already holds the lr; this is what the next evaluation compares against.
+            plateau = Plateau.of(config, ckpt["plateau"])
+            lr = plateau.lr
         _set_rng_state(ckpt["rng"], device)
 
-    scheduled = config.schedule != "constant"
+    # The plateau schedule changes lr after evaluations, not before steps.
+    scheduled = config.schedule not in ("constant", "plateau")
     skip_nonfinite = config.on_nonfinite == "skip"
     interval = _Interval()
     result = TrainResult(steps=step, loss=math.nan, perplexity=math.nan, stopped=False)
@@ -332,9 +340,14 @@ def train(
         if probe is not None:
             on_event(probe)
         if stream.has_heldout and (last or step % config.eval_every == 0):
-            on_event(_evaluate(stream, model, step))
+            evaluation = _evaluate(stream, model, step)
+            on_event(evaluation)
+            if plateau is not None and plateau.observe(evaluation.loss):
+                lr = plateau.lr
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
         if last or step % config.checkpoint_every == 0:
-            data = _checkpoint_bytes(config, stream, model, optimizer, spectral, step, device)
+            data = _checkpoint_bytes(config, stream, model, optimizer, spectral, plateau, step, device)
             on_event(CheckpointReady(step=step, data=data))
         if stopped:
             break
@@ -366,7 +379,7 @@ def _evaluate(stream, model, step: int) -> Evaluation:
 CHECKPOINT_FORMAT = 1
 
 
-def _checkpoint_bytes(config, stream, model, optimizer, spectral, step, device) -> bytes:
+def _checkpoint_bytes(config, stream, model, optimizer, spectral, plateau, step, device) -> bytes:
     """Everything needed to continue the run bit for bit, or to sample from the model."""
     payload = {
         "format": CHECKPOINT_FORMAT,
@@ -380,6 +393,7 @@ def _checkpoint_bytes(config, stream, model, optimizer, spectral, step, device) 
             "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
         },
         "spectral": spectral.state_dict(),
+        "plateau": plateau.state_dict() if plateau is not None else None,
         "config": asdict(config),
         "vocab": stream.vocab,
     }
