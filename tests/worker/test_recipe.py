@@ -3,15 +3,20 @@ dropout, tied weights and the plateau schedule; each from the spec to the traine
 
 from __future__ import annotations
 
+import argparse
 import io
 import math
+import shlex
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
+from gradserve import cli
 from gradserve import spec as specs
 from gradserve.text import EOS, text_tokens
 from gradserve.v1 import jobs_pb2
+from torch.nn.modules.module import register_module_forward_pre_hook
 
 from gradserve_worker.errors import CannotTrain
 from gradserve_worker.generate import join_tokens
@@ -53,7 +58,7 @@ def test_eos_keeps_line_ends_of_a_char_text_under_d2l_preprocessing():
 
 def test_an_eos_job_trains_on_the_eos_token_and_generates_line_breaks(timemachine):
     config = small(tokenization="word", eos=True, preprocess="none", max_steps=2)
-    [ckpt] = [e for e in events_of(config, timemachine[:6000]) if isinstance(e, CheckpointReady)]
+    [ckpt] = [e for e in events_of(config, timemachine[:3000]) if isinstance(e, CheckpointReady)]
     _, vocab, _, _ = load_checkpoint(ckpt.data)
     assert EOS in vocab
     assert join_tokens("the end", ["of", EOS, "it", EOS], "word") == "the end of\nit\n"
@@ -263,3 +268,57 @@ def test_a_checkpoint_without_the_recipe_settings_resumes_with_their_defaults(ti
     assert [e.step for e in resumed if isinstance(e, StepMetrics)] == [3]
     with pytest.raises(CannotTrain, match="trained with init='default' but this job has init='uniform'"):
         train(small(max_steps=3, init="uniform"), text, lambda e: None, resume=old)
+
+
+# -----------------------------------------------------------------------------
+# the README's recipe
+
+
+def readme_recipe() -> list[str]:
+    """The `gradserve submit` flags of the README's "Bring your pytorch/examples recipe" section."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme.split("### Bring your pytorch/examples recipe", 1)[1]
+    block = section.split("```sh\n", 1)[1].split("```", 1)[0].replace("\\\n", " ")
+    [command] = [line for line in block.splitlines() if line.startswith("gradserve submit ")]
+    return shlex.split(command)[2:]
+
+
+def test_the_readme_recipe_trains_with_the_peers_initial_weights(timemachine):
+    commands = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    args = commands.choices["submit"].parse_args([*readme_recipe(), "--tie-weights"])
+    spec = specs.complete(jobs_pb2.JobSpec(dataset="builtin:pydocs", **{f.name: getattr(args, f.name)
+                                                                        for f in specs.FIELDS}))
+    recipe = TrainConfig.from_spec(spec)
+    assert (recipe.model, recipe.num_layers, recipe.hidden_size, recipe.embedding_size) == ("lstm", 2, 200, 200)
+    assert (recipe.optimizer, recipe.lr, recipe.clip_norm, recipe.batch_size, recipe.num_steps) == ("sgd", 20, 0.25,
+                                                                                                    20, 35)
+    assert (recipe.dropout, recipe.embedding_dropout, recipe.init, recipe.init_range) == (0.2, 0.2, "uniform", 0.1)
+    assert (recipe.eos, recipe.tokenization, recipe.schedule, recipe.lr_gamma) == (True, "word", "plateau", 0.25)
+    # A few steps on a small text, on this machine's CPU.
+    config = TrainConfig(**{**asdict(recipe), "dataset": "", "max_steps": 3, "device": "cpu", "val_fraction": 0.05})
+    initial = {}
+
+    def first_forward(module, args):
+        if isinstance(module, TorchRNN) and not initial:
+            initial.update({name: p.detach().clone() for name, p in module.named_parameters()})
+            initial["tied"] = module.linear.weight is module.embedding.weight
+
+    handle = register_module_forward_pre_hook(first_forward)
+    try:
+        events = events_of(config, timemachine[:40_000])  # a vocabulary of ~1,400 words keeps the steps quick
+    finally:
+        handle.remove()
+
+    assert initial["tied"] and "linear.weight" not in initial  # one Parameter, listed once
+    embedding = initial["embedding.weight"]
+    assert embedding.abs().max() <= 0.1 and embedding.std().item() == pytest.approx(0.1 / math.sqrt(3), rel=0.03)
+    assert torch.count_nonzero(initial["linear.bias"]) == 0
+    for layer in range(2):
+        w = initial[f"rnn.weight_hh_l{layer}"]
+        assert w.abs().max() <= 1 / math.sqrt(200)
+        assert w.std().item() == pytest.approx(1 / math.sqrt(200) / math.sqrt(3), rel=0.03)
+    metrics = [e for e in events if isinstance(e, StepMetrics)]
+    assert [m.step for m in metrics] == [3] and math.isfinite(metrics[0].loss)
+    [ckpt] = [e for e in events if isinstance(e, CheckpointReady)]
+    model, vocab, _, _ = load_checkpoint(ckpt.data)
+    assert EOS in vocab and model.linear.weight.data_ptr() == model.embedding.weight.data_ptr()
