@@ -44,6 +44,7 @@ from gradserve.client import DEFAULT_GENERATE_TOKENS, TERMINAL_STATES, Client, s
 from gradserve.cmdline import Parser, add_version, command
 from gradserve.errors import FailedPrecondition, GradserveError, InvalidArgument, Unavailable
 from gradserve.settings import DEFAULT_SERVER, ClientSettings
+from gradserve.truncation import advice_line
 from gradserve.v1 import jobs_pb2
 
 EXIT_OK = 0
@@ -188,7 +189,7 @@ def evaluation_line(e: jobs_pb2.Evaluation) -> str:
 
 
 def probe_line(p: jobs_pb2.Probe) -> str:
-    """The gradient-through-time profile at its two ends, and the largest singular value found."""
+    """The gradient-through-time profile at its two ends, the largest singular value found, and the window advice."""
     parts = [f"probe  step {p.step}"]
     for profile in p.grad_through_time:
         if profile.norms:
@@ -198,6 +199,8 @@ def probe_line(p: jobs_pb2.Probe) -> str:
         top = max(p.spectral_norms, key=lambda n: n.sigma)
         gate = f"[{top.gate}]" if top.gate else ""
         parts.append(f"largest singular value {top.sigma:.3g} ({top.name}{gate})")
+    if p.HasField("decay_rate"):
+        parts.append(advice_line(p.half_life, p.suggested_window, p.warning))
     return "  ".join(parts)
 
 

@@ -185,6 +185,8 @@ FIELDS: tuple[Field, ...] = (
     Field("tie_weights", False, "share one matrix between the embedding and the output layer (needs "
           "embedding_size = hidden_size)"),
     Field("min_lr", 0.0, "plateau schedule: the floor lr never drops below", low=0.0, high=100.0),
+    Field("truncation_tolerance", 0.01, "share of the gradient mass a window may cut off before the probes "
+          "suggest a longer one", low=0.0, high=0.5, low_inclusive=False),
 )
 BY_NAME = {f.name: f for f in FIELDS}
 

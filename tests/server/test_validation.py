@@ -51,6 +51,7 @@ def corpus_id(stack, timemachine) -> str:
         (dict(tie_weights=True, embedding_size=100, hidden_size=200), "spec.tie_weights",
          "needs embedding_size equal to hidden_size, got embedding_size 100 and hidden_size 200"),
         (dict(schedule="plateau", val_fraction=0.0), "spec.schedule", "val_fraction 0 holds nothing out"),
+        (dict(truncation_tolerance=0.0), "spec.truncation_tolerance", "in (0, 0.5], got 0"),
     ],
 )
 def test_a_bad_spec_field_is_named_with_its_allowed_range(client, corpus_id, fields, field, allowed):

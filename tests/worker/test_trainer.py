@@ -481,6 +481,7 @@ def test_config_from_spec_keeps_values_that_are_not_defaults():
         embedding_dropout=0.1,
         tie_weights=True,
         min_lr=0.01,
+        truncation_tolerance=0.05,
     )
     config = TrainConfig.from_spec(spec)
     for f in jobs_pb2.JobSpec.DESCRIPTOR.fields:

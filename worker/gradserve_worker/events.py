@@ -42,6 +42,10 @@ def to_event(report) -> jobs_pb2.Event:
             )
         )
     if isinstance(report, Probe):
+        advice = report.advice
+        fit = {} if advice is None else dict(decay_rate=advice.rate, half_life=advice.half_life,
+                                             suggested_window=advice.suggested,
+                                             start_fraction=advice.start_fraction, warning=advice.warning)
         return jobs_pb2.Event(
             probe=jobs_pb2.Probe(
                 step=report.step,
@@ -53,6 +57,7 @@ def to_event(report) -> jobs_pb2.Event:
                     jobs_pb2.SpectralNorm(name=name, gate=gate, sigma=sigma)
                     for name, gate, sigma in report.spectral_norms
                 ],
+                **fit,
             )
         )
     raise TypeError(f"no event for a {type(report).__name__}")

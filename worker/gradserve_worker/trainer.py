@@ -22,16 +22,17 @@ import io
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, make_dataclass
+from dataclasses import asdict, dataclass, field, make_dataclass, replace
 from typing import NamedTuple
 
 import torch
 from google.protobuf.descriptor import FieldDescriptor
 from gradserve.spec import BY_NAME, FIELDS, resolved, violations
+from gradserve.truncation import Advice, advise, decay_rate
 from gradserve.v1 import jobs_pb2
 from torch import nn
 
-from gradserve_worker.diagnostics import SpectralNorms, count_nonfinite, gradient_profile
+from gradserve_worker.diagnostics import SpectralNorms, count_nonfinite, probe_gradients
 from gradserve_worker.errors import CannotTrain
 from gradserve_worker.models import build_model
 from gradserve_worker.optim import Plateau, make_optimizer, scheduled_lr
@@ -138,6 +139,8 @@ class Probe:
     step: int
     grad_through_time: list[list[float]]  # per layer: ‖∂L/∂h_t‖ for t = 1..window length
     spectral_norms: list[tuple[str, str, float]]  # (parameter name, gate, largest singular value)
+    # The window's gradient decay and what it suggests (gradserve.truncation); None for a one-step window.
+    advice: Advice | None = None
 
 
 @dataclass
@@ -311,7 +314,7 @@ def train(
         probe = None
         if math.isfinite(loss_val) and math.isfinite(norm_val):
             if step % config.probe_every == 0:  # before the update: the weights the step's gradient was taken at
-                probe = Probe(step, gradient_profile(model, stream.replay), spectral(model))
+                probe = _probe(config, model, stream, spectral, step)
             clipped = 0 < config.clip_norm < norm_val
             if clipped:
                 # clip_grad_norm_'s second half: the norm is known already, and below the
@@ -352,6 +355,21 @@ def train(
         if stopped:
             break
     return result
+
+
+def _probe(config, model, stream, spectral, step: int) -> Probe:
+    profile, decay = probe_gradients(model, stream.replay)
+    fits = [(rate, layer) for layer in decay if (rate := decay_rate(layer)) is not None]
+    if not fits:
+        return Probe(step, profile, spectral(model))
+    # The slowest decay decides how far back the window has to reach.
+    rate, layer = max(fits, key=lambda fit: fit[0])
+    reach = sum(1 for n in layer if n > 0)
+    field = "tbptt_k2" if config.truncation == "tbptt" else "num_steps"
+    advice = advise(rate, reach, config.truncation_tolerance, field)
+    if config.truncation == "full":  # it cuts nothing, so no window is too short
+        advice = replace(advice, warning="")
+    return Probe(step, profile, spectral(model), advice)
 
 
 def _raise_diverged(loss: float, grad_norm: float, step: int, clip_norm: float) -> None:
