@@ -204,6 +204,11 @@ def probe_line(p: jobs_pb2.Probe) -> str:
     return "  ".join(parts)
 
 
+def window_change_line(c: jobs_pb2.WindowChange) -> str:
+    return (f"window  step {c.step}  num_steps {c.from_window} -> {c.to_window} steps "
+            f"(the probes since the last checkpoint suggest {c.suggested})")
+
+
 def event_line(event: jobs_pb2.Event, max_steps: int) -> str:
     kind = event.WhichOneof("kind")
     if kind == "metrics":
@@ -216,6 +221,8 @@ def event_line(event: jobs_pb2.Event, max_steps: int) -> str:
         return evaluation_line(event.evaluation)
     if kind == "probe":
         return probe_line(event.probe)
+    if kind == "window_change":
+        return window_change_line(event.window_change)
     return f"event of an unknown kind (cursor {event.cursor}); upgrade gradserve to see it"
 
 

@@ -145,8 +145,9 @@ FIELDS: tuple[Field, ...] = (
     Field(
         "truncation",
         "fixed",
-        "how gradients are cut through time: fixed windows, full sequences, randomized (unbiased), or tbptt(k1, k2)",
-        choices=("fixed", "full", "randomized", "tbptt"),
+        "how gradients are cut through time: fixed windows, full sequences, randomized (unbiased), tbptt(k1, k2), "
+        "or auto: fixed windows that move toward the probes' suggested length at checkpoint boundaries",
+        choices=("fixed", "full", "randomized", "tbptt", "auto"),
     ),
     Field("tbptt_k1", None, "tbptt: steps between updates (default num_steps)", low=1, high=10_000),
     Field("tbptt_k2", None, "tbptt: steps each backward pass reaches back, at least k1 (default 2 x k1, at most "
@@ -187,6 +188,9 @@ FIELDS: tuple[Field, ...] = (
     Field("min_lr", 0.0, "plateau schedule: the floor lr never drops below", low=0.0, high=100.0),
     Field("truncation_tolerance", 0.01, "share of the gradient mass a window may cut off before the probes "
           "suggest a longer one", low=0.0, high=0.5, low_inclusive=False),
+    Field("min_num_steps", None, "auto truncation: the shortest window (default num_steps)", low=1, high=10_000),
+    Field("max_num_steps", None, "auto truncation: the longest window (default 4 x num_steps, at most 10000)",
+          low=1, high=10_000),
 )
 BY_NAME = {f.name: f for f in FIELDS}
 
@@ -199,6 +203,8 @@ _DERIVED = {
     # Capped at the field's own limit: a default must never be the value that makes a spec invalid.
     "tbptt_k2": lambda get: min(2 * get("tbptt_k1"), BY_NAME["tbptt_k2"].high),
     "max_dependency": lambda get: max(get("num_steps"), BY_NAME["max_dependency"].low),
+    "min_num_steps": lambda get: get("num_steps"),
+    "max_num_steps": lambda get: min(4 * get("num_steps"), BY_NAME["max_num_steps"].high),
 }
 
 
@@ -257,6 +263,10 @@ def violations(spec) -> list[tuple[str, str]]:
     k1, k2 = spec.tbptt_k1, spec.tbptt_k2
     if spec.truncation == "tbptt" and k1 is not None and k2 is not None and k2 < k1:
         out.append(("tbptt_k2", f"must be at least tbptt_k1 ({k1}), got {k2}"))
+    lo, hi = spec.min_num_steps, spec.max_num_steps
+    if spec.truncation == "auto" and lo is not None and hi is not None and not lo <= spec.num_steps <= hi:
+        out.append(("num_steps", f"must lie between min_num_steps ({lo}) and max_num_steps ({hi}) with truncation "
+                                 f"auto, got {spec.num_steps}"))
     out += _recipe_violations(spec)
     return out
 
@@ -319,6 +329,8 @@ def text_violations(spec, tokens: int) -> list[tuple[str, str]]:
     window = spec.num_steps
     if spec.truncation == "tbptt":
         window = resolved(spec, "tbptt_k1" if spec.partition == "sequential" else "tbptt_k2")
+    elif spec.truncation == "auto":
+        window = resolved(spec, "max_num_steps")
     need = min_tokens(spec.batch_size, window)
     if train < need:
         out.append(("dataset", f"has {train} {spec.tokenization} tokens to train on (preprocess {spec.preprocess}, "
@@ -382,7 +394,7 @@ def backprop_window(spec, steps_per_sequence: int) -> int:
     """
     if spec.truncation == "full":
         return steps_per_sequence
-    window = spec.tbptt_k2 if spec.truncation == "tbptt" else spec.num_steps
+    window = {"tbptt": spec.tbptt_k2, "auto": spec.max_num_steps}.get(spec.truncation, spec.num_steps)
     return min(window, steps_per_sequence)
 
 

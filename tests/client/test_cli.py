@@ -641,3 +641,9 @@ def test_boolean_spec_fields_are_switches():
     args = parser.parse_args(["--dataset", "builtin:pydocs", "--eos", "--no-tie-weights"])
     assert args.eos is True and args.tie_weights is False
     assert parser.parse_args(["--dataset", "builtin:pydocs"]).eos is False
+
+
+def test_a_window_change_reads_as_one_line():
+    event = jobs_pb2.Event(window_change=jobs_pb2.WindowChange(step=300, from_window=5, to_window=10, suggested=37))
+    assert cli.event_line(event, 1000) == ("window  step 300  num_steps 5 -> 10 steps "
+                                           "(the probes since the last checkpoint suggest 37)")

@@ -52,6 +52,9 @@ def corpus_id(stack, timemachine) -> str:
          "needs embedding_size equal to hidden_size, got embedding_size 100 and hidden_size 200"),
         (dict(schedule="plateau", val_fraction=0.0), "spec.schedule", "val_fraction 0 holds nothing out"),
         (dict(truncation_tolerance=0.0), "spec.truncation_tolerance", "in (0, 0.5], got 0"),
+        (dict(truncation="auto", num_steps=35, max_num_steps=20), "spec.num_steps",
+         "must lie between min_num_steps (35) and max_num_steps (20) with truncation auto, got 35"),
+        (dict(max_num_steps=0), "spec.max_num_steps", "in [1, 10000], got 0"),
     ],
 )
 def test_a_bad_spec_field_is_named_with_its_allowed_range(client, corpus_id, fields, field, allowed):

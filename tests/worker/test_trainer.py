@@ -482,6 +482,8 @@ def test_config_from_spec_keeps_values_that_are_not_defaults():
         tie_weights=True,
         min_lr=0.01,
         truncation_tolerance=0.05,
+        min_num_steps=3,
+        max_num_steps=30,
     )
     config = TrainConfig.from_spec(spec)
     for f in jobs_pb2.JobSpec.DESCRIPTOR.fields:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from gradserve.v1 import jobs_pb2
 
-from gradserve_worker.trainer import Evaluation, Probe, StepMetrics
+from gradserve_worker.trainer import Evaluation, Probe, StepMetrics, WindowChange
 
 
 def to_event(report) -> jobs_pb2.Event:
@@ -59,5 +59,10 @@ def to_event(report) -> jobs_pb2.Event:
                 ],
                 **fit,
             )
+        )
+    if isinstance(report, WindowChange):
+        return jobs_pb2.Event(
+            window_change=jobs_pb2.WindowChange(step=report.step, from_window=report.from_window,
+                                                to_window=report.to_window, suggested=report.suggested)
         )
     raise TypeError(f"no event for a {type(report).__name__}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import math
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, make_dataclass, replace
@@ -141,6 +142,16 @@ class Probe:
     spectral_norms: list[tuple[str, str, float]]  # (parameter name, gate, largest singular value)
     # The window's gradient decay and what it suggests (gradserve.truncation); None for a one-step window.
     advice: Advice | None = None
+
+
+@dataclass
+class WindowChange:
+    """truncation auto moved the window after `step`: windows are to_window steps from the next step on."""
+
+    step: int
+    from_window: int
+    to_window: int
+    suggested: int  # the median suggestion of the probes since the last checkpoint boundary
 
 
 @dataclass
@@ -274,6 +285,9 @@ def train(
     names, params = zip(*model.named_parameters())
     spectral = SpectralNorms(config.seed)
     plateau = Plateau.of(config) if config.schedule == "plateau" else None
+    auto = AutoWindow.of(config, ckpt["auto"] if ckpt is not None else None) if config.truncation == "auto" else None
+    if auto is not None:
+        stream.set_window(auto.window, restart=False)
     step = 0
     if ckpt is None:
         stream.start(model)
@@ -342,6 +356,8 @@ def train(
             interval = _Interval()
         if probe is not None:
             on_event(probe)
+            if auto is not None and probe.advice is not None:
+                auto.suggestions.append(probe.advice.suggested)
         if stream.has_heldout and (last or step % config.eval_every == 0):
             evaluation = _evaluate(stream, model, step)
             on_event(evaluation)
@@ -349,12 +365,57 @@ def train(
                 lr = plateau.lr
                 for group in optimizer.param_groups:
                     group["lr"] = lr
+        if auto is not None and step % config.checkpoint_every == 0:
+            change = auto.adjust(step)
+            if change is not None:
+                stream.set_window(change.to_window)
+                on_event(change)
         if last or step % config.checkpoint_every == 0:
-            data = _checkpoint_bytes(config, stream, model, optimizer, spectral, plateau, step, device)
+            data = _checkpoint_bytes(config, stream, model, optimizer, spectral, plateau, auto, step, device)
             on_event(CheckpointReady(step=step, data=data))
         if stopped:
             break
     return result
+
+
+@dataclass
+class AutoWindow:
+    """truncation auto: the window, and the probes' suggestions since the last checkpoint boundary.
+
+    At each boundary the window moves toward the median suggestion, by at
+    most a factor of 2 (one probe's fit on a young model should not swing it
+    far), and within [min_num_steps, max_num_steps]. Moving only at
+    boundaries keeps each checkpoint's window the one its next step uses.
+    """
+
+    window: int
+    low: int
+    high: int
+    suggestions: list[int] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, config, state: dict | None) -> AutoWindow:
+        auto = cls(config.num_steps, resolved(config, "min_num_steps"), resolved(config, "max_num_steps"))
+        if state is not None:
+            auto.window, auto.suggestions = state["window"], list(state["suggestions"])
+        return auto
+
+    def adjust(self, step: int) -> WindowChange | None:
+        """The change at the boundary after `step`, or None; the suggestions start over either way."""
+        if not self.suggestions:
+            return None
+        target = statistics.median_low(self.suggestions)
+        self.suggestions = []
+        new = min(max(target, -(-self.window // 2)), 2 * self.window)
+        new = min(max(new, self.low), self.high)
+        if new == self.window:
+            return None
+        change = WindowChange(step, self.window, new, target)
+        self.window = new
+        return change
+
+    def state_dict(self) -> dict:
+        return {"window": self.window, "suggestions": list(self.suggestions)}
 
 
 def _probe(config, model, stream, spectral, step: int) -> Probe:
@@ -397,7 +458,7 @@ def _evaluate(stream, model, step: int) -> Evaluation:
 CHECKPOINT_FORMAT = 1
 
 
-def _checkpoint_bytes(config, stream, model, optimizer, spectral, plateau, step, device) -> bytes:
+def _checkpoint_bytes(config, stream, model, optimizer, spectral, plateau, auto, step, device) -> bytes:
     """Everything needed to continue the run bit for bit, or to sample from the model."""
     payload = {
         "format": CHECKPOINT_FORMAT,
@@ -412,6 +473,7 @@ def _checkpoint_bytes(config, stream, model, optimizer, spectral, plateau, step,
         },
         "spectral": spectral.state_dict(),
         "plateau": plateau.state_dict() if plateau is not None else None,
+        "auto": auto.state_dict() if auto is not None else None,
         "config": asdict(config),
         "vocab": stream.vocab,
     }
