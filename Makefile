@@ -36,6 +36,7 @@ bench: venv
 	$(PY) bench/memory.py
 	$(PY) bench/upload.py
 	$(PY) bench/fanout.py
+	$(PY) bench/auto_truncation.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
