@@ -14,7 +14,7 @@ from __future__ import annotations
 import codecs
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import grpc
@@ -147,10 +147,13 @@ class Client:
 
     # ---------------------------------------------------------------- jobs
 
-    def submit(self, spec: jobs_pb2.JobSpec | None = None, **fields) -> "Job":
+    def submit(self, spec: jobs_pb2.JobSpec | None = None, *, name: str = "", tags: Mapping[str, str] | None = None,
+               note: str = "", **fields) -> "Job":
         """Submit a job. Give a JobSpec, or its fields as keywords (unset ones take the server's defaults).
 
         Field names, defaults and allowed values: `gradserve.spec.FIELDS`.
+        `name`, `tags` and `note` label the job for finding it later
+        (list_jobs); the rules for them are in `gradserve.labels`.
         """
         unknown = sorted(set(fields) - set(jobs_pb2.JobSpec.DESCRIPTOR.fields_by_name))
         if unknown:
@@ -169,16 +172,52 @@ class Client:
                 allowed = f"must be {field.allowed}" if field else "has the wrong type"
                 reason = f"{allowed}, got {value!r}"
                 raise InvalidArgument(f"spec.{key} {reason}", None, [(f"spec.{key}", reason)]) from None
-        job = self._unary(self.stub.SubmitJob, jobs_pb2.SubmitJobRequest(spec=message))
-        return Job(self, job)
+        request = jobs_pb2.SubmitJobRequest(spec=message, name=name, tags=tags or {}, note=note)
+        return Job(self, self._unary(self.stub.SubmitJob, request))
 
     def get_job(self, job_id: str) -> "Job":
         return Job(self, self._unary(self.stub.GetJob, jobs_pb2.GetJobRequest(job_id=job_id)))
 
-    def list_jobs(self, limit: int = 50, state: str | None = None) -> list["Job"]:
-        """The newest jobs first, optionally only those in `state` ("RUNNING", ...)."""
-        request = jobs_pb2.ListJobsRequest(limit=limit, state=jobs_pb2.JobState.Value(state) if state else 0)
-        return [Job(self, j) for j in self._unary(self.stub.ListJobs, request).jobs]
+    def list_jobs(self, limit: int = 50, state: str | None = None, *, name: str = "",
+                  tags: Mapping[str, str] | None = None, model: str = "", dataset: str = "",
+                  created_after: float | None = None, created_before: float | None = None,
+                  order_by: str = "created", reverse: bool = False, page_token: str = "") -> "JobPage":
+        """One page of jobs that match every filter given, newest first unless `order_by` says otherwise.
+
+        state: "RUNNING" and so on. name: a part of the name, ignoring case.
+        tags: every one must be on the job. created_after, created_before:
+        Unix times. order_by: "created", or a summary metric, best first:
+        "train_loss", "val_loss", "tokens_per_sec". The page is a list; its
+        `next_page_token`, passed back with the same filters, gives the next
+        page ("" on the last one). `iter_jobs` walks every page.
+        """
+        request = jobs_pb2.ListJobsRequest(
+            limit=limit, state=jobs_pb2.JobState.Value(state) if state else 0, name_contains=name, tags=tags or {},
+            model=model, dataset=dataset, order_by=order_by, reverse=reverse, page_token=page_token)
+        for attr, seconds in (("created_after", created_after), ("created_before", created_before)):
+            if seconds is not None:
+                getattr(request, attr).FromNanoseconds(int(seconds * 1e9))
+        reply = self._unary(self.stub.ListJobs, request)
+        return JobPage([Job(self, j) for j in reply.jobs], reply.next_page_token)
+
+    def iter_jobs(self, **filters) -> Iterator["Job"]:
+        """Every job that matches, page after page; takes list_jobs' keywords but page_token."""
+        token = None
+        while token != "":
+            page = self.list_jobs(**filters, page_token=token or "")
+            yield from page
+            token = page.next_page_token
+
+    def list_datasets(self) -> list[jobs_pb2.Dataset]:
+        """Your datasets, newest upload first: id, name, size in bytes, characters, words, upload time."""
+        return list(self._unary(self.stub.ListDatasets, jobs_pb2.ListDatasetsRequest()).datasets)
+
+    def delete_dataset(self, dataset_id: str) -> jobs_pb2.Dataset:
+        """Forget one of your datasets (its text goes once no one else has it); returns what it was.
+
+        FailedPrecondition while a QUEUED or RUNNING job of yours trains on it.
+        """
+        return self._unary(self.stub.DeleteDataset, jobs_pb2.DeleteDatasetRequest(dataset_id=dataset_id))
 
     def workers(self) -> list[jobs_pb2.Worker]:
         """Workers whose heartbeat is current."""
@@ -188,6 +227,14 @@ class Client:
     def defaults() -> dict:
         """The spec's defaults, as the server fills them in."""
         return {f.name: f.default for f in specs.FIELDS}
+
+
+class JobPage(list):
+    """A page of list_jobs: a list of Job, and the token of the next page ("" on the last)."""
+
+    def __init__(self, jobs: list["Job"], next_page_token: str):
+        super().__init__(jobs)
+        self.next_page_token = next_page_token
 
 
 class Job:
@@ -240,6 +287,18 @@ class Job:
     def summary(self) -> jobs_pb2.JobSummary:
         """Its results so far: latest training loss, best evaluation, tokens, time, clipped steps."""
         return self.info.summary
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def tags(self) -> dict[str, str]:
+        return dict(self.info.tags)
+
+    @property
+    def note(self) -> str:
+        return self.info.note
 
     @property
     def spec(self) -> jobs_pb2.JobSpec:
@@ -381,6 +440,18 @@ class Job:
                 raise InvalidArgument(f"{field} {reason}", None, [(field, reason)]) from None
         try:
             return self.client.stub.Generate(request, timeout=timeout)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    def logs(self, cursor: str = "", follow: bool = False) -> Iterator[jobs_pb2.LogLine]:
+        """The job's log lines after `cursor` (from the oldest kept by default): what its workers logged.
+
+        With follow=True it then waits for new lines until the job ends.
+        Each line's `.cursor` resumes right after it.
+        """
+        request = jobs_pb2.StreamLogsRequest(job_id=self.id, cursor=cursor, follow=follow)
+        try:
+            yield from self.client.stub.StreamLogs(request, timeout=None if follow else self.client.timeout)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
 

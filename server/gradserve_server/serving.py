@@ -39,16 +39,20 @@ def wait_for_redis(url: str, timeout: float = REDIS_WAIT_S) -> None:
 
 async def serve(redis_url: str, listen: str, *, shared: Shared, max_dataset_bytes: int, on_ready=None,
                 max_attempts: int = DEFAULT_MAX_ATTEMPTS, reap_interval: float = DEFAULT_INTERVAL_S,
-                **server_options) -> None:
+                retain_s: float = 0.0, **server_options) -> None:
     """Serve and reap until SIGINT or SIGTERM; then stop taking calls and finish the ones in flight.
 
     `server_options` go to `create_server`: tokens, credentials, quotas.
     """
     server, port, service, health_servicer = create_server(redis_url, listen, shared=shared,
                                                            max_dataset_bytes=max_dataset_bytes, **server_options)
+    # Jobs recorded by an older server are not in ListJobs' indexes yet; once done, this finds none.
+    indexed = await asyncio.to_thread(service.store.index_missing)
+    if indexed:
+        log.info("added %d jobs recorded before ListJobs' filters to their indexes", indexed)
     await server.start()
     await mark_serving(health_servicer, True)
-    reaper = Reaper(redis_url, shared=shared, max_attempts=max_attempts, interval=reap_interval)
+    reaper = Reaper(redis_url, shared=shared, max_attempts=max_attempts, interval=reap_interval, retain_s=retain_s)
     reaping = asyncio.create_task(reaper.run())
     host = listen.rsplit(":", 1)[0]
     address = f"{host}:{port}"

@@ -28,6 +28,8 @@ def to_event(report) -> jobs_pb2.Event:
                 skipped_steps=report.skipped_steps,
                 tokens=report.tokens,
                 seconds=report.seconds,
+                step_path=report.step_path,
+                step_path_reason=report.step_path_reason,
             )
         )
     if isinstance(report, Evaluation):

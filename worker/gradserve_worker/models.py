@@ -233,7 +233,9 @@ class TorchRNN(nn.Module):
             return X
         if self.embedding is not None:
             return _dropped(self.embedding(X), self.embedding_dropout, self.training)
-        return F.one_hot(X, self.vocab_size).to(self.linear.weight.dtype)
+        # Not F.one_hot: it checks the ids' range on the host, a sync that a captured CUDA graph cannot contain.
+        one_hot = torch.zeros(*X.shape, self.vocab_size, device=X.device, dtype=self.linear.weight.dtype)
+        return one_hot.scatter_(-1, X.unsqueeze(-1), 1.0)
 
     def forward(self, X: torch.Tensor, state: tuple[torch.Tensor, ...], *, between: Between | None = None,
                 trace: list[list[torch.Tensor]] | None = None):

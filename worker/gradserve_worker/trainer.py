@@ -13,7 +13,8 @@ gRPC; the worker's task wraps it.
 
 The pieces live one concern per module: what a step trains on (tasks, data),
 where gradients are cut (truncation), the models, the update rule and schedule
-(optim), the probe's diagnostics (diagnostics).
+(optim), the probe's diagnostics (diagnostics), the step as a captured CUDA
+graph (graphstep).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from torch import nn
 
 from gradserve_worker.diagnostics import SpectralNorms, count_nonfinite, probe_gradients
 from gradserve_worker.errors import CannotTrain
+from gradserve_worker.graphstep import StaticStep, unsupported
 from gradserve_worker.models import build_model
 from gradserve_worker.optim import Plateau, make_optimizer, scheduled_lr
 from gradserve_worker.tasks import SYNTHETIC, make_stream, perplexity
@@ -119,6 +121,10 @@ class StepMetrics:
     skipped_steps: int = 0  # steps of the interval whose update was dropped (on_nonfinite="skip")
     tokens: int = 0  # time steps × batch the interval's steps took
     seconds: float = 0.0  # wall seconds of the interval's steps: tokens_per_sec is tokens / seconds
+    # How the steps ran: "captured" (graphstep's static step, one CUDA graph replay each), "eager", or "static"
+    # (graphstep's step run uncaptured: off CUDA when asked for, or after a capture failed); and why not captured.
+    step_path: str = ""
+    step_path_reason: str = ""
 
 
 @dataclass
@@ -255,6 +261,7 @@ def train(
     *,
     should_stop: Callable[[], bool] = lambda: False,
     resume: bytes | None = None,
+    step_path: str = "auto",
 ) -> TrainResult:
     """Train a fresh model (or the one in `resume`) for config.max_steps steps in total.
 
@@ -266,6 +273,11 @@ def train(
     once per step; when it says True the step finishes, its metrics, an
     evaluation and a checkpoint are reported and the run returns with
     stopped=True.
+
+    On CUDA the step runs as a captured graph (graphstep) when it can serve
+    the job, the eager step otherwise; every StepMetrics says which ran and
+    why. `step_path` "eager" insists on the eager step, "static" runs
+    graphstep's step even off CUDA (uncaptured there; tests compare the two).
 
     Raises ValueError for a config or text this cannot train on, and
     TrainingDiverged when the loss or gradient norm is no longer finite and
@@ -303,6 +315,11 @@ def train(
             plateau = Plateau.of(config, ckpt["plateau"])
             lr = plateau.lr
         _set_rng_state(ckpt["rng"], device)
+
+    path, why = _choose_step_path(step_path, config, device)
+    if path != "eager":
+        return _train_static(config, stream, model, optimizer, names, spectral, step, device, on_event, should_stop)
+    on_event = _labelled(on_event, path, why)
 
     # The plateau schedule changes lr after evaluations, not before steps.
     scheduled = config.schedule not in ("constant", "plateau")
@@ -431,6 +448,98 @@ def _probe(config, model, stream, spectral, step: int) -> Probe:
     if config.truncation == "full":  # it cuts nothing, so no window is too short
         advice = replace(advice, warning="")
     return Probe(step, profile, spectral(model), advice)
+
+
+STEP_PATHS = ("auto", "eager", "static")
+
+
+def _choose_step_path(asked: str, config: TrainConfig, device: torch.device) -> tuple[str, str]:
+    """("captured" | "static" | "eager", why not captured) for train's `step_path`."""
+    if asked not in STEP_PATHS:
+        raise ValueError(f"step_path must be one of {', '.join(STEP_PATHS)}, got {asked!r}")
+    if asked == "eager":
+        return "eager", "the eager step was asked for"
+    reason = unsupported(config)
+    if reason:
+        return "eager", reason
+    if device.type == "cuda":
+        return "captured", ""
+    if asked == "static":
+        return "static", "graphs are captured on CUDA only"
+    return "eager", "graphs are captured on CUDA only"
+
+
+def _labelled(on_event: Callable[[object], None], path: str, why: str) -> Callable[[object], None]:
+    def report(event) -> None:
+        if isinstance(event, StepMetrics):
+            event.step_path, event.step_path_reason = path, why
+        on_event(event)
+
+    return report
+
+
+def _train_static(config, stream, model, optimizer, names, spectral, step, device, on_event,
+                  should_stop) -> TrainResult:
+    """train's loop around graphstep.StaticStep: the same steps and reports, and no host sync between reports."""
+    program = StaticStep(model, optimizer, stream, config, device, capture=device.type == "cuda", step=step)
+    lr = scheduled_lr(config, 1)
+    scheduled = config.schedule != "constant"
+    result = TrainResult(steps=step, loss=math.nan, perplexity=math.nan, stopped=False)
+    steps = tokens = 0
+    # Wall time of the steps: from the interval's start to the sync that ends it, less probes, evaluations, checkpoints.
+    started, aside = time.perf_counter(), 0.0
+
+    while step < config.max_steps:
+        batch, fresh = stream.next_batch()
+        step += 1
+        if scheduled:
+            lr = scheduled_lr(config, step)
+        program.load(batch, fresh, lr)
+        probe = None
+        if step % config.probe_every == 0:  # before the update: the weights the step's gradient is taken at
+            t = time.perf_counter()
+            probe = _probe(config, model, stream, spectral, step)
+            aside += time.perf_counter() - t
+        program.run()
+        steps, tokens = steps + 1, tokens + stream.tokens(batch)
+
+        stopped = should_stop() and step < config.max_steps
+        last = stopped or step == config.max_steps
+        log = last or step % config.log_every == 0
+        evaluate = stream.has_heldout and (last or step % config.eval_every == 0)
+        checkpoint = last or step % config.checkpoint_every == 0
+        if not (log or probe or evaluate or checkpoint):
+            continue
+        totals = program.read()
+        reported = time.perf_counter()
+        if totals.first_bad:
+            _raise_diverged(totals.bad_loss, totals.bad_norm, totals.first_bad, config.clip_norm)
+        if log:
+            interval = _Interval(steps=steps, trained=steps, loss_sum=totals.loss_sum, clipped=totals.clipped,
+                                 tokens=tokens, seconds=reported - started - aside)
+            norms = dict(zip(names, totals.param_norms))
+            metrics = interval.metrics(step, stream.epoch, lr, totals.grad_norm, totals.last_clipped, norms,
+                                       stream.perplexity)
+            metrics.step_path, metrics.step_path_reason = program.path
+            on_event(metrics)
+            result = TrainResult(steps=step, loss=metrics.loss, perplexity=metrics.perplexity, stopped=stopped)
+            program.reset_interval()
+            steps = tokens = 0
+        if probe is not None:
+            on_event(probe)
+        if evaluate:
+            on_event(_evaluate(stream, model, step))
+        if checkpoint:
+            # graphstep.unsupported sends plateau and auto jobs to the eager step, so there is no state of theirs here.
+            data = _checkpoint_bytes(config, stream, model, program.portable, spectral, None, None, step, device)
+            on_event(CheckpointReady(step=step, data=data))
+        if stopped:
+            break
+        if log:
+            started, aside = time.perf_counter(), 0.0
+        else:
+            aside += time.perf_counter() - reported
+    return result
 
 
 def _raise_diverged(loss: float, grad_norm: float, step: int, clip_norm: float) -> None:
