@@ -42,6 +42,7 @@ bench: venv
 	$(PY) bench/upload.py
 	$(PY) bench/fanout.py
 	$(PY) bench/listing.py
+	$(PY) bench/auto_truncation.py
 
 # Wheels (and redis-server) for a GPU machine that lacks them and has no registry: gpu-bundle/ travels with the checkout.
 gpu-bundle: venv

@@ -49,6 +49,7 @@ from gradserve.client import DEFAULT_GENERATE_TOKENS, TERMINAL_STATES, Client, s
 from gradserve.cmdline import Parser, add_version, command
 from gradserve.errors import FailedPrecondition, GradserveError, InvalidArgument, Unavailable
 from gradserve.settings import DEFAULT_SERVER, ClientSettings
+from gradserve.truncation import advice_line
 from gradserve.v1 import jobs_pb2
 
 EXIT_OK = 0
@@ -184,7 +185,7 @@ def evaluation_line(e: jobs_pb2.Evaluation) -> str:
 
 
 def probe_line(p: jobs_pb2.Probe) -> str:
-    """The gradient-through-time profile at its two ends, and the largest singular value found."""
+    """The gradient-through-time profile at its two ends, the largest singular value found, and the window advice."""
     parts = [f"probe  step {p.step}"]
     for profile in p.grad_through_time:
         if profile.norms:
@@ -194,7 +195,14 @@ def probe_line(p: jobs_pb2.Probe) -> str:
         top = max(p.spectral_norms, key=lambda n: n.sigma)
         gate = f"[{top.gate}]" if top.gate else ""
         parts.append(f"largest singular value {top.sigma:.3g} ({top.name}{gate})")
+    if p.HasField("decay_rate"):
+        parts.append(advice_line(p.half_life, p.suggested_window, p.warning))
     return "  ".join(parts)
+
+
+def window_change_line(c: jobs_pb2.WindowChange) -> str:
+    return (f"window  step {c.step}  num_steps {c.from_window} -> {c.to_window} steps "
+            f"(the probes since the last checkpoint suggest {c.suggested})")
 
 
 def event_line(event: jobs_pb2.Event, max_steps: int) -> str:
@@ -209,6 +217,8 @@ def event_line(event: jobs_pb2.Event, max_steps: int) -> str:
         return evaluation_line(event.evaluation)
     if kind == "probe":
         return probe_line(event.probe)
+    if kind == "window_change":
+        return window_change_line(event.window_change)
     return f"event of an unknown kind (cursor {event.cursor}); upgrade gradserve to see it"
 
 
@@ -896,6 +906,9 @@ def add_spec_flags(parser: argparse.ArgumentParser, *, changes: bool = False) ->
         default = None if changes else f.default
         if f.choices:
             group.add_argument(flag, dest=f.name, default=default, choices=f.choices, help=_spec_help(f))
+        elif isinstance(f.default, bool):
+            group.add_argument(flag, dest=f.name, default=default, action=argparse.BooleanOptionalAction,
+                               help=_spec_help(f))
         else:
             parse = _number_type(f)
             group.add_argument(flag, dest=f.name, default=default, type=_spec_type(f, parse),
@@ -1064,8 +1077,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = subcommand("resubmit", cmd_resubmit, "submit a job's spec again as a new job, with changes",
                    epilog="Only the flags given change; the name and note carry over unless given, and --tag adds\n"
-                          "to the job's tags. lr, tbptt-k1 and tbptt-k2, when the job had their defaults, are\n"
-                          "derived again from the changed spec (a switch to adam gets adam's lr).")
+                          "to the job's tags. Settings whose defaults derive from others (lr from the optimizer;\n"
+                          "tbptt-k1, tbptt-k2 and auto's bounds from num-steps), when the job had those defaults,\n"
+                          "are derived again from the changed spec (a switch to adam gets adam's lr).")
     p.add_argument("job", metavar="JOB")
     p.add_argument("--dataset", help="train on this instead: an id, a local text file (uploaded first), or a built-in")
     p.add_argument("--follow", action="store_true", help="then watch the new job until it ends")

@@ -461,9 +461,9 @@ class Job:
                  **changes) -> "Job":
         """Submit this job's spec again as a new job, with `changes` (spec fields) applied.
 
-        Fields that were derived from others (lr, tbptt_k1, tbptt_k2) are
-        derived again from the changed spec unless they were set apart from
-        their defaults. The name and note carry over unless given; `tags` are
+        Fields whose defaults derive from others (lr from the optimizer;
+        tbptt_k1, tbptt_k2 and auto's bounds from num_steps) are derived again
+        from the changed spec unless they were set apart from their defaults. The name and note carry over unless given; `tags` are
         added to the job's own.
         """
         spec = specs.rederivable(self.spec)

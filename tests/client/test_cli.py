@@ -350,7 +350,9 @@ def test_submit_has_one_flag_per_spec_field_with_its_default_and_choices():
     actions = {a.dest: a for a in _submit_parser()._actions}
     for field in specs.FIELDS:
         action = actions[field.name]
-        assert action.option_strings == ["--" + field.name.replace("_", "-")]
+        flag = "--" + field.name.replace("_", "-")
+        switch = isinstance(field.default, bool)
+        assert action.option_strings == ([flag, flag.replace("--", "--no-")] if switch else [flag])
         assert action.default == field.default
         if field.choices:
             assert tuple(action.choices) == field.choices
@@ -759,3 +761,16 @@ def test_hints_name_a_command_that_runs_as_printed(tmp_path, monkeypatch):
     assert cmdline.command("gradserve-server dev") == "venv/bin/gradserve-server dev"
     monkeypatch.setenv("PATH", str(bin_dir))
     assert cmdline.command("gradserve download") == "gradserve download"
+
+
+def test_boolean_spec_fields_are_switches():
+    parser = _submit_parser()
+    args = parser.parse_args(["--dataset", "builtin:pydocs", "--eos", "--no-tie-weights"])
+    assert args.eos is True and args.tie_weights is False
+    assert parser.parse_args(["--dataset", "builtin:pydocs"]).eos is False
+
+
+def test_a_window_change_reads_as_one_line():
+    event = jobs_pb2.Event(window_change=jobs_pb2.WindowChange(step=300, from_window=5, to_window=10, suggested=37))
+    assert cli.event_line(event, 1000) == ("window  step 300  num_steps 5 -> 10 steps "
+                                           "(the probes since the last checkpoint suggest 37)")

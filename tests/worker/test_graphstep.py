@@ -107,7 +107,10 @@ def test_the_static_step_equals_the_eager_step_for_every_model_and_truncation(ti
     {"model": "lstm", "dataset": "builtin:adding", "seq_len": 8, "truncation": "randomized", "eval_every": 5},
     {"model": "rnn", "dataset": "builtin:copy", "seq_len": 5, "truncation": "tbptt", "tbptt_k1": 4, "tbptt_k2": 6,
      "num_layers": 2, "clip_norm": 0.0},
-], ids=["dropout-random-probes-eval", "intervals-embedding", "adding", "copy-tbptt-no-clip"])
+    # pytorch/examples' recipe: tied weights (one Parameter in two modules), embedding dropout's draws.
+    {"model": "lstm", "embedding_size": 16, "hidden_size": 16, "tie_weights": True, "init": "uniform",
+     "embedding_dropout": 0.2, "probe_every": 3},
+], ids=["dropout-random-probes-eval", "intervals-embedding", "adding", "copy-tbptt-no-clip", "tied-recipe"])
 def test_the_static_step_equals_the_eager_step_with_dropout_probes_evaluations_and_tasks(timemachine, extra):
     assert_static_equals_eager(config(max_steps=8, **extra), timemachine[:400])
 
@@ -156,6 +159,8 @@ def test_metrics_say_which_step_ran_and_why(timemachine):
         ("auto", {}, "eager", "graphs are captured on CUDA only"),
         ("static", {"on_nonfinite": "skip"}, "eager", "on_nonfinite=skip decides on the host"),
         ("static", {"model": "lstm", "num_layers": 2, "dropout": 0.1}, "eager", "cuDNN draws the dropout"),
+        ("static", {"schedule": "plateau", "val_fraction": 0.1}, "eager", "schedule=plateau sets lr"),
+        ("static", {"truncation": "auto"}, "eager", "truncation=auto changes the window"),
         ("static", {"model": "lstm", "num_layers": 2, "dropout": 0.1, "truncation": "randomized"}, "static",
          "graphs are captured on CUDA only"),
     ]:

@@ -25,7 +25,7 @@ import logging
 from collections import OrderedDict
 
 import torch
-from gradserve.text import preprocess, tokenize
+from gradserve.text import EOS, text_tokens
 from gradserve_store import store
 
 from gradserve_worker.trainer import Checkpoint, load_checkpoint
@@ -40,19 +40,24 @@ UNK_INDEX = 0
 
 
 def encode_prefix(prefix: str, checkpoint: Checkpoint) -> list[int]:
-    """The prefix as token ids, split the way the job's text was (tokenization, preprocess)."""
+    """The prefix as token ids, split the way the job's text was (tokenization, preprocess, eos)."""
     config = checkpoint.config
     index = {token: i for i, token in enumerate(checkpoint.vocab)}
-    tokens = tokenize(preprocess(prefix, config.preprocess), config.tokenization)
+    tokens = text_tokens(prefix, config.tokenization, config.preprocess, config.eos)
     return [index.get(token, UNK_INDEX) for token in tokens]
 
 
 def join_tokens(prefix: str, tokens: list[str], tokenization: str) -> str:
-    """The prefix as given, followed by the generated tokens (words are separated by spaces)."""
+    """The prefix as given, followed by the generated tokens (words are separated by spaces, <eos> ends a line)."""
     if tokenization == "char":
         return prefix + "".join(tokens)
-    separator = " " if prefix and not prefix[-1].isspace() and tokens else ""
-    return prefix + separator + " ".join(tokens)
+    out = prefix
+    for token in tokens:
+        if token == EOS:
+            out += "\n"
+        else:
+            out += (" " if out and not out[-1].isspace() else "") + token
+    return out
 
 
 @torch.inference_mode()

@@ -57,6 +57,10 @@ def unsupported(config) -> str:
     """Why the static step cannot serve a job, or "" when it can."""
     if config.on_nonfinite == "skip":
         return "on_nonfinite=skip decides on the host, at every step, whether to apply the update"
+    if config.schedule == "plateau":
+        return "schedule=plateau sets lr from the evaluations, which the eager step's loop follows"
+    if config.truncation == "auto":
+        return "truncation=auto changes the window at checkpoint boundaries, which the eager step's loop follows"
     if config.dropout and config.num_layers > 1 and config.model != "rnn_scratch" and config.truncation != "randomized":
         return ("cuDNN draws the dropout between stacked layers from a random state of its own, outside torch's "
                 "generator, and its capture is unverified")

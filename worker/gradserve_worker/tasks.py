@@ -67,7 +67,8 @@ class TextStream:
     def __init__(self, config, text: str, device: torch.device):
         self.config, self.device = config, device
         B = config.batch_size
-        vocab, corpus = build_corpus(text, config.tokenization, config.preprocess, config.min_freq)
+        vocab, corpus = build_corpus(text, config.tokenization, config.preprocess, config.min_freq,
+                                     config.eos)
         train_part, heldout = split_heldout(corpus, config.val_fraction)
         self.plan = Truncation.of(config)
         _check_text_size(config, len(corpus))
@@ -97,6 +98,19 @@ class TextStream:
             return whole_rows(self.corpus, c.batch_size)
         k2 = self.plan.k2 if self.plan.k2 != self.plan.k1 else None
         return epoch_windows(self.corpus, c.partition, c.batch_size, self.plan.k1, c.seed, epoch, k2)
+
+    def set_window(self, n: int, *, restart: bool = True) -> None:
+        """truncation auto: windows of n tokens from now on.
+
+        The current pass was cut into windows of the old length, so a new pass
+        starts (at its own random offset, the state from zeros) and what was
+        left of the old one is skipped; restart=False only sets the length,
+        for a stream about to be positioned from a checkpoint.
+        """
+        self.plan = Truncation(n, n)
+        if restart and self.windows is not None:
+            self.epoch, self.pos = (self.epoch + 1, 0) if self.pos else (self.epoch, 0)
+            self.windows = self._epoch_windows(self.epoch)
 
     def next_loss(self, model) -> tuple[torch.Tensor, int]:
         """(loss, tokens) of the next window: mean cross-entropy over its new tokens, and their count."""
@@ -310,6 +324,10 @@ class SyntheticStream:
 
     def tokens(self, batch: Window) -> int:
         return self.tokens_per_step
+
+    def set_window(self, n: int, *, restart: bool = True) -> None:
+        """truncation auto: cut each sequence into windows of n steps from the next step on."""
+        self.plan = Truncation(n, n)
 
     def replay(self, model, trace: list[list[torch.Tensor]]) -> torch.Tensor:
         X, Y = self._last

@@ -21,22 +21,24 @@ from __future__ import annotations
 
 import io
 import math
+import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, make_dataclass
+from dataclasses import asdict, dataclass, field, make_dataclass, replace
 from typing import NamedTuple
 
 import torch
 from google.protobuf.descriptor import FieldDescriptor
 from gradserve.spec import BY_NAME, FIELDS, init_must_match, resolved, violations
+from gradserve.truncation import Advice, advise, decay_rate
 from gradserve.v1 import jobs_pb2
 from torch import nn
 
-from gradserve_worker.diagnostics import SpectralNorms, count_nonfinite, gradient_profile
+from gradserve_worker.diagnostics import SpectralNorms, count_nonfinite, probe_gradients
 from gradserve_worker.errors import CannotTrain
 from gradserve_worker.graphstep import StaticStep, unsupported
 from gradserve_worker.models import build_model
-from gradserve_worker.optim import make_optimizer, scheduled_lr
+from gradserve_worker.optim import Plateau, make_optimizer, scheduled_lr
 from gradserve_worker.tasks import SYNTHETIC, make_stream, perplexity
 
 # -----------------------------------------------------------------------------
@@ -67,7 +69,7 @@ class _ConfigMethods:
 
 
 _PYTHON_TYPES = {FieldDescriptor.CPPTYPE_STRING: str, FieldDescriptor.CPPTYPE_DOUBLE: float,
-                 FieldDescriptor.CPPTYPE_FLOAT: float}
+                 FieldDescriptor.CPPTYPE_FLOAT: float, FieldDescriptor.CPPTYPE_BOOL: bool}
 
 
 def _attribute(f) -> tuple:
@@ -144,6 +146,18 @@ class Probe:
     step: int
     grad_through_time: list[list[float]]  # per layer: ‖∂L/∂h_t‖ for t = 1..window length
     spectral_norms: list[tuple[str, str, float]]  # (parameter name, gate, largest singular value)
+    # The window's gradient decay and what it suggests (gradserve.truncation); None for a one-step window.
+    advice: Advice | None = None
+
+
+@dataclass
+class WindowChange:
+    """truncation auto moved the window after `step`: windows are to_window steps from the next step on."""
+
+    step: int
+    from_window: int
+    to_window: int
+    suggested: int  # the median suggestion of the probes since the last checkpoint boundary
 
 
 @dataclass
@@ -192,7 +206,9 @@ def model_for(config: TrainConfig, sizes: dict) -> nn.Module:
     """A fresh model for `config` with the stream's input and output sizes."""
     return build_model(config.model, hidden_size=config.hidden_size, num_layers=config.num_layers,
                        nonlinearity=config.nonlinearity, dropout=config.dropout,
-                       embedding_size=config.embedding_size, **sizes)
+                       embedding_size=config.embedding_size, embedding_dropout=config.embedding_dropout,
+                       tie_weights=config.tie_weights, init=config.init, init_range=config.init_range,
+                       max_dependency=resolved(config, "max_dependency"), **sizes)
 
 
 @dataclass
@@ -299,6 +315,10 @@ def train(
     optimizer = make_optimizer(config.optimizer, model.parameters(), lr, config.weight_decay)
     names, params = zip(*model.named_parameters())
     spectral = SpectralNorms(config.seed)
+    plateau = Plateau.of(config) if config.schedule == "plateau" else None
+    auto = AutoWindow.of(config, ckpt["auto"] if ckpt is not None else None) if config.truncation == "auto" else None
+    if auto is not None:
+        stream.set_window(auto.window, restart=False)
     step = 0
     best = _Best(math.inf)
     if start_from is not None:
@@ -319,6 +339,10 @@ def train(
         stream.start(model, ckpt["epoch"], ckpt["position"], state)
         spectral = SpectralNorms(config.seed, ckpt.get("spectral"))
         best = _Best(ckpt.get("best_loss", math.inf))
+        if plateau is not None:
+            # The optimizer's state already holds the lr; this is what the next evaluation compares against.
+            plateau = Plateau.of(config, ckpt["plateau"])
+            lr = plateau.lr
         _set_rng_state(ckpt["rng"], device)
 
     path, why = _choose_step_path(step_path, config, device)
@@ -327,7 +351,8 @@ def train(
                              best)
     on_event = _labelled(on_event, path, why)
 
-    scheduled = config.schedule != "constant"
+    # The plateau schedule changes lr after evaluations, not before steps.
+    scheduled = config.schedule not in ("constant", "plateau")
     skip_nonfinite = config.on_nonfinite == "skip"
     interval = _Interval()
     result = TrainResult(steps=step, loss=math.nan, perplexity=math.nan, stopped=False)
@@ -350,7 +375,7 @@ def train(
         probe = None
         if math.isfinite(loss_val) and math.isfinite(norm_val):
             if step % config.probe_every == 0:  # before the update: the weights the step's gradient was taken at
-                probe = Probe(step, gradient_profile(model, stream.replay), spectral(model))
+                probe = _probe(config, model, stream, spectral, step)
             clipped = 0 < config.clip_norm < norm_val
             if clipped:
                 # clip_grad_norm_'s second half: the norm is known already, and below the
@@ -378,9 +403,23 @@ def train(
             interval = _Interval()
         if probe is not None:
             on_event(probe)
-        _evaluate_and_checkpoint(config, stream, model, optimizer, spectral, step, device, on_event, best,
-                                 evaluate=stream.has_heldout and (last or step % config.eval_every == 0),
-                                 checkpoint=last or step % config.checkpoint_every == 0)
+            if auto is not None and probe.advice is not None:
+                auto.suggestions.append(probe.advice.suggested)
+        evaluation = None
+        if stream.has_heldout and (last or step % config.eval_every == 0):
+            evaluation = _evaluate(stream, model, step)
+            on_event(evaluation)
+            if plateau is not None and plateau.observe(evaluation.loss):
+                lr = plateau.lr
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+        if auto is not None and step % config.checkpoint_every == 0:
+            change = auto.adjust(step)
+            if change is not None:
+                stream.set_window(change.to_window)
+                on_event(change)
+        _checkpoints(config, stream, model, optimizer, spectral, plateau, auto, step, device, on_event, best,
+                     evaluation, regular=last or step % config.checkpoint_every == 0)
         if stopped:
             break
     return result
@@ -393,21 +432,73 @@ class _Best:
     loss: float
 
 
-def _evaluate_and_checkpoint(config, stream, model, optimizer, spectral, step, device, on_event, best: _Best, *,
-                             evaluate: bool, checkpoint: bool) -> None:
-    """A step's evaluation and checkpoints: the regular one, and the best one when the evaluation is the best yet."""
-    improved = None
-    if evaluate:
-        evaluation = _evaluate(stream, model, step)
-        on_event(evaluation)
-        if evaluation.loss < best.loss:
-            best.loss = improved = evaluation.loss
-    if checkpoint or improved is not None:
-        data = _checkpoint_bytes(config, stream, model, optimizer, spectral, step, device, best.loss)
-        if checkpoint:
+def _checkpoints(config, stream, model, optimizer, spectral, plateau, auto, step, device, on_event, best: _Best,
+                 evaluation: Evaluation | None, *, regular: bool) -> None:
+    """A step's checkpoints: the regular one, and the best one when the step's evaluation is the best yet."""
+    improved = evaluation is not None and evaluation.loss < best.loss
+    if improved:
+        best.loss = evaluation.loss
+    if regular or improved:
+        data = _checkpoint_bytes(config, stream, model, optimizer, spectral, plateau, auto, step, device, best.loss)
+        if regular:
             on_event(CheckpointReady(step=step, data=data))
-        if improved is not None:
-            on_event(CheckpointReady(step=step, data=data, best_loss=improved))
+        if improved:
+            on_event(CheckpointReady(step=step, data=data, best_loss=evaluation.loss))
+
+
+@dataclass
+class AutoWindow:
+    """truncation auto: the window, and the probes' suggestions since the last checkpoint boundary.
+
+    At each boundary the window moves toward the median suggestion, by at
+    most a factor of 2 (one probe's fit on a young model should not swing it
+    far), and within [min_num_steps, max_num_steps]. Moving only at
+    boundaries keeps each checkpoint's window the one its next step uses.
+    """
+
+    window: int
+    low: int
+    high: int
+    suggestions: list[int] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, config, state: dict | None) -> AutoWindow:
+        auto = cls(config.num_steps, resolved(config, "min_num_steps"), resolved(config, "max_num_steps"))
+        if state is not None:
+            auto.window, auto.suggestions = state["window"], list(state["suggestions"])
+        return auto
+
+    def adjust(self, step: int) -> WindowChange | None:
+        """The change at the boundary after `step`, or None; the suggestions start over either way."""
+        if not self.suggestions:
+            return None
+        target = statistics.median_low(self.suggestions)
+        self.suggestions = []
+        new = min(max(target, -(-self.window // 2)), 2 * self.window)
+        new = min(max(new, self.low), self.high)
+        if new == self.window:
+            return None
+        change = WindowChange(step, self.window, new, target)
+        self.window = new
+        return change
+
+    def state_dict(self) -> dict:
+        return {"window": self.window, "suggestions": list(self.suggestions)}
+
+
+def _probe(config, model, stream, spectral, step: int) -> Probe:
+    profile, decay = probe_gradients(model, stream.replay)
+    fits = [(rate, layer) for layer in decay if (rate := decay_rate(layer)) is not None]
+    if not fits:
+        return Probe(step, profile, spectral(model))
+    # The slowest decay decides how far back the window has to reach.
+    rate, layer = max(fits, key=lambda fit: fit[0])
+    reach = sum(1 for n in layer if n > 0)
+    field = "tbptt_k2" if config.truncation == "tbptt" else "num_steps"
+    advice = advise(rate, reach, config.truncation_tolerance, field)
+    if config.truncation == "full":  # it cuts nothing, so no window is too short
+        advice = replace(advice, warning="")
+    return Probe(step, profile, spectral(model), advice)
 
 
 STEP_PATHS = ("auto", "eager", "static")
@@ -458,7 +549,7 @@ def _train_static(config, stream, model, optimizer, names, spectral, step, devic
         probe = None
         if step % config.probe_every == 0:  # before the update: the weights the step's gradient is taken at
             t = time.perf_counter()
-            probe = Probe(step, gradient_profile(model, stream.replay), spectral(model))
+            probe = _probe(config, model, stream, spectral, step)
             aside += time.perf_counter() - t
         program.run()
         steps, tokens = steps + 1, tokens + stream.tokens(batch)
@@ -487,8 +578,12 @@ def _train_static(config, stream, model, optimizer, names, spectral, step, devic
             steps = tokens = 0
         if probe is not None:
             on_event(probe)
-        _evaluate_and_checkpoint(config, stream, model, program.portable, spectral, step, device, on_event, best,
-                                 evaluate=evaluate, checkpoint=checkpoint)
+        evaluation = _evaluate(stream, model, step) if evaluate else None
+        if evaluation is not None:
+            on_event(evaluation)
+        # graphstep.unsupported sends plateau and auto jobs to the eager step, so there is no state of theirs here.
+        _checkpoints(config, stream, model, program.portable, spectral, None, None, step, device, on_event, best,
+                     evaluation, regular=checkpoint)
         if stopped:
             break
         if log:
@@ -523,7 +618,8 @@ def _evaluate(stream, model, step: int) -> Evaluation:
 CHECKPOINT_FORMAT = 1
 
 
-def _checkpoint_bytes(config, stream, model, optimizer, spectral, step, device, best_loss: float) -> bytes:
+def _checkpoint_bytes(config, stream, model, optimizer, spectral, plateau, auto, step, device,
+                     best_loss: float) -> bytes:
     """Everything needed to continue the run bit for bit, or to sample from the model."""
     payload = {
         "format": CHECKPOINT_FORMAT,
@@ -537,6 +633,8 @@ def _checkpoint_bytes(config, stream, model, optimizer, spectral, step, device, 
             "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
         },
         "spectral": spectral.state_dict(),
+        "plateau": plateau.state_dict() if plateau is not None else None,
+        "auto": auto.state_dict() if auto is not None else None,
         "best_loss": best_loss,  # the lowest held-out loss so far, for a resumed run's best checkpoints
         "config": asdict(config),
         "vocab": stream.vocab,

@@ -26,7 +26,7 @@ FAILED: JobState
 CANCELLED: JobState
 
 class JobSpec(_message.Message):
-    __slots__ = ("dataset", "tokenization", "preprocess", "model", "hidden_size", "num_layers", "batch_size", "num_steps", "partition", "max_steps", "optimizer", "lr", "clip_norm", "seed", "device", "log_every", "checkpoint_every", "min_freq", "nonlinearity", "truncation", "tbptt_k1", "tbptt_k2", "truncation_keep", "dropout", "embedding_size", "val_fraction", "eval_every", "weight_decay", "schedule", "lr_step_every", "lr_gamma", "probe_every", "seq_len", "on_nonfinite")
+    __slots__ = ("dataset", "tokenization", "preprocess", "model", "hidden_size", "num_layers", "batch_size", "num_steps", "partition", "max_steps", "optimizer", "lr", "clip_norm", "seed", "device", "log_every", "checkpoint_every", "min_freq", "nonlinearity", "truncation", "tbptt_k1", "tbptt_k2", "truncation_keep", "dropout", "embedding_size", "val_fraction", "eval_every", "weight_decay", "schedule", "lr_step_every", "lr_gamma", "probe_every", "seq_len", "on_nonfinite", "eos", "init", "init_range", "max_dependency", "embedding_dropout", "tie_weights", "min_lr", "truncation_tolerance", "min_num_steps", "max_num_steps")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     TOKENIZATION_FIELD_NUMBER: _ClassVar[int]
     PREPROCESS_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +61,16 @@ class JobSpec(_message.Message):
     PROBE_EVERY_FIELD_NUMBER: _ClassVar[int]
     SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
     ON_NONFINITE_FIELD_NUMBER: _ClassVar[int]
+    EOS_FIELD_NUMBER: _ClassVar[int]
+    INIT_FIELD_NUMBER: _ClassVar[int]
+    INIT_RANGE_FIELD_NUMBER: _ClassVar[int]
+    MAX_DEPENDENCY_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_DROPOUT_FIELD_NUMBER: _ClassVar[int]
+    TIE_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    MIN_LR_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATION_TOLERANCE_FIELD_NUMBER: _ClassVar[int]
+    MIN_NUM_STEPS_FIELD_NUMBER: _ClassVar[int]
+    MAX_NUM_STEPS_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     tokenization: str
     preprocess: str
@@ -95,7 +105,17 @@ class JobSpec(_message.Message):
     probe_every: int
     seq_len: int
     on_nonfinite: str
-    def __init__(self, dataset: _Optional[str] = ..., tokenization: _Optional[str] = ..., preprocess: _Optional[str] = ..., model: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., batch_size: _Optional[int] = ..., num_steps: _Optional[int] = ..., partition: _Optional[str] = ..., max_steps: _Optional[int] = ..., optimizer: _Optional[str] = ..., lr: _Optional[float] = ..., clip_norm: _Optional[float] = ..., seed: _Optional[int] = ..., device: _Optional[str] = ..., log_every: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., min_freq: _Optional[int] = ..., nonlinearity: _Optional[str] = ..., truncation: _Optional[str] = ..., tbptt_k1: _Optional[int] = ..., tbptt_k2: _Optional[int] = ..., truncation_keep: _Optional[float] = ..., dropout: _Optional[float] = ..., embedding_size: _Optional[int] = ..., val_fraction: _Optional[float] = ..., eval_every: _Optional[int] = ..., weight_decay: _Optional[float] = ..., schedule: _Optional[str] = ..., lr_step_every: _Optional[int] = ..., lr_gamma: _Optional[float] = ..., probe_every: _Optional[int] = ..., seq_len: _Optional[int] = ..., on_nonfinite: _Optional[str] = ...) -> None: ...
+    eos: bool
+    init: str
+    init_range: float
+    max_dependency: int
+    embedding_dropout: float
+    tie_weights: bool
+    min_lr: float
+    truncation_tolerance: float
+    min_num_steps: int
+    max_num_steps: int
+    def __init__(self, dataset: _Optional[str] = ..., tokenization: _Optional[str] = ..., preprocess: _Optional[str] = ..., model: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., batch_size: _Optional[int] = ..., num_steps: _Optional[int] = ..., partition: _Optional[str] = ..., max_steps: _Optional[int] = ..., optimizer: _Optional[str] = ..., lr: _Optional[float] = ..., clip_norm: _Optional[float] = ..., seed: _Optional[int] = ..., device: _Optional[str] = ..., log_every: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., min_freq: _Optional[int] = ..., nonlinearity: _Optional[str] = ..., truncation: _Optional[str] = ..., tbptt_k1: _Optional[int] = ..., tbptt_k2: _Optional[int] = ..., truncation_keep: _Optional[float] = ..., dropout: _Optional[float] = ..., embedding_size: _Optional[int] = ..., val_fraction: _Optional[float] = ..., eval_every: _Optional[int] = ..., weight_decay: _Optional[float] = ..., schedule: _Optional[str] = ..., lr_step_every: _Optional[int] = ..., lr_gamma: _Optional[float] = ..., probe_every: _Optional[int] = ..., seq_len: _Optional[int] = ..., on_nonfinite: _Optional[str] = ..., eos: _Optional[bool] = ..., init: _Optional[str] = ..., init_range: _Optional[float] = ..., max_dependency: _Optional[int] = ..., embedding_dropout: _Optional[float] = ..., tie_weights: _Optional[bool] = ..., min_lr: _Optional[float] = ..., truncation_tolerance: _Optional[float] = ..., min_num_steps: _Optional[int] = ..., max_num_steps: _Optional[int] = ...) -> None: ...
 
 class Job(_message.Message):
     __slots__ = ("id", "spec", "state", "created_at", "started_at", "finished_at", "reason", "worker", "last_step", "queue", "checkpoint_step", "attempt", "tenant", "waiting", "summary", "name", "tags", "note", "best_checkpoint_step", "init_from", "sweep")
@@ -287,7 +307,7 @@ class StreamEventsRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., cursor: _Optional[str] = ..., history_only: _Optional[bool] = ...) -> None: ...
 
 class Event(_message.Message):
-    __slots__ = ("cursor", "job_id", "time", "metrics", "status", "checkpoint", "evaluation", "probe", "notice")
+    __slots__ = ("cursor", "job_id", "time", "metrics", "status", "checkpoint", "evaluation", "probe", "notice", "window_change")
     CURSOR_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
@@ -297,6 +317,7 @@ class Event(_message.Message):
     EVALUATION_FIELD_NUMBER: _ClassVar[int]
     PROBE_FIELD_NUMBER: _ClassVar[int]
     NOTICE_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_CHANGE_FIELD_NUMBER: _ClassVar[int]
     cursor: str
     job_id: str
     time: _timestamp_pb2.Timestamp
@@ -306,7 +327,8 @@ class Event(_message.Message):
     evaluation: Evaluation
     probe: Probe
     notice: Notice
-    def __init__(self, cursor: _Optional[str] = ..., job_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., metrics: _Optional[_Union[Metrics, _Mapping]] = ..., status: _Optional[_Union[StatusChange, _Mapping]] = ..., checkpoint: _Optional[_Union[CheckpointSaved, _Mapping]] = ..., evaluation: _Optional[_Union[Evaluation, _Mapping]] = ..., probe: _Optional[_Union[Probe, _Mapping]] = ..., notice: _Optional[_Union[Notice, _Mapping]] = ...) -> None: ...
+    window_change: WindowChange
+    def __init__(self, cursor: _Optional[str] = ..., job_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., metrics: _Optional[_Union[Metrics, _Mapping]] = ..., status: _Optional[_Union[StatusChange, _Mapping]] = ..., checkpoint: _Optional[_Union[CheckpointSaved, _Mapping]] = ..., evaluation: _Optional[_Union[Evaluation, _Mapping]] = ..., probe: _Optional[_Union[Probe, _Mapping]] = ..., notice: _Optional[_Union[Notice, _Mapping]] = ..., window_change: _Optional[_Union[WindowChange, _Mapping]] = ...) -> None: ...
 
 class EventBatch(_message.Message):
     __slots__ = ("events",)
@@ -393,14 +415,36 @@ class SpectralNorm(_message.Message):
     def __init__(self, name: _Optional[str] = ..., gate: _Optional[str] = ..., sigma: _Optional[float] = ...) -> None: ...
 
 class Probe(_message.Message):
-    __slots__ = ("step", "grad_through_time", "spectral_norms")
+    __slots__ = ("step", "grad_through_time", "spectral_norms", "decay_rate", "half_life", "suggested_window", "start_fraction", "warning")
     STEP_FIELD_NUMBER: _ClassVar[int]
     GRAD_THROUGH_TIME_FIELD_NUMBER: _ClassVar[int]
     SPECTRAL_NORMS_FIELD_NUMBER: _ClassVar[int]
+    DECAY_RATE_FIELD_NUMBER: _ClassVar[int]
+    HALF_LIFE_FIELD_NUMBER: _ClassVar[int]
+    SUGGESTED_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    START_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    WARNING_FIELD_NUMBER: _ClassVar[int]
     step: int
     grad_through_time: _containers.RepeatedCompositeFieldContainer[GradProfile]
     spectral_norms: _containers.RepeatedCompositeFieldContainer[SpectralNorm]
-    def __init__(self, step: _Optional[int] = ..., grad_through_time: _Optional[_Iterable[_Union[GradProfile, _Mapping]]] = ..., spectral_norms: _Optional[_Iterable[_Union[SpectralNorm, _Mapping]]] = ...) -> None: ...
+    decay_rate: float
+    half_life: float
+    suggested_window: int
+    start_fraction: float
+    warning: str
+    def __init__(self, step: _Optional[int] = ..., grad_through_time: _Optional[_Iterable[_Union[GradProfile, _Mapping]]] = ..., spectral_norms: _Optional[_Iterable[_Union[SpectralNorm, _Mapping]]] = ..., decay_rate: _Optional[float] = ..., half_life: _Optional[float] = ..., suggested_window: _Optional[int] = ..., start_fraction: _Optional[float] = ..., warning: _Optional[str] = ...) -> None: ...
+
+class WindowChange(_message.Message):
+    __slots__ = ("step", "from_window", "to_window", "suggested")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    FROM_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    TO_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    SUGGESTED_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    from_window: int
+    to_window: int
+    suggested: int
+    def __init__(self, step: _Optional[int] = ..., from_window: _Optional[int] = ..., to_window: _Optional[int] = ..., suggested: _Optional[int] = ...) -> None: ...
 
 class Notice(_message.Message):
     __slots__ = ("code", "message")
