@@ -59,6 +59,8 @@ def _field_value(field: specs.Field):
     proto = jobs_pb2.JobSpec.DESCRIPTOR.fields_by_name[field.name]
     if field.choices:
         return st.one_of(st.sampled_from(field.choices), st.text(max_size=30))
+    if proto.type == proto.TYPE_BOOL:
+        return st.booleans()
     if proto.type == proto.TYPE_DOUBLE:
         return st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.floats(field.low or 0, field.high))
     top = UINT32 if proto.type == proto.TYPE_UINT32 else UINT64
