@@ -67,8 +67,9 @@ def check_stream(events, max_steps: int, *, gaps_allowed: bool = False) -> list[
     cursors = [cursor_key(e.cursor) for e in events]
     assert cursors == sorted(set(cursors)), "an event came twice or out of order"
     assert all(kind(e) != "notice" for e in events), "the client passed a notice on"
-    for k in ("metrics", "checkpoint"):
-        steps = [getattr(e, k).step for e in events if kind(e) == k]
+    # The latest checkpoints, and the best ones, are each kept by steps that only go forward.
+    for k, best in (("metrics", False), ("checkpoint", False), ("checkpoint", True)):
+        steps = [getattr(e, k).step for e in events if kind(e) == k and (k != "checkpoint" or e.checkpoint.best == best)]
         assert steps == sorted(set(steps)), f"{k} steps repeat or go back: {steps}"
     steps = [e.metrics.step for e in events if kind(e) == "metrics"]
     if not gaps_allowed:
