@@ -25,6 +25,9 @@ demo: venv
 	   --hidden-size 128 --max-steps 3000 --log-every 200 --checkpoint-every 1000 --follow'
 
 test: venv
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { echo "make test: the dashboard's \
+	browser tests need Debian's chromium and chromium-driver, and they are missing: run \
+	'apt-get install chromium chromium-driver' as root (.ci/run does)" >&2; exit 1; }
 	$(PY) -m pytest tests
 
 proto: venv
