@@ -1,5 +1,7 @@
 """The web dashboard in a real headless Chromium, against a real server, Redis and Celery worker.
 
+The server has tokens for two tenants (conftest's `web_stack`), so the browser logs in first, as a user does.
+
 The pages expose what they have drawn (`window.gsJob`: the job's points and the cursor of every metrics event
 received), so the tests count points in the browser and compare them with the job's stored events.
 """
@@ -13,12 +15,12 @@ from pathlib import Path
 import pytest
 
 import gradserve
-from gradserve_server import auth, dev
+from conftest import ALICE, BOB
+from gradserve_server import dev
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "harness"))
 import browser  # noqa: E402
 
-ALICE, BOB = "alice-token-0123456789abcdef", "bob-token-0123456789abcdef"
 # Slow enough to watch: a tiny model that reports every few steps and probes often, until cancelled.
 LONG = dict(dataset="builtin:copy", model="rnn", hidden_size=16, batch_size=8, seq_len=20, max_steps=1_000_000,
             log_every=10, probe_every=40, eval_every=200, checkpoint_every=1_000_000, device="cpu")
@@ -35,19 +37,17 @@ def driver():
 
 
 @pytest.fixture(scope="module")
-def web(make_stack):
-    s = make_stack("dashboard")
-    s.web = f"http://127.0.0.1:{dev.free_port()}"
-    s.start_redis()
-    s.start_server("--http-listen", s.web.removeprefix("http://"))
-    s.start_worker("w1")
-    return s
+def web(web_stack, driver):
+    """The stack, with the browser logged in as alice."""
+    login(driver, web_stack.web, ALICE)
+    until(lambda: js(driver, "!!document.querySelector('#jobs')"), what="the jobs page after logging in")
+    return web_stack
 
 
 @pytest.fixture(scope="module")
 def running(web):
-    """A job training while this module's tests watch it; cancelled at the end."""
-    with web.client() as c:
+    """A job of alice's training while this module's tests watch it; cancelled at the end."""
+    with web.client(token=ALICE) as c:
         job = c.submit(**LONG)
         deadline = time.monotonic() + 60
         while job.status() != "RUNNING":
@@ -127,7 +127,7 @@ def test_after_a_server_restart_the_page_resumes_without_a_duplicate_point(drive
     running.cancel()
     until(lambda: js(driver, "window.gsJob.stream") == "ended", what="the stream to end with the job")
     received = js(driver, "window.gsJob.history.metricCursors")
-    with web.client() as c:
+    with web.client(token=ALICE) as c:
         stored = [e.cursor for e in c.get_job(running.id).events(follow=False) if e.HasField("metrics")]
     # Every metrics event exactly once, in order: none lost across the restart and none repeated.
     assert received == stored
@@ -136,7 +136,7 @@ def test_after_a_server_restart_the_page_resumes_without_a_duplicate_point(drive
 
 
 def test_the_compare_and_workers_pages_draw_without_errors(driver, web, running):
-    with web.client() as c:
+    with web.client(token=ALICE) as c:
         other = c.submit(**{**LONG, "max_steps": 60, "hidden_size": 8}).wait(timeout=60)
     driver.get(f"{web.web}/compare?jobs={running.id},{other.id}")
     until(lambda: js(driver, "document.querySelectorAll('#table tbody tr').length") == 2, what="the table")
@@ -156,16 +156,11 @@ def test_the_compare_and_workers_pages_draw_without_errors(driver, web, running)
 
 
 @pytest.fixture(scope="module")
-def secured(make_stack):
-    """Tokens on, no worker: jobs stay QUEUED, which is all these tests need."""
-    s = make_stack("dashboard-secured",
-                   env={"GRADSERVE_TOKENS": f"alice {auth.hash_token(ALICE)},bob {auth.hash_token(BOB)}"})
-    s.web = f"http://127.0.0.1:{dev.free_port()}"
-    s.start_redis()
-    s.start_server("--http-listen", s.web.removeprefix("http://"))
-    with gradserve.Client(s.address, token=ALICE) as alice, gradserve.Client(s.address, token=BOB) as bob:
-        s.alice_job, s.bob_job = alice.submit(**LONG).id, bob.submit(**LONG).id
-    return s
+def secured(web):
+    """A job of alice's and one of bob's, queued behind each other or ended: all these tests need."""
+    with gradserve.Client(web.address, token=ALICE) as alice, gradserve.Client(web.address, token=BOB) as bob:
+        web.alice_job, web.bob_job = alice.submit(**LONG).id, bob.submit(**{**LONG, "max_steps": 20}).id
+    return web
 
 
 def login(driver, site: str, token: str) -> None:
@@ -186,8 +181,12 @@ def test_without_a_token_the_dashboard_asks_for_one(driver, secured):
 
 def test_a_logged_in_tenant_sees_only_its_jobs_through_an_httponly_cookie(driver, secured):
     login(driver, secured.web, ALICE)
-    until(lambda: js(driver, "document.querySelectorAll('#jobs tr').length") == 1, what="alice's jobs")
-    assert js(driver, "[...document.querySelectorAll('#jobs tr')].map((r) => r.dataset.job)") == [secured.alice_job]
+    until(lambda: secured.alice_job in js(driver, "[...document.querySelectorAll('#jobs tr')].map((r) => r.dataset.job)"),
+          what="alice's new job")
+    with gradserve.Client(secured.address, token=ALICE) as alice:
+        mine = [j.id for j in alice.list_jobs(200)]
+    assert js(driver, "[...document.querySelectorAll('#jobs tr')].map((r) => r.dataset.job)") == mine
+    assert secured.bob_job not in mine
     assert "gradserve_session" not in js(driver, "document.cookie")
     assert js(driver, "document.querySelector('header .who').textContent") == "tenant alice"
     assert browser.console_errors(driver) == []
@@ -198,7 +197,6 @@ def test_a_logged_in_tenant_sees_only_its_jobs_through_an_httponly_cookie(driver
 
 def test_the_cancel_button_posts_with_the_csrf_value(driver, secured):
     login(driver, secured.web, ALICE)
-    until(lambda: js(driver, "document.querySelectorAll('#jobs tr').length") == 1, what="alice's jobs")
     driver.get(f"{secured.web}/jobs/{secured.alice_job}")
     until(lambda: js(driver, "!document.getElementById('cancel').hidden"), what="the cancel button")
     driver.execute_script("window.confirm = () => true; document.getElementById('cancel').click()")

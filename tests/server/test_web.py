@@ -13,10 +13,9 @@ import urllib.request
 import pytest
 
 import gradserve
-from gradserve_server import auth, dev
+from conftest import ALICE, BOB
 from gradserve_server.web import csrf_value
 
-ALICE, BOB = "alice-token-0123456789abcdef", "bob-token-0123456789abcdef"
 QUICK = dict(dataset="builtin:copy", model="rnn", hidden_size=8, batch_size=4, seq_len=12, max_steps=40,
              log_every=5, probe_every=10, checkpoint_every=20, eval_every=20, device="cpu")
 
@@ -40,13 +39,8 @@ def call(url: str, method: str = "GET", headers: dict | None = None, body: bytes
 
 
 @pytest.fixture(scope="module")
-def secured(make_stack):
-    s = make_stack("web-secured", env={"GRADSERVE_TOKENS": f"alice {auth.hash_token(ALICE)},bob {auth.hash_token(BOB)}"})
-    s.web = f"http://127.0.0.1:{dev.free_port()}"
-    s.start_redis()
-    s.start_server("--http-listen", s.web.removeprefix("http://"))
-    s.start_worker("w1")
-    return s
+def secured(web_stack):
+    return web_stack
 
 
 @pytest.fixture(scope="module")
@@ -62,21 +56,38 @@ def test_healthz_says_redis_answers_and_needs_no_token(secured):
     assert status == 200 and json.loads(body) == {"redis": "ok"}
 
 
-def test_metrics_are_prometheus_text_with_every_family(secured, alice_job):
+def test_metrics_are_prometheus_text_with_every_family(secured):
+    # Waits are observed at the scrape after a job starts: none may be starting while this test counts them.
+    with gradserve.Client(secured.address, token=ALICE) as alice, gradserve.Client(secured.address, token=BOB) as bob:
+        deadline = time.monotonic() + 60
+        while any(j.state in ("QUEUED", "RUNNING") for c in (alice, bob) for j in c.list_jobs(1000)):
+            assert time.monotonic() < deadline, "the stack's earlier jobs did not end"
+            time.sleep(0.2)
     status, headers, body = call(f"{secured.web}/metrics")
     assert status == 200 and headers["Content-Type"].startswith("text/plain")
-    text = body.decode()
+    before = body.decode()
     for family, kind in (("gradserve_jobs", "gauge"), ("gradserve_queue_depth", "gauge"),
                          ("gradserve_queue_wait_seconds", "histogram"), ("gradserve_workers_alive", "gauge"),
                          ("gradserve_submit_seconds", "histogram"), ("gradserve_events_relayed_total", "counter"),
                          ("gradserve_watchers", "gauge"), ("gradserve_redis_errors_total", "counter"),
                          ("gradserve_job_tokens_per_second", "gauge")):
-        assert f"# TYPE {family} {kind}\n" in text, text
-    assert 'gradserve_jobs{queue="cpu",state="SUCCEEDED"} 1.0' in text
-    assert 'gradserve_workers_alive{device="cpu",queue="cpu"} 1.0' in text
-    assert re.search(r"^gradserve_submit_seconds_count 1\.0$", text, re.M)
-    # The job started after this server did, so its wait in the queue was observed.
-    assert re.search(r"^gradserve_queue_wait_seconds_count 1\.0$", text, re.M)
+        assert f"# TYPE {family} {kind}\n" in before, family
+    assert _sample(before, 'gradserve_workers_alive{device="cpu",queue="cpu"}') == 1
+    with gradserve.Client(secured.address, token=BOB) as bob:
+        bob.submit(**QUICK).wait(timeout=60)
+        with gradserve.Client(secured.address, token=ALICE) as alice:
+            succeeded = len(alice.list_jobs(1000, "SUCCEEDED")) + len(bob.list_jobs(1000, "SUCCEEDED"))
+    after = call(f"{secured.web}/metrics")[2].decode()
+    # One more submission timed, one more wait in the queue observed (the job started after the server did).
+    for sample in ("gradserve_submit_seconds_count", "gradserve_queue_wait_seconds_count"):
+        assert _sample(after, sample) == _sample(before, sample) + 1, sample
+    assert _sample(after, 'gradserve_jobs{queue="cpu",state="SUCCEEDED"}') == succeeded
+    assert _sample(after, "gradserve_events_relayed_total") >= _sample(before, "gradserve_events_relayed_total")
+
+
+def _sample(text: str, name: str) -> float:
+    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    return float(found[1]) if found else 0.0
 
 
 def test_no_token_is_401_for_the_api_and_a_login_form_for_pages(secured):
@@ -94,7 +105,9 @@ def test_a_tenant_sees_only_its_jobs_and_another_tenants_job_is_404(secured, ali
     status, _, body = call(f"{secured.web}/api/jobs", headers=as_alice)
     assert status == 200 and alice_job in [j["id"] for j in json.loads(body)["jobs"]]
     status, _, body = call(f"{secured.web}/api/jobs", headers=as_bob)
-    assert status == 200 and json.loads(body)["jobs"] == []
+    with gradserve.Client(secured.address, token=BOB) as bob:
+        assert status == 200 and [j["id"] for j in json.loads(body)["jobs"]] == [j.id for j in bob.list_jobs(50)]
+    assert alice_job not in [j["id"] for j in json.loads(body)["jobs"]]
     for path in (f"/api/jobs/{alice_job}", f"/api/jobs/{alice_job}/events", f"/jobs/{alice_job}",
                  f"/api/jobs/{alice_job}/checkpoint"):
         status, _, body = call(f"{secured.web}{path}", headers=as_bob)
