@@ -39,6 +39,7 @@ bench: venv
 	$(PY) bench/memory.py
 	$(PY) bench/upload.py
 	$(PY) bench/fanout.py
+	$(PY) bench/dashboard.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

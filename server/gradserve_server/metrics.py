@@ -97,7 +97,7 @@ def _all_jobs(job_store: store.JobStore):
         tenant = key.decode()[len(store.tenant_jobs_key("")):]
         count = job_store.r.zcard(key)
         if count:
-            yield from job_store.list_jobs(count, 0, tenant)
+            yield from job_store.list_jobs(count, tenant=tenant)
 
 
 class _Snapshot:

@@ -169,18 +169,33 @@ def test_events_are_server_sent_and_resume_after_a_cursor(secured, alice_job):
     assert status == 200 and reply_headers["Content-Type"].startswith("text/event-stream")
     messages = _sse(body.decode())
     assert messages[-1] == ("end", "", "{}")
-    events = [e for kind, _, data in messages if kind == "message" for e in json.loads(data)]
     with gradserve.Client(secured.address, token=ALICE) as c:
         stored = list(c.get_job(alice_job).events(follow=False))
-    assert [e["cursor"] for e in events] == [e.cursor for e in stored]
+    sent = _cursors(messages)
+    assert sent["metrics"] == [e.cursor for e in stored if e.HasField("metrics")]
+    assert sent["evaluation"] == [e.cursor for e in stored if e.HasField("evaluation")]
+    assert sent["events"] == [e.cursor for e in stored if e.WhichOneof("kind") not in ("metrics", "evaluation")]
     assert messages[-2][1] == stored[-1].cursor, "a message's id is the cursor of its last event"
     # Resumed from a cursor, as a browser reconnecting sends it: exactly the events after it.
     middle = stored[len(stored) // 2].cursor
     for resume in ({"Last-Event-ID": middle}, {}):
         query = "" if resume else f"?cursor={middle}"
         _, _, body = call(f"{secured.web}/api/jobs/{alice_job}/events{query}", headers={**headers, **resume})
-        rest = [e for kind, _, data in _sse(body.decode()) if kind == "message" for e in json.loads(data)]
-        assert [e["cursor"] for e in rest] == [e.cursor for e in stored[len(stored) // 2 + 1:]]
+        rest = sorted(c for cursors in _cursors(_sse(body.decode())).values() for c in cursors)
+        assert rest == sorted(e.cursor for e in stored[len(stored) // 2 + 1:])
+
+
+def _cursors(messages) -> dict[str, list[str]]:
+    """The cursors of the events in these messages, by how they were sent: as metrics or evaluation columns, or
+    as objects."""
+    out = {"metrics": [], "evaluation": [], "events": []}
+    for kind, _, data in messages:
+        if kind == "message":
+            batch = json.loads(data)
+            out["metrics"] += batch.get("metrics", {}).get("cursor", [])
+            out["evaluation"] += batch.get("evaluation", {}).get("cursor", [])
+            out["events"] += [e["cursor"] for e in batch.get("events", [])]
+    return out
 
 
 

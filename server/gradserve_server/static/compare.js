@@ -7,7 +7,7 @@
   GS.header("/compare");
   const chosen = (new URLSearchParams(location.search).get("jobs") || "").split(",").filter(Boolean);
   const S = (j) => j.summary || {};
-  const followed = new Map();  // job id -> {job, history, stream}
+  const followed = new Map();  // job id -> {job, history, stream: its state ("live", "ended", ...), canvas}
   const page = window.gsCompare = {followed};
   const COLUMNS = [
     ["job", (j) => j.id], ["state", (j) => j.state], ["model", (j) => `${j.spec.model} H${j.spec.hidden_size}`],
@@ -115,19 +115,18 @@
       `<canvas class="heatmap"></canvas>`;
     $("heatmaps").appendChild(box);
     f.canvas = box.querySelector("canvas");
-    f.stream = GS.follow(id, (events) => {
-      f.history.add(events);
-      for (const e of events) {
-        if (e.kind === "metrics") {
-          f.job.last_step = e.step;
-          f.job.summary = {...S(f.job), train_loss: e.loss, train_perplexity: e.perplexity,
-                           tokens_per_sec: e.tokens_per_sec};
-        } else if (e.kind === "status") {
-          f.job.state = e.state;
-        }
+    GS.follow(id, (batch) => {
+      f.history.add(batch);
+      const last = GS.JobHistory.lastMetrics(batch);
+      if (last) {
+        f.job.last_step = last.step;
+        f.job.summary = {...S(f.job), train_loss: last.loss, train_perplexity: last.perplexity,
+                         tokens_per_sec: last.tokens_per_sec};
       }
+      for (const e of batch.events || []) if (e.kind === "status") f.job.state = e.state;
       redraw();
-    }, {onEnd: async () => { f.job = (await GS.api(`/api/jobs/${encodeURIComponent(id)}`)).job; redraw(); }});
+    }, {onStatus: (s) => { f.stream = s; },
+        onEnd: async () => { f.job = (await GS.api(`/api/jobs/${encodeURIComponent(id)}`)).job; redraw(); }});
   }
   redraw();
 })();

@@ -28,7 +28,8 @@ const GS = (() => {
                       headers: {"Content-Type": "application/json", "X-CSRF-Token": s.csrf}});
   }
 
-  // A job's events, from the start and then live, each exactly once. The server names each message by the
+  // A job's events, from the start and then live, each exactly once: `onEvents(batch, cursor)` gets each
+  // batch (see JobHistory.add) and the cursor of its last event. The server names each message by the
   // cursor of its last event; the browser reconnects a dropped stream by itself with that cursor
   // (Last-Event-ID), and a stream it gave up on (the server was down) is reopened here from it.
   function follow(jobId, onEvents, {onEnd, onStatus} = {}) {
@@ -40,7 +41,7 @@ const GS = (() => {
       source.onopen = () => status("live");
       source.onmessage = (m) => {
         last = m.lastEventId || last;
-        onEvents(JSON.parse(m.data));
+        onEvents(JSON.parse(m.data), last);
       };
       source.addEventListener("end", () => { stop(); status("ended"); if (onEnd) onEnd(); });
       source.addEventListener("failed", (m) => { stop(); status("failed: " + JSON.parse(m.data).error); });
@@ -62,13 +63,19 @@ const GS = (() => {
     return {stop, cursor: () => last};
   }
 
-  // Redraws at most once a frame, however many batches arrive in it.
-  function throttled(draw) {
-    let pending = false;
+  // Redraws at most once a frame, however many batches arrive in it, and no sooner than `gapMs()` after the
+  // last redraw: a page catching up on a long history draws it once, not once per batch.
+  function throttled(draw, gapMs = () => 0) {
+    let pending = false, last = 0;
+    const run = () => {
+      const wait = last + gapMs() - performance.now();
+      if (wait > 0) { setTimeout(run, wait); return; }
+      requestAnimationFrame(() => { pending = false; last = performance.now(); draw(); });
+    };
     return () => {
       if (pending) return;
       pending = true;
-      requestAnimationFrame(() => { pending = false; draw(); });
+      run();
     };
   }
 
@@ -241,23 +248,34 @@ const GS = (() => {
       this.checkpoints = [];
       this.metricCursors = [];
     }
-    add(events) {
-      for (const e of events) {
-        if (e.kind === "metrics") {
-          this.metricCursors.push(e.cursor);
-          this.table.set(e.step, {loss: e.loss, perplexity: e.perplexity, grad_norm: e.grad_norm,
-                                  clipped_norm: e.clipped ? e.grad_norm : null, lr: e.lr,
-                                  tokens_per_sec: e.tokens_per_sec});
-        } else if (e.kind === "evaluation") {
-          this.table.set(e.step, {val_loss: e.loss, val_perplexity: e.perplexity});
-        } else if (e.kind === "probe") {
-          this.probes.push(e);
-        } else if (e.kind === "status") {
-          this.statuses.push(e);
-        } else if (e.kind === "checkpoint") {
-          this.checkpoints.push(e);
+    // A batch as the server sends it: metrics and evaluations as columns, the rest as objects.
+    add(batch) {
+      const m = batch.metrics, e = batch.evaluation;
+      if (m) {
+        for (let i = 0; i < m.step.length; i++) {
+          this.metricCursors.push(m.cursor[i]);
+          this.table.set(m.step[i], {loss: m.loss[i], perplexity: m.perplexity[i], grad_norm: m.grad_norm[i],
+                                     clipped_norm: m.clipped[i] ? m.grad_norm[i] : null, lr: m.lr[i],
+                                     tokens_per_sec: m.tokens_per_sec[i]});
         }
       }
+      if (e) {
+        for (let i = 0; i < e.step.length; i++) {
+          this.table.set(e.step[i], {val_loss: e.loss[i], val_perplexity: e.perplexity[i]});
+        }
+      }
+      for (const event of batch.events || []) {
+        if (event.kind === "probe") this.probes.push(event);
+        else if (event.kind === "status") this.statuses.push(event);
+        else if (event.kind === "checkpoint") this.checkpoints.push(event);
+      }
+    }
+    // The last metrics report of a batch, if it has one.
+    static lastMetrics(batch) {
+      const m = batch.metrics;
+      if (!m) return null;
+      const i = m.step.length - 1;
+      return {step: m.step[i], loss: m.loss[i], perplexity: m.perplexity[i], tokens_per_sec: m.tokens_per_sec[i]};
     }
     // One layer's gradient-through-time columns, a probe each.
     heatColumns(layer) { return this.probes.map((p) => p.grad_through_time[layer] || []); }

@@ -5,12 +5,39 @@
 (async () => {
   const jobId = decodeURIComponent(location.pathname.split("/").pop());
   const $ = (id) => document.getElementById(id);
+  // While the page catches up on a long history, it draws at most this often (and once it has it all).
+  const CATCHING_UP_GAP_MS = 1000;
   const history = new GS.JobHistory();
   const page = window.gsJob = {id: jobId, history, caughtUp: false, draws: 0};
   GS.header("");
   $("compare").href = `/compare?jobs=${encodeURIComponent(jobId)}`;
 
   let {job, newest_cursor: newest} = await GS.api(`/api/jobs/${encodeURIComponent(jobId)}`);
+  // Opened before the charts are built, so that the history is on its way meanwhile.
+  GS.follow(jobId, (batch, id) => {
+    history.add(batch);
+    page.lastCursor = id;
+    const last = GS.JobHistory.lastMetrics(batch);
+    if (last) {
+      job.last_step = last.step;
+      job.summary = {...(job.summary || {}), train_loss: last.loss, train_perplexity: last.perplexity,
+                     tokens_per_sec: last.tokens_per_sec};
+    }
+    const statuses = (batch.events || []).filter((e) => e.kind === "status");
+    if (statuses.length) {
+      job.state = statuses[statuses.length - 1].state;
+      // The record says more (the reason, the worker, the summary); while the history comes in, once at the end.
+      if (page.caughtUp) refreshJob(); else page.refreshWhenCaughtUp = true;
+    }
+    redraw();
+  }, {
+    onStatus: (s) => {
+      $("live").textContent = s;
+      $("live").className = s === "live" ? "live on" : "live";
+      page.stream = s;
+    },
+    onEnd: () => refreshJob(),
+  });
   const clip = GS.n(job.spec.clip_norm);
   const charts = {
     loss: [GS.lineChart($("loss-chart"), [{label: "train"}, {label: "val", points: {show: true, size: 5}}],
@@ -112,11 +139,14 @@
     drawTimeline();
     drawFacts();
     page.draws += 1;
-    if (!page.caughtUp && (!newest || page.lastCursor === newest || cursorAfter(page.lastCursor, newest))) {
+    if (!page.caughtUp && historyIn()) {
       page.caughtUp = true;
       page.caughtUpAt = performance.now();
+      if (page.refreshWhenCaughtUp) refreshJob();
     }
-  });
+  }, () => (page.caughtUp || historyIn() ? 0 : CATCHING_UP_GAP_MS));
+  // Whether the events up to the newest one when the page loaded have all arrived.
+  const historyIn = () => !newest || cursorAfter(page.lastCursor, newest);
 
   function cursorAfter(a, b) {
     if (!a) return false;
@@ -132,28 +162,6 @@
       .catch(() => {}).finally(() => { refreshing = null; });
   }
 
-  GS.follow(jobId, (events) => {
-    history.add(events);
-    page.lastCursor = events[events.length - 1].cursor;
-    for (const e of events) {
-      if (e.kind === "metrics") {
-        job.last_step = e.step;
-        job.summary = {...(job.summary || {}), train_loss: e.loss, train_perplexity: e.perplexity,
-                       tokens_per_sec: e.tokens_per_sec};
-      } else if (e.kind === "status") {
-        job.state = e.state;
-        refreshJob();
-      }
-    }
-    redraw();
-  }, {
-    onStatus: (s) => {
-      $("live").textContent = s;
-      $("live").className = s === "live" ? "live on" : "live";
-      page.stream = s;
-    },
-    onEnd: refreshJob,
-  });
   drawFacts();
   redraw();
 
