@@ -59,12 +59,20 @@ def running(web):
 
 
 def until(condition, timeout: float = 20.0, what: str = "the page"):
+    from selenium.common.exceptions import JavascriptException
+
     deadline = time.monotonic() + timeout
     while True:
-        value = condition()
+        try:
+            value = condition()
+        except JavascriptException as e:
+            # A script run while the page navigates (after a form is sent) finds the old document going away.
+            value, last_error = None, e
+        else:
+            last_error = None
         if value:
             return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}" + (f": {last_error.msg}" if last_error else "")
         time.sleep(0.1)
 
 
