@@ -5,7 +5,12 @@ PY := $(VENV)/bin/python
 # pip finds this CPU build locally where it is cached; a bare `torch` would pull a multi-GB CUDA build.
 TORCH_CPU := torch==2.13.0
 
-.PHONY: venv demo test proto bench clean
+# The Python that `make gpu-check` runs with: on a GPU machine usually its own python3 with a CUDA torch.
+GPU_PYTHON ?= $(shell test -x $(PY) && echo $(PY) || command -v python3)
+# The GPU machine's Python version, for `make gpu-bundle`.
+GPU_PYTHON_VERSION ?= 3.12
+
+.PHONY: venv demo test proto bench gpu-bundle gpu-check clean
 
 venv: $(VENV)/.installed
 
@@ -14,7 +19,7 @@ $(VENV)/.installed: client/pyproject.toml proto/pyproject.toml server/pyproject.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_CPU)
 	# Compat mode puts each package's folder on sys.path, so modules added later need no reinstall.
 	$(PY) -m pip install -q --config-settings editable_mode=compat \
-	  -e './client[cli,plot]' -e ./proto -e './server[dev]' -e ./worker -r tests/requirements.txt
+	  -e './client[cli,plot,export]' -e ./proto -e './server[dev]' -e ./worker -r tests/requirements.txt
 	touch $@
 
 demo: venv
@@ -40,6 +45,16 @@ bench: venv
 	$(PY) bench/upload.py
 	$(PY) bench/fanout.py
 	$(PY) bench/dashboard.py
+	$(PY) bench/listing.py
+	$(PY) bench/auto_truncation.py
+
+# Wheels (and redis-server) for a GPU machine that lacks them and has no registry: gpu-bundle/ travels with the checkout.
+gpu-bundle: venv
+	$(PY) bench/gpu_check.py bundle --python-version $(GPU_PYTHON_VERSION)
+
+# Every CUDA check in one table (bench/gpu_check.py); on a machine without a GPU it says so and fails.
+gpu-check:
+	$(GPU_PYTHON) bench/gpu_check.py check
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache gpu-check-out

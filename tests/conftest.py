@@ -115,14 +115,18 @@ class Stack:
         return address
 
     def start_worker(self, name: str, queues: str = "cpu", env: dict[str, str] | None = None,
-                     node: str | None = None, crash_at_step: int = 0) -> subprocess.Popen:
+                     node: str | None = None, crash_at_step: int = 0, raise_at_step: int = 0) -> subprocess.Popen:
         """Start worker `name`@test (or named `node` exactly) and wait until it advertises itself.
 
-        With `crash_at_step`, each of its jobs' processes dies at that step (tests/harness/faulty_worker.py).
+        With `crash_at_step`, each of its jobs' processes dies at that step; with `raise_at_step`, the
+        trainer's report there warns and raises (tests/harness/faulty_worker.py).
         """
         node = node or f"{name}@test"
-        program = (str(HARNESS / "faulty_worker.py"), "--crash-at-step", str(crash_at_step)) if crash_at_step else (
-            "-m", "gradserve_worker.main")
+        program = ("-m", "gradserve_worker.main")
+        if crash_at_step:
+            program = (str(HARNESS / "faulty_worker.py"), "--crash-at-step", str(crash_at_step))
+        elif raise_at_step:
+            program = (str(HARNESS / "faulty_worker.py"), "--raise-at-step", str(raise_at_step))
         with self._log(f"worker-{name}") as log:
             proc = dev.start_worker(self.redis_url, queues=queues, name=node, log_file=log,
                                     extra_env={**self.env, **(env or {})}, program=program)

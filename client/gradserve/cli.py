@@ -27,23 +27,29 @@ import argparse
 import errno
 import json
 import os
+import re
+import shlex
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from google.protobuf import descriptor, json_format
+from google.protobuf import descriptor
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
+from gradserve import export, labels
+from gradserve.export import as_dict
 from gradserve import spec as specs
 from gradserve.client import DEFAULT_GENERATE_TOKENS, TERMINAL_STATES, Client, state_name
 from gradserve.cmdline import Parser, add_version, command
 from gradserve.errors import FailedPrecondition, GradserveError, InvalidArgument, Unavailable
 from gradserve.settings import DEFAULT_SERVER, ClientSettings
+from gradserve.truncation import advice_line
 from gradserve.v1 import jobs_pb2
 
 EXIT_OK = 0
@@ -69,7 +75,8 @@ DEFAULT_CHECKPOINT_FILE = "model.pt"
 # Enough of a content-hash id to tell datasets apart in a table.
 DATASET_ID_SHOWN = 11
 # The list drops its least needed columns, last first, to fit the screen.
-LIST_COLUMNS = ("id", "state", "model", "step/max", "created", "train", "best val", "dataset", "worker")
+LIST_COLUMNS = ("id", "state", "name", "model", "step/max", "created", "train", "best val", "dataset", "worker")
+DATASET_COLUMNS = ("id", "name", "size", "chars", "words", "uploaded")
 WORKER_COLUMNS = ("name", "queues", "current job", "last seen", "device", "memory budget", "host", "pid")
 _TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 _FLOAT_TYPES = {descriptor.FieldDescriptor.TYPE_DOUBLE, descriptor.FieldDescriptor.TYPE_FLOAT}
@@ -79,16 +86,6 @@ ClientFactory = Callable[..., Client]
 
 
 # ------------------------------------------------------------------ formatting
-
-
-def as_dict(message) -> dict:
-    """A message as JSON-ready data, with the proto's field names and every field present."""
-    return json_format.MessageToDict(
-        message,
-        preserving_proto_field_name=True,
-        always_print_fields_with_no_presence=True,
-        unquote_int64_if_possible=True,
-    )
 
 
 def print_json(console: Console, data) -> None:
@@ -177,7 +174,7 @@ def status_line(s: jobs_pb2.StatusChange) -> str:
 
 
 def checkpoint_line(c: jobs_pb2.CheckpointSaved) -> str:
-    return f"checkpoint  step {c.step}  size {human_bytes(c.size_bytes)}"
+    return f"checkpoint  step {c.step}  size {human_bytes(c.size_bytes)}" + ("  (best so far)" if c.best else "")
 
 
 def evaluation_line(e: jobs_pb2.Evaluation) -> str:
@@ -188,7 +185,7 @@ def evaluation_line(e: jobs_pb2.Evaluation) -> str:
 
 
 def probe_line(p: jobs_pb2.Probe) -> str:
-    """The gradient-through-time profile at its two ends, and the largest singular value found."""
+    """The gradient-through-time profile at its two ends, the largest singular value found, and the window advice."""
     parts = [f"probe  step {p.step}"]
     for profile in p.grad_through_time:
         if profile.norms:
@@ -198,7 +195,14 @@ def probe_line(p: jobs_pb2.Probe) -> str:
         top = max(p.spectral_norms, key=lambda n: n.sigma)
         gate = f"[{top.gate}]" if top.gate else ""
         parts.append(f"largest singular value {top.sigma:.3g} ({top.name}{gate})")
+    if p.HasField("decay_rate"):
+        parts.append(advice_line(p.half_life, p.suggested_window, p.warning))
     return "  ".join(parts)
+
+
+def window_change_line(c: jobs_pb2.WindowChange) -> str:
+    return (f"window  step {c.step}  num_steps {c.from_window} -> {c.to_window} steps "
+            f"(the probes since the last checkpoint suggest {c.suggested})")
 
 
 def event_line(event: jobs_pb2.Event, max_steps: int) -> str:
@@ -213,6 +217,8 @@ def event_line(event: jobs_pb2.Event, max_steps: int) -> str:
         return evaluation_line(event.evaluation)
     if kind == "probe":
         return probe_line(event.probe)
+    if kind == "window_change":
+        return window_change_line(event.window_change)
     return f"event of an unknown kind (cursor {event.cursor}); upgrade gradserve to see it"
 
 
@@ -254,6 +260,16 @@ def _best_result(summary: jobs_pb2.JobSummary) -> str:
     return f"ppl {summary.best_val_perplexity:.2f}"
 
 
+def results_line(summary: jobs_pb2.JobSummary) -> str:
+    """A job's results in one line: the latest training figure, the best evaluation, tokens and speed."""
+    parts = [f"train {_train_result(summary)}"]
+    if summary.best_step:
+        parts.append(f"best val {_best_result(summary)} at step {summary.best_step}")
+    parts.append(f"{summary.tokens:,} tokens in {human_duration(summary.train_seconds)} "
+                 f"({summary.tokens_per_sec:,.0f} tokens/s)")
+    return "; ".join(parts)
+
+
 def _plain(console: Console, text: str, style: str | None = None) -> None:
     # Server text (reasons, names) may hold brackets that rich would read as markup.
     console.print(Text(text, style=style or ""), soft_wrap=True)
@@ -262,7 +278,12 @@ def _plain(console: Console, text: str, style: str | None = None) -> None:
 def render_job(console: Console, job: jobs_pb2.Job, now: float | None = None) -> None:
     """The job record, one `key  value` line each, times with their durations."""
     now = time.time() if now is None else now
-    rows: list[tuple[str, str]] = [("id", job.id), ("state", state_name(job.state))]
+    rows: list[tuple[str, str]] = [("id", job.id)]
+    if job.name:
+        rows.append(("name", job.name))
+    if job.tags:
+        rows.append(("tags", " ".join(f"{k}={v}" for k, v in sorted(job.tags.items()))))
+    rows.append(("state", state_name(job.state)))
     if job.reason:
         rows.append(("reason", job.reason))
     if job.waiting:
@@ -271,11 +292,20 @@ def render_job(console: Console, job: jobs_pb2.Job, now: float | None = None) ->
              ("worker", job.worker or "-")]
     percent = job.last_step / job.spec.max_steps if job.spec.max_steps else 0.0
     rows.append(("step", f"{_step_of(job)} ({percent:.0%})"))
-    rows.append(("checkpoint", f"step {job.checkpoint_step}" if job.checkpoint_step else "none yet"))
+    checkpoints = f"step {job.checkpoint_step}" if job.checkpoint_step else "none yet"
+    if job.best_checkpoint_step:
+        checkpoints += f"; best at step {job.best_checkpoint_step}"
+    rows.append(("checkpoint", checkpoints))
+    if job.HasField("init_from"):
+        taken = "weights" + (", optimizer state" if job.init_from.optimizer else "") + (
+            ", hidden state" if job.init_from.state else "")
+        rows.append(("started from", f"{job.init_from.job_id} at step {job.init_from.step} ({taken})"))
     summary = job.summary
-    if summary.step:
+    if summary.step and summary.train_perplexity:
         rows.append(("train", f"{_train_result(summary)}, loss {summary.train_loss:.4f} nats/token "
                               f"at step {summary.step}"))
+    elif summary.step:  # a synthetic task: its own loss (MSE, or cross-entropy over the recalled symbols)
+        rows.append(("train", f"{_train_result(summary)} at step {summary.step}"))
     if summary.best_step:
         rows.append(("best val", f"{_best_result(summary)}, loss {summary.best_val_loss:.4f} "
                                  f"at step {summary.best_step}"))
@@ -298,6 +328,8 @@ def render_job(console: Console, job: jobs_pb2.Job, now: float | None = None) ->
     elif job.HasField("finished_at"):
         rows.append(("finished", f"{_local_time(job.finished_at)} (never started)"))
     rows.append(("spec", spec_summary(job.spec)))
+    if job.note:
+        rows.append(("note", job.note))
     # Plain lines rather than a table: piped output carries no padding, and long values wrap on a screen.
     width = max(len(key) for key, _ in rows)
     for key, value in rows:
@@ -331,6 +363,7 @@ def render_jobs(console: Console, jobs: Sequence[jobs_pb2.Job], now: float | Non
         {
             "id": job.id,
             "state": state_name(job.state) + ("*" if job.waiting else ""),
+            "name": job.name or "-",
             "model": job.spec.model,
             "step/max": _step_of(job),
             "train": _train_result(job.summary),
@@ -341,7 +374,9 @@ def render_jobs(console: Console, jobs: Sequence[jobs_pb2.Job], now: float | Non
         }
         for job in jobs
     ]
-    header, *lines = fit_columns(rows, LIST_COLUMNS, console.width)
+    # Only a list where some job has a name gives the column room.
+    columns = [c for c in LIST_COLUMNS if c != "name" or any(job.name for job in jobs)]
+    header, *lines = fit_columns(rows, columns, console.width)
     _plain(console, header, style="bold")
     for line in lines:
         _plain(console, line)
@@ -366,6 +401,14 @@ def last_seen(worker: jobs_pb2.Worker, now: float) -> str:
     return f"{ago:.1f}s ago" + (" (overdue: likely dead)" if overdue else "")
 
 
+def running_jobs(worker: jobs_pb2.Worker) -> str:
+    """The jobs a worker runs: "idle", a job id, or "2/4: ID, ID" for one that runs several at once."""
+    jobs = list(worker.job_ids) or ([worker.job_id] if worker.job_id else [])
+    if worker.concurrency > 1:
+        return f"{len(jobs)}/{worker.concurrency}" + (": " + ", ".join(jobs) if jobs else " idle")
+    return ", ".join(jobs) or "idle"
+
+
 def render_workers(console: Console, workers: Sequence[jobs_pb2.Worker], now: float | None = None) -> None:
     if not workers:
         _plain(console, f"no worker is alive; start one with `{command('gradserve-worker')} --redis-url URL "
@@ -376,7 +419,7 @@ def render_workers(console: Console, workers: Sequence[jobs_pb2.Worker], now: fl
         {
             "name": w.name,
             "queues": ",".join(w.queues),
-            "current job": w.job_id or "idle",
+            "current job": running_jobs(w),
             "last seen": last_seen(w, now),
             "device": w.device,
             "memory budget": human_bytes(w.memory_budget_bytes) if w.memory_budget_bytes else "-",
@@ -490,6 +533,12 @@ def follow(console: Console, err: Console, job, cursor: str, *, json_mode: bool,
         _plain(console, f"job {job.id} {final_state} at step {step}/{job.info.spec.max_steps}")
         if reason:
             _plain(console, f"reason: {reason}")
+        try:
+            summary = job.refresh().summary
+        except GradserveError:
+            summary = None  # the results are a courtesy: the outcome above is what counts
+        if summary is not None and summary.step:
+            _plain(console, "results: " + results_line(summary))
         if final_state == "SUCCEEDED":
             _plain(console, f"get the model: {command('gradserve download')} {job.id} -o {DEFAULT_CHECKPOINT_FILE}")
     return EXIT_BY_STATE.get(final_state, EXIT_FAILED)
@@ -504,6 +553,7 @@ class Context:
     client_factory: ClientFactory
     out: Console
     err: Console
+    argv: Sequence[str] = ()  # the command line as given, for hints that repeat it
 
     def client(self) -> Client:
         a = self.args
@@ -541,7 +591,9 @@ def cmd_submit(ctx: Context) -> int:
     fields = {f.name: getattr(ctx.args, f.name) for f in specs.FIELDS}
     with ctx.client() as client:
         dataset = resolve_dataset(ctx, client, ctx.args.dataset)
-        job = client.submit(dataset=dataset, **fields)
+        job = client.submit(dataset=dataset, name=ctx.args.name, tags=dict(ctx.args.tag), note=ctx.args.note,
+                            init_from=ctx.args.init_from, init_optimizer=ctx.args.init_optimizer,
+                            init_state=ctx.args.init_state, **fields)
         if ctx.args.json:
             print_json(ctx.out, as_dict(job.info))
         else:
@@ -551,6 +603,27 @@ def cmd_submit(ctx: Context) -> int:
         if not ctx.args.follow:
             return EXIT_OK
         return follow(ctx.out, ctx.err, job, "", json_mode=ctx.args.json, server=ctx.args.server)
+
+
+def cmd_resubmit(ctx: Context) -> int:
+    a = ctx.args
+    changes = {f.name: getattr(a, f.name) for f in specs.FIELDS if getattr(a, f.name) is not None}
+    with ctx.client() as client:
+        original = client.get_job(a.job)
+        if a.dataset is not None:
+            changes["dataset"] = resolve_dataset(ctx, client, a.dataset)
+        job = original.resubmit(name=a.name, tags=dict(a.tag), note=a.note, **changes)
+        if a.json:
+            print_json(ctx.out, as_dict(job.info))
+        else:
+            _plain(ctx.out, job.id)
+            changed = ", ".join(f"{k}={v}" for k, v in changes.items()) or "no changes"
+            _plain(ctx.out, f"  {state_name(job.info.state)} on queue {job.info.queue}: {original.id} again with "
+                            f"{changed}")
+        warn_waiting(ctx.err, job.info)
+        if not a.follow:
+            return EXIT_OK
+        return follow(ctx.out, ctx.err, job, "", json_mode=a.json, server=a.server)
 
 
 def warn_waiting(err: Console, info: jobs_pb2.Job) -> None:
@@ -576,12 +649,41 @@ def cmd_status(ctx: Context) -> int:
 
 
 def cmd_list(ctx: Context) -> int:
+    a = ctx.args
     with ctx.client() as client:
-        jobs = [j.info for j in client.list_jobs(limit=ctx.args.limit, state=ctx.args.state)]
-    if ctx.args.json:
+        page = client.list_jobs(limit=a.limit, state=a.state, name=a.name, tags=dict(a.tag), model=a.model or "",
+                                dataset=a.dataset, created_after=a.after, created_before=a.before,
+                                order_by=a.sort, reverse=a.reverse, page_token=a.page_token, sweep=a.sweep)
+    jobs = [j.info for j in page]
+    if a.json:
         print_json(ctx.out, [as_dict(j) for j in jobs])
     else:
         render_jobs(ctx.out, jobs)
+    if page.next_page_token:  # on stderr, so that --json output stays one list
+        # The same command without its page token ("--page-token X" or "--page-token=X"), then the new one.
+        again = [arg for i, arg in enumerate(ctx.argv)
+                 if not arg.startswith("--page-token") and (i == 0 or ctx.argv[i - 1] != "--page-token")]
+        _plain(ctx.err, "more: " + shlex.join(["gradserve", *again, "--page-token", page.next_page_token]),
+               style="dim")
+    return EXIT_OK
+
+
+def log_line(line: jobs_pb2.LogLine) -> str:
+    return f"{_local_time(line.time)} attempt {line.attempt} {line.level} {line.logger}: {line.message}"
+
+
+def cmd_logs(ctx: Context) -> int:
+    with ctx.client() as client:
+        job = client.get_job(ctx.args.job)
+        try:
+            for line in job.logs(follow=ctx.args.follow):
+                if ctx.args.json:
+                    print_json(ctx.out, as_dict(line))
+                else:
+                    _plain(ctx.out, log_line(line))
+        except KeyboardInterrupt:
+            _plain(ctx.err, f"\nstopped following; the job goes on (gradserve logs {job.id} -f follows it again)")
+            return EXIT_INTERRUPTED
     return EXIT_OK
 
 
@@ -607,22 +709,66 @@ def cmd_cancel(ctx: Context) -> int:
     return EXIT_OK
 
 
-def cmd_delete(ctx: Context) -> int:
+def delete_each(ctx: Context, ids: Sequence[str], delete: Callable, said: Callable[[object], str]) -> int:
+    """delete(client, id) for each id, printing what went (`said`) and why any did not; exit 0 only if all went."""
     deleted, code = [], EXIT_OK
     with ctx.client() as client:
-        for job_id in ctx.args.jobs:
+        for item in ids:
             try:
-                deleted.append(client.get_job(job_id).delete().info)
+                deleted.append(delete(client, item))
             except GradserveError as e:
                 print_error(ctx.err, e, ctx.args.server)
                 code = EXIT_FAILED
     if ctx.args.json:
-        print_json(ctx.out, [as_dict(info) for info in deleted])
+        print_json(ctx.out, [as_dict(record) for record in deleted])
     else:
-        for info in deleted:
-            _plain(ctx.out, f"deleted {info.id} ({state_name(info.state)} at step {info.last_step}): its record, "
-                            "events and checkpoint are gone")
+        for record in deleted:
+            _plain(ctx.out, said(record))
     return code
+
+
+def cmd_delete(ctx: Context) -> int:
+    return delete_each(ctx, ctx.args.jobs, lambda client, job_id: client.get_job(job_id).delete().info,
+                       lambda info: f"deleted {info.id} ({state_name(info.state)} at step {info.last_step}): its "
+                                    "record, events, checkpoints and log are gone")
+
+
+def render_datasets(console: Console, datasets: Sequence[jobs_pb2.Dataset], now: float | None = None) -> None:
+    if not datasets:
+        _plain(console, "no datasets; upload one with `gradserve upload FILE`")
+        return
+    now = time.time() if now is None else now
+    rows = [
+        {
+            "id": d.id,
+            "name": d.name or "-",
+            "size": human_bytes(d.size_bytes),
+            "chars": human_count(d.num_chars),
+            "words": human_count(d.num_words) if d.num_words else "-",
+            "uploaded": _age(d.uploaded_at, now) if d.HasField("uploaded_at") else "-",
+        }
+        for d in datasets
+    ]
+    header, *lines = fit_columns(rows, DATASET_COLUMNS, console.width)
+    _plain(console, header, style="bold")
+    for line in lines:
+        _plain(console, line)
+
+
+def cmd_datasets(ctx: Context) -> int:
+    with ctx.client() as client:
+        datasets = client.list_datasets()
+    if ctx.args.json:
+        print_json(ctx.out, [as_dict(d) for d in datasets])
+    else:
+        render_datasets(ctx.out, datasets)
+    return EXIT_OK
+
+
+def cmd_delete_dataset(ctx: Context) -> int:
+    return delete_each(ctx, ctx.args.datasets, lambda client, dataset_id: client.delete_dataset(dataset_id),
+                       lambda d: f"deleted {d.id} ({d.name or 'no name'}, {human_bytes(d.size_bytes)}); jobs that "
+                                 "trained on it keep their records and checkpoints")
 
 
 def cmd_download(ctx: Context) -> int:
@@ -631,7 +777,7 @@ def cmd_download(ctx: Context) -> int:
         # Checked up front: otherwise the error would name the client's temporary file.
         raise FileNotFoundError(errno.ENOENT, "no such directory", str(folder))
     with ctx.client() as client:
-        step = client.get_job(ctx.args.job).download_checkpoint(ctx.args.output)
+        step = client.get_job(ctx.args.job).download_checkpoint(ctx.args.output, ctx.args.checkpoint)
     size = os.path.getsize(ctx.args.output)
     if ctx.args.json:
         print_json(ctx.out, {"path": str(ctx.args.output), "size_bytes": size, "step": step})
@@ -644,7 +790,7 @@ def cmd_generate(ctx: Context) -> int:
     args = ctx.args
     with ctx.client() as client:
         reply = client.get_job(args.job).generate(args.prefix, args.num_tokens, temperature=args.temperature,
-                                                  seed=args.seed)
+                                                  seed=args.seed, checkpoint=args.checkpoint)
     if args.json:
         print_json(ctx.out, {"job_id": args.job, **as_dict(reply)})
     else:
@@ -680,6 +826,27 @@ def cmd_plot(ctx: Context) -> int:
             f"wrote {ctx.args.output}: {len(history.metrics)} metrics, {len(history.evaluations)} evaluations, "
             f"{len(history.probes)} probes; {job.id} {state_name(job.info.state)} at step {job.info.last_step}",
         )
+    return EXIT_OK
+
+
+def cmd_export(ctx: Context) -> int:
+    if ctx.args.format == "tensorboard":
+        try:
+            export.load_tensorboard()
+        except export.ExportMissing as e:
+            # Said before anything else happens, rather than after fetching the whole history.
+            _plain(ctx.err, f"error: {e}")
+            return EXIT_FAILED
+    with ctx.client() as client:
+        job = client.get_job(ctx.args.job)
+        events = list(job.events(follow=False))
+    written = export.export(events, job.info, ctx.args.format, ctx.args.output)
+    if ctx.args.json:
+        print_json(ctx.out, {"folder": str(ctx.args.output), "written": written})
+    else:
+        what = ", ".join(f"{name} ({count:,})" for name, count in written.items())
+        _plain(ctx.out, f"wrote {ctx.args.output}: {what}; {job.id} {state_name(job.info.state)} at step "
+                        f"{job.info.last_step}")
     return EXIT_OK
 
 
@@ -727,16 +894,24 @@ def _spec_help(field: specs.Field) -> str:
     return "; ".join(parts).replace("%", "%%")
 
 
-def add_spec_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per `spec.FIELDS` row: --hidden-size for hidden_size, and so on."""
-    group = parser.add_argument_group("job spec (unset flags take the defaults shown)")
+def add_spec_flags(parser: argparse.ArgumentParser, *, changes: bool = False) -> None:
+    """One flag per `spec.FIELDS` row: --hidden-size for hidden_size, and so on.
+
+    With `changes`, an unset flag is None (the field keeps its value) instead of the field's default.
+    """
+    title = "changes to the job spec" if changes else "job spec (unset flags take the defaults shown)"
+    group = parser.add_argument_group(title)
     for f in specs.FIELDS:
         flag = "--" + f.name.replace("_", "-")
+        default = None if changes else f.default
         if f.choices:
-            group.add_argument(flag, dest=f.name, default=f.default, choices=f.choices, help=_spec_help(f))
+            group.add_argument(flag, dest=f.name, default=default, choices=f.choices, help=_spec_help(f))
+        elif isinstance(f.default, bool):
+            group.add_argument(flag, dest=f.name, default=default, action=argparse.BooleanOptionalAction,
+                               help=_spec_help(f))
         else:
             parse = _number_type(f)
-            group.add_argument(flag, dest=f.name, default=f.default, type=_spec_type(f, parse),
+            group.add_argument(flag, dest=f.name, default=default, type=_spec_type(f, parse),
                                metavar="X" if parse is float else "N", help=_spec_help(f))
 
 
@@ -791,6 +966,61 @@ def _temperature(text: str) -> float:
 
 
 _JOB_STATES = tuple(n for n in jobs_pb2.JobState.keys() if n != "JOB_STATE_UNSPECIFIED")
+# ListJobsRequest.order_by's values, and the most jobs one page may hold.
+SORT_ORDERS = ("created", "train_loss", "val_loss", "tokens_per_sec")
+LIST_LIMIT_MAX = 1000
+_AGE = re.compile(r"(\d+(?:\.\d+)?)([mhd])")
+_AGE_SECONDS = {"m": 60, "h": 3600, "d": 86400}
+
+
+CHECKPOINT_HELP = ("latest (the default), best (kept for the best evaluation so far), or the step of one of those "
+                   "two")
+
+
+def _checkpoint_arg(text: str) -> str:
+    if text in ("latest", "best") or text.isdigit():
+        return text
+    raise argparse.ArgumentTypeError(f"must be latest, best or a step number, got {text!r}")
+
+
+def _choice(choices: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"must be one of {', '.join(choices)}, got {text!r}")
+        return text
+
+    return parse
+
+
+def _label(rule: Callable[[str], list]) -> Callable[[str], str]:
+    """An argparse type checking a name or note by gradserve.labels' rule, before anything is sent."""
+
+    def parse(text: str) -> str:
+        problems = rule(text)
+        if problems:
+            raise argparse.ArgumentTypeError(problems[0][1])
+        return text
+
+    return parse
+
+
+def _tag(text: str) -> tuple[str, str]:
+    try:
+        return labels.parse_tag(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _time_arg(text: str, now: float | None = None) -> float:
+    """A Unix time from a local date or time, or from an age such as 90m, 6h or 2d (that long before now)."""
+    if m := _AGE.fullmatch(text):
+        return (time.time() if now is None else now) - float(m[1]) * _AGE_SECONDS[m[2]]
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be a date or time like 2026-11-30 or 2026-11-30T14:00, or an age like 90m, 6h or 2d; got {text!r}"
+        ) from None
 
 
 def _job_state(text: str) -> str:
@@ -831,7 +1061,32 @@ def build_parser() -> argparse.ArgumentParser:
              + ", ".join(specs.BUILTIN_DATASETS),
     )
     p.add_argument("--follow", action="store_true", help="then watch the job until it ends, as `gradserve watch` does")
+    p.add_argument("--name", default="", type=_label(labels.name_violations),
+                   help=f"a label to find the job by (`list --name`), at most {labels.MAX_NAME_CHARS} characters")
+    p.add_argument("--tag", action="append", default=[], type=_tag, metavar="KEY=VALUE",
+                   help="a tag to filter by (`list --tag`); repeat for more")
+    p.add_argument("--note", default="", type=_label(labels.note_violations),
+                   help=f"free text kept with the job, at most {labels.MAX_NOTE_CHARS} characters")
+    p.add_argument("--init-from", default="", metavar="JOB[@CHECKPOINT]",
+                   help="start from another job's weights: its latest checkpoint, or JOB@best, or JOB@STEP; "
+                        "model, sizes and vocabulary must match")
+    p.add_argument("--init-optimizer", action="store_true", help="with --init-from: its optimizer state too")
+    p.add_argument("--init-state", action="store_true",
+                   help="with --init-from: its carried hidden state too (same batch size, partition sequential)")
     add_spec_flags(p)
+
+    p = subcommand("resubmit", cmd_resubmit, "submit a job's spec again as a new job, with changes",
+                   epilog="Only the flags given change; the name and note carry over unless given, and --tag adds\n"
+                          "to the job's tags. Settings whose defaults derive from others (lr from the optimizer;\n"
+                          "tbptt-k1, tbptt-k2 and auto's bounds from num-steps), when the job had those defaults,\n"
+                          "are derived again from the changed spec (a switch to adam gets adam's lr).")
+    p.add_argument("job", metavar="JOB")
+    p.add_argument("--dataset", help="train on this instead: an id, a local text file (uploaded first), or a built-in")
+    p.add_argument("--follow", action="store_true", help="then watch the new job until it ends")
+    p.add_argument("--name", type=_label(labels.name_violations), help="a new name")
+    p.add_argument("--tag", action="append", default=[], type=_tag, metavar="KEY=VALUE", help="a tag to add")
+    p.add_argument("--note", type=_label(labels.note_violations), help="a new note")
+    add_spec_flags(p, changes=True)
 
     p = subcommand("watch", cmd_watch, "follow a job's progress until it ends",
                 epilog="with --json: one event object per line, the last being the job's final status.\n\n"
@@ -842,11 +1097,34 @@ def build_parser() -> argparse.ArgumentParser:
     p = subcommand("status", cmd_status, "show a job's record and effective spec")
     p.add_argument("job", metavar="JOB")
 
-    p = subcommand("list", cmd_list, "list jobs, newest first")
+    p = subcommand("list", cmd_list, "list jobs, newest first; filters combine",
+                   epilog="TIME is a date or time (2026-11-30, 2026-11-30T14:00, local time) or an age: 90m, 6h, 2d\n"
+                          "(that long ago). When there are more, the last line prints the command for the next page.")
     p.add_argument("--state", type=_job_state, metavar="STATE",
                    help="only jobs in this state: " + ", ".join(_JOB_STATES))
-    p.add_argument("--limit", type=_int_at_least(1), default=DEFAULT_LIST_LIMIT,
-                   help=f"at most this many (default {DEFAULT_LIST_LIMIT})")
+    p.add_argument("--name", default="", type=_label(labels.name_violations),
+                   help="only jobs whose name contains this, ignoring case")
+    p.add_argument("--tag", action="append", default=[], type=_tag, metavar="KEY=VALUE",
+                   help="only jobs with this tag; repeat for jobs with all of them")
+    p.add_argument("--model", type=_choice(tuple(specs.MODELS)), metavar="MODEL",
+                   help="only jobs of this model: " + ", ".join(specs.MODELS))
+    p.add_argument("--dataset", default="", help="only jobs on this dataset (an id or built-in name)")
+    p.add_argument("--sweep", default="", help="only the members of this sweep")
+    p.add_argument("--after", type=_time_arg, metavar="TIME", help="only jobs created at or after TIME")
+    p.add_argument("--before", type=_time_arg, metavar="TIME", help="only jobs created before TIME")
+    p.add_argument("--sort", default="created", type=_choice(SORT_ORDERS), metavar="ORDER",
+                   help="created (newest first, the default), train_loss or val_loss (lowest first), "
+                        "tokens_per_sec (highest first)")
+    p.add_argument("--reverse", action="store_true", help="the opposite order")
+    p.add_argument("--limit", type=_int_at_least(1, LIST_LIMIT_MAX), default=DEFAULT_LIST_LIMIT,
+                   help=f"at most this many, 1 to {LIST_LIMIT_MAX} (default {DEFAULT_LIST_LIMIT})")
+    p.add_argument("--page-token", default="", metavar="TOKEN", help="the next page, as printed below a full page")
+
+    p = subcommand("logs", cmd_logs, "print what the workers logged while they ran a job",
+                   epilog="A job keeps its newest 1,000 lines: warnings, each attempt's start and end, and a crash's\n"
+                          "traceback. With -f, new lines follow until the job ends.")
+    p.add_argument("job", metavar="JOB")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines until the job ends")
 
     p = subcommand("cancel", cmd_cancel, "cancel a job: at once if queued, at its next step if running",
                 epilog="exits 0 once the job is cancelled, asked to stop, or had already ended (the output says\n"
@@ -861,6 +1139,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = subcommand("download", cmd_download, "write a job's latest checkpoint to a file")
     p.add_argument("job", metavar="JOB")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="FILE", help="where to write it")
+    p.add_argument("--checkpoint", default="latest", type=_checkpoint_arg, metavar="WHICH",
+                   help=CHECKPOINT_HELP)
 
     p = subcommand("generate", cmd_generate, "generate text from a job's latest checkpoint (running or finished)",
                 epilog="The model reads the prefix (preprocessed and split like the job's text; unknown tokens\n"
@@ -874,6 +1154,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="0 (default) always takes the likeliest token; above 0 samples from softmax(logits / T)")
     p.add_argument("--seed", type=_int_at_least(0), default=0, metavar="S",
                    help="seed for sampling: the same seed gives the same text (default 0)")
+    p.add_argument("--checkpoint", default="latest", type=_checkpoint_arg, metavar="WHICH", help=CHECKPOINT_HELP)
 
     p = subcommand("plot", cmd_plot, "draw a job's loss, gradient norms and gradients through time to an image",
                 epilog="Works on a running job too: it plots the history so far. Needs matplotlib:\n"
@@ -881,6 +1162,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job", metavar="JOB")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="FILE",
                    help="where to write it; the extension picks the format (.png, .svg, .pdf)")
+
+    p = subcommand("export", cmd_export, "write a job's history to files: CSV tables, JSON lines or TensorBoard",
+                   epilog="csv: metrics.csv, evaluations.csv, probes.csv, spectral_norms.csv, status.csv\n"
+                          "jsonl: job.json and events.jsonl (one event a line)\n"
+                          "tensorboard: an event file (scalars, and each probe's gradient-through-time profile as\n"
+                          "an image); needs pip install 'gradserve[export]'. Works on a running job: the history so far.")
+    p.add_argument("job", metavar="JOB")
+    p.add_argument("--format", required=True, type=_choice(export.FORMATS), metavar="FORMAT",
+                   help="csv, jsonl or tensorboard")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="DIR", help="folder to write into (made if missing)")
+
+    subcommand("datasets", cmd_datasets, "list your datasets, newest upload first")
+
+    p = subcommand("delete-dataset", cmd_delete_dataset, "forget datasets you uploaded",
+                   epilog="A dataset a QUEUED or RUNNING job of yours trains on is refused. The text is removed\n"
+                          "once no one else has uploaded it. Exits 0 when every dataset given was deleted.")
+    p.add_argument("datasets", nargs="+", metavar="DATASET")
 
     subcommand("workers", cmd_workers, "list the workers that are alive")
     return parser
@@ -891,11 +1189,12 @@ def main(argv: Sequence[str] | None = None, client_factory: ClientFactory = Clie
 
     `client_factory` turns the --server address into a client; tests pass a fake.
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     out = Console()
     if not out.is_terminal and "COLUMNS" not in os.environ:
         out = Console(width=PIPED_WIDTH)
-    ctx = Context(args, client_factory, out, Console(stderr=True))
+    ctx = Context(args, client_factory, out, Console(stderr=True), argv)
     try:
         code = args.handler(ctx)
     except GradserveError as e:

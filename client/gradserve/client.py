@@ -14,7 +14,7 @@ from __future__ import annotations
 import codecs
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import grpc
@@ -147,10 +147,19 @@ class Client:
 
     # ---------------------------------------------------------------- jobs
 
-    def submit(self, spec: jobs_pb2.JobSpec | None = None, **fields) -> "Job":
+    def submit(self, spec: jobs_pb2.JobSpec | None = None, *, name: str = "", tags: Mapping[str, str] | None = None,
+               note: str = "", init_from: str = "", init_optimizer: bool = False, init_state: bool = False,
+               **fields) -> "Job":
         """Submit a job. Give a JobSpec, or its fields as keywords (unset ones take the server's defaults).
 
         Field names, defaults and allowed values: `gradserve.spec.FIELDS`.
+        `name`, `tags` and `note` label the job for finding it later
+        (list_jobs); the rules for them are in `gradserve.labels`.
+        `init_from` "JOB", "JOB@best" or "JOB@STEP" starts from that job's
+        latest, best or step-STEP checkpoint: its weights, and with
+        init_optimizer its optimizer state, with init_state its carried hidden
+        state. The model, sizes and vocabulary must match (the server names
+        each that does not).
         """
         unknown = sorted(set(fields) - set(jobs_pb2.JobSpec.DESCRIPTOR.fields_by_name))
         if unknown:
@@ -169,16 +178,56 @@ class Client:
                 allowed = f"must be {field.allowed}" if field else "has the wrong type"
                 reason = f"{allowed}, got {value!r}"
                 raise InvalidArgument(f"spec.{key} {reason}", None, [(f"spec.{key}", reason)]) from None
-        job = self._unary(self.stub.SubmitJob, jobs_pb2.SubmitJobRequest(spec=message))
-        return Job(self, job)
+        request = jobs_pb2.SubmitJobRequest(spec=message, name=name, tags=tags or {}, note=note)
+        if init_from:
+            source, _, checkpoint = init_from.partition("@")
+            request.init_from.CopyFrom(jobs_pb2.InitFrom(job_id=source, checkpoint=checkpoint or "latest",
+                                                         optimizer=init_optimizer, state=init_state))
+        return Job(self, self._unary(self.stub.SubmitJob, request))
 
     def get_job(self, job_id: str) -> "Job":
         return Job(self, self._unary(self.stub.GetJob, jobs_pb2.GetJobRequest(job_id=job_id)))
 
-    def list_jobs(self, limit: int = 50, state: str | None = None) -> list["Job"]:
-        """The newest jobs first, optionally only those in `state` ("RUNNING", ...)."""
-        request = jobs_pb2.ListJobsRequest(limit=limit, state=jobs_pb2.JobState.Value(state) if state else 0)
-        return [Job(self, j) for j in self._unary(self.stub.ListJobs, request).jobs]
+    def list_jobs(self, limit: int = 50, state: str | None = None, *, name: str = "",
+                  tags: Mapping[str, str] | None = None, model: str = "", dataset: str = "",
+                  created_after: float | None = None, created_before: float | None = None,
+                  order_by: str = "created", reverse: bool = False, page_token: str = "", sweep: str = "") -> "JobPage":
+        """One page of jobs that match every filter given, newest first unless `order_by` says otherwise.
+
+        state: "RUNNING" and so on. name: a part of the name, ignoring case.
+        tags: every one must be on the job. sweep: its members only. created_after, created_before:
+        Unix times. order_by: "created", or a summary metric, best first:
+        "train_loss", "val_loss", "tokens_per_sec". The page is a list; its
+        `next_page_token`, passed back with the same filters, gives the next
+        page ("" on the last one). `iter_jobs` walks every page.
+        """
+        request = jobs_pb2.ListJobsRequest(
+            limit=limit, state=jobs_pb2.JobState.Value(state) if state else 0, name_contains=name, tags=tags or {},
+            model=model, dataset=dataset, order_by=order_by, reverse=reverse, page_token=page_token, sweep=sweep)
+        for attr, seconds in (("created_after", created_after), ("created_before", created_before)):
+            if seconds is not None:
+                getattr(request, attr).FromNanoseconds(int(seconds * 1e9))
+        reply = self._unary(self.stub.ListJobs, request)
+        return JobPage([Job(self, j) for j in reply.jobs], reply.next_page_token)
+
+    def iter_jobs(self, **filters) -> Iterator["Job"]:
+        """Every job that matches, page after page; takes list_jobs' keywords but page_token."""
+        token = None
+        while token != "":
+            page = self.list_jobs(**filters, page_token=token or "")
+            yield from page
+            token = page.next_page_token
+
+    def list_datasets(self) -> list[jobs_pb2.Dataset]:
+        """Your datasets, newest upload first: id, name, size in bytes, characters, words, upload time."""
+        return list(self._unary(self.stub.ListDatasets, jobs_pb2.ListDatasetsRequest()).datasets)
+
+    def delete_dataset(self, dataset_id: str) -> jobs_pb2.Dataset:
+        """Forget one of your datasets (its text goes once no one else has it); returns what it was.
+
+        FailedPrecondition while a QUEUED or RUNNING job of yours trains on it.
+        """
+        return self._unary(self.stub.DeleteDataset, jobs_pb2.DeleteDatasetRequest(dataset_id=dataset_id))
 
     def workers(self) -> list[jobs_pb2.Worker]:
         """Workers whose heartbeat is current."""
@@ -188,6 +237,14 @@ class Client:
     def defaults() -> dict:
         """The spec's defaults, as the server fills them in."""
         return {f.name: f.default for f in specs.FIELDS}
+
+
+class JobPage(list):
+    """A page of list_jobs: a list of Job, and the token of the next page ("" on the last)."""
+
+    def __init__(self, jobs: list["Job"], next_page_token: str):
+        super().__init__(jobs)
+        self.next_page_token = next_page_token
 
 
 class Job:
@@ -240,6 +297,18 @@ class Job:
     def summary(self) -> jobs_pb2.JobSummary:
         """Its results so far: latest training loss, best evaluation, tokens, time, clipped steps."""
         return self.info.summary
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def tags(self) -> dict[str, str]:
+        return dict(self.info.tags)
+
+    @property
+    def note(self) -> str:
+        return self.info.note
 
     @property
     def spec(self) -> jobs_pb2.JobSpec:
@@ -354,8 +423,12 @@ class Job:
             time.sleep(pause)
 
     def generate(self, prefix: str = "", num_tokens: int = DEFAULT_GENERATE_TOKENS, *, temperature: float = 0.0,
-                 seed: int = 0, timeout: float = DEFAULT_GENERATE_TIMEOUT_S) -> jobs_pb2.GenerateResponse:
+                 seed: int = 0, timeout: float = DEFAULT_GENERATE_TIMEOUT_S,
+                 checkpoint: str = "latest") -> jobs_pb2.GenerateResponse:
         """Text from the job's latest checkpoint, running or finished; `.text` holds it, `.step` the checkpoint's step.
+
+        `checkpoint` "best" takes the one kept for the best evaluation instead,
+        and a step (as a string) whichever of the two is at that step.
 
         The model reads `prefix` (split and preprocessed as the job's text was;
         tokens it never saw become <unk>), then adds `num_tokens` tokens:
@@ -370,7 +443,7 @@ class Job:
         InvalidArgument for values out of range, and Unavailable when no
         generate worker answers.
         """
-        request = jobs_pb2.GenerateRequest(job_id=self.id)
+        request = jobs_pb2.GenerateRequest(job_id=self.id, checkpoint=checkpoint)
         for field, value in (("prefix", prefix), ("num_tokens", num_tokens), ("temperature", temperature),
                              ("seed", seed)):
             try:
@@ -384,8 +457,42 @@ class Job:
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
 
-    def download_checkpoint(self, path: str | os.PathLike) -> int:
-        """Write the job's latest checkpoint to `path` (whole or not at all); returns its step."""
+    def resubmit(self, *, name: str | None = None, tags: Mapping[str, str] | None = None, note: str | None = None,
+                 **changes) -> "Job":
+        """Submit this job's spec again as a new job, with `changes` (spec fields) applied.
+
+        Fields whose defaults derive from others (lr from the optimizer;
+        tbptt_k1, tbptt_k2 and auto's bounds from num_steps) are derived again
+        from the changed spec unless they were set apart from their defaults. The name and note carry over unless given; `tags` are
+        added to the job's own.
+        """
+        spec = specs.rederivable(self.spec)
+        return self.client.submit(spec, name=self.name if name is None else name, tags={**self.tags, **(tags or {})},
+                                  note=self.note if note is None else note, **changes)
+
+    @property
+    def best_checkpoint_step(self) -> int:
+        """The step of the checkpoint kept for the best evaluation so far; 0 when there is none."""
+        return self.info.best_checkpoint_step
+
+    def logs(self, cursor: str = "", follow: bool = False) -> Iterator[jobs_pb2.LogLine]:
+        """The job's log lines after `cursor` (from the oldest kept by default): what its workers logged.
+
+        With follow=True it then waits for new lines until the job ends.
+        Each line's `.cursor` resumes right after it.
+        """
+        request = jobs_pb2.StreamLogsRequest(job_id=self.id, cursor=cursor, follow=follow)
+        try:
+            yield from self.client.stub.StreamLogs(request, timeout=None if follow else self.client.timeout)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    def download_checkpoint(self, path: str | os.PathLike, checkpoint: str = "latest") -> int:
+        """Write the job's latest checkpoint to `path` (whole or not at all); returns its step.
+
+        `checkpoint` "best" writes the one kept for the best evaluation instead,
+        and a step (as a string) whichever of the two is at that step.
+        """
         path = Path(path)
         if not path.parent.is_dir():
             raise FileNotFoundError(f"cannot write {path}: the folder {path.parent} does not exist")
@@ -394,7 +501,8 @@ class Job:
         try:
             with open(tmp, "wb") as f:
                 for chunk in self.client.stub.DownloadCheckpoint(
-                    jobs_pb2.DownloadCheckpointRequest(job_id=self.id), timeout=self.client.timeout * 10
+                    jobs_pb2.DownloadCheckpointRequest(job_id=self.id, checkpoint=checkpoint),
+                    timeout=self.client.timeout * 10
                 ):
                     f.write(chunk.data)
                     step = chunk.step

@@ -17,7 +17,8 @@ Three panels, all against the training step:
   3. ||dL/dh_t|| across the positions t of one truncation window, from the
      gradient-through-time probes: a heatmap with a log colour scale, so a
      gradient that vanishes (or explodes) toward the window's start shows up
-     as a fade (or a flare) toward the left, and training moves it up the rows.
+     as a fade (or a flare) toward the left, and training moves it up the rows;
+     under it, the latest probe's advice on the window, in the CLI's words.
 
 Figures are drawn with the Agg canvas, never a window, so this works on servers.
 """
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 from gradserve import spec as specs
+from gradserve.truncation import advice_line
 from gradserve.v1 import jobs_pb2
 
 INSTALL_HINT = "pip install 'gradserve[plot]'"
@@ -198,5 +200,11 @@ def _profile_panel(mpl, fig, ax, history: RunHistory, probe_every: int) -> None:
                          cmap=mpl.colormaps["viridis"].with_extremes(bad="lightgrey"), shading="flat")
     colorbar = fig.colorbar(mesh, cax=ax.inset_axes([1.01, 0.0, 0.02, 1.0]))
     colorbar.set_label("‖∂L/∂h_t‖ (log scale)")
-    ax.set_xlabel("position t in the truncation window (0 = oldest; the gradient flows right to left)")
+    advised = [p for p in history.probes if p.HasField("decay_rate")]
+    advice = ""
+    if advised:
+        latest = advised[-1]
+        advice = f"\nstep {latest.step}: " + advice_line(latest.half_life, latest.suggested_window,
+                                                               latest.warning).replace("; ", "\n")
+    ax.set_xlabel("position t in the truncation window (0 = oldest; the gradient flows right to left)" + advice)
     ax.set_ylabel("step")

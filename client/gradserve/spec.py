@@ -60,10 +60,12 @@ class Task:
     symbols: int
     # Time steps a sequence has beyond seq_len: copy memory shows 10 symbols and recalls 10.
     extra_steps: int
+    # Whether its inputs are real-valued features rather than symbols of a vocabulary.
+    features: bool = False
 
 
 # Every synthetic task; the worker generates each (gradserve_worker.tasks).
-TASKS = {"builtin:adding": Task(symbols=2, extra_steps=0), "builtin:copy": Task(symbols=10, extra_steps=20)}
+TASKS = {"builtin:adding": Task(symbols=2, extra_steps=0, features=True), "builtin:copy": Task(symbols=10, extra_steps=20)}
 SYNTHETIC_TASKS = tuple(TASKS)
 BUILTIN_DATASETS = ("builtin:pydocs", *TASKS)
 DATASET_ID = re.compile(r"ds-[0-9a-f]{64}")
@@ -84,6 +86,8 @@ class Field:
 
     @property
     def allowed(self) -> str:
+        if isinstance(self.default, bool):
+            return "true or false"
         if self.choices:
             return "one of " + ", ".join(self.choices)
         lo = "[" if self.low_inclusive else "("
@@ -91,6 +95,8 @@ class Field:
 
     def check(self, value) -> str | None:
         """The reason `value` is not allowed, or None."""
+        if isinstance(self.default, bool):
+            return None if isinstance(value, bool) else f"must be {self.allowed}, got {value!r}"
         if self.choices:
             return None if value in self.choices else f"must be {self.allowed}, got {value!r}"
         if isinstance(value, float) and not math.isfinite(value):
@@ -139,8 +145,9 @@ FIELDS: tuple[Field, ...] = (
     Field(
         "truncation",
         "fixed",
-        "how gradients are cut through time: fixed windows, full sequences, randomized (unbiased), or tbptt(k1, k2)",
-        choices=("fixed", "full", "randomized", "tbptt"),
+        "how gradients are cut through time: fixed windows, full sequences, randomized (unbiased), tbptt(k1, k2), "
+        "or auto: fixed windows that move toward the probes' suggested length at checkpoint boundaries",
+        choices=("fixed", "full", "randomized", "tbptt", "auto"),
     ),
     Field("tbptt_k1", None, "tbptt: steps between updates (default num_steps)", low=1, high=10_000),
     Field("tbptt_k2", None, "tbptt: steps each backward pass reaches back, at least k1 (default 2 x k1, at most "
@@ -152,14 +159,38 @@ FIELDS: tuple[Field, ...] = (
     Field("val_fraction", 0.05, "share of the text held out, from its end, for validation", low=0.0, high=0.5),
     Field("eval_every", 500, "steps between validation passes (one always runs at the end)", low=1, high=10_000_000),
     Field("weight_decay", 0.0, "L2 penalty (decoupled for adamw)", low=0.0, high=1.0),
-    Field("schedule", "constant", "learning-rate schedule", choices=("constant", "step", "cosine")),
+    Field("schedule", "constant", "learning-rate schedule; plateau decays lr after each evaluation whose held-out "
+          "loss is not below the best so far", choices=("constant", "step", "cosine", "plateau")),
     Field("lr_step_every", 1000, "step schedule: steps between decays", low=1, high=10_000_000),
-    Field("lr_gamma", 0.1, "step schedule: factor applied at each decay", low=0.0, high=1.0, low_inclusive=False),
+    Field("lr_gamma", 0.1, "step and plateau schedules: factor applied at each decay", low=0.0, high=1.0,
+          low_inclusive=False),
     Field("probe_every", 200, "steps between gradient-through-time probes and spectral norms", low=1,
           high=10_000_000),
     Field("seq_len", 50, "length of each sequence of a synthetic task", low=2, high=10_000),
     Field("on_nonfinite", "fail", "a NaN or infinite loss or gradient fails the job, or skips the step",
           choices=("fail", "skip")),
+    Field("eos", False, "a <eos> token at every line end (word); char keeps line ends as a newline token, "
+          "even with preprocess d2l"),
+    Field(
+        "init",
+        "default",
+        "initial weights: torch's defaults; uniform: embedding and output weights in ±init_range, output bias 0; "
+        "chrono: gru and lstm gate biases for dependencies up to max_dependency steps (Tallec & Ollivier 2018)",
+        choices=("default", "uniform", "chrono"),
+    ),
+    Field("init_range", 0.1, "uniform init: the bound of the embedding and output weights", low=0.0, high=10.0,
+          low_inclusive=False),
+    Field("max_dependency", None, "chrono init: the longest dependency expected, in steps (default num_steps)",
+          low=2, high=1_000_000),
+    Field("embedding_dropout", 0.0, "dropout on the learned embedding's output", low=0.0, high=0.9),
+    Field("tie_weights", False, "share one matrix between the embedding and the output layer (needs "
+          "embedding_size = hidden_size)"),
+    Field("min_lr", 0.0, "plateau schedule: the floor lr never drops below", low=0.0, high=100.0),
+    Field("truncation_tolerance", 0.01, "share of the gradient mass a window may cut off before the probes "
+          "suggest a longer one", low=0.0, high=0.5, low_inclusive=False),
+    Field("min_num_steps", None, "auto truncation: the shortest window (default num_steps)", low=1, high=10_000),
+    Field("max_num_steps", None, "auto truncation: the longest window (default 4 x num_steps, at most 10000)",
+          low=1, high=10_000),
 )
 BY_NAME = {f.name: f for f in FIELDS}
 
@@ -171,6 +202,9 @@ _DERIVED = {
     "tbptt_k1": lambda get: get("num_steps"),
     # Capped at the field's own limit: a default must never be the value that makes a spec invalid.
     "tbptt_k2": lambda get: min(2 * get("tbptt_k1"), BY_NAME["tbptt_k2"].high),
+    "max_dependency": lambda get: max(get("num_steps"), BY_NAME["max_dependency"].low),
+    "min_num_steps": lambda get: get("num_steps"),
+    "max_num_steps": lambda get: min(4 * get("num_steps"), BY_NAME["max_num_steps"].high),
 }
 
 
@@ -186,6 +220,36 @@ def complete(spec: jobs_pb2.JobSpec) -> jobs_pb2.JobSpec:
             default = _DERIVED[f.name](lambda name: getattr(full, name)) if f.name in _DERIVED else f.default
             setattr(full, f.name, default)
     return full
+
+
+# What a job started from another job's checkpoint (InitFrom) must share with
+# it: the shape of every weight, and the vocabulary the weights read and write.
+INIT_MUST_MATCH = ("model", "hidden_size", "num_layers", "embedding_size", "tie_weights", "tokenization", "preprocess",
+                   "min_freq", "eos")
+
+
+def init_must_match(spec, *, optimizer: bool, state: bool) -> tuple[str, ...]:
+    """The fields `spec` must share with the checkpoint it starts from, given what it takes from it."""
+    names = INIT_MUST_MATCH
+    if spec.dataset in TASKS:  # a task's symbols set the input and output sizes
+        names += ("dataset",)
+    if optimizer:
+        names += ("optimizer",)
+    if state:  # the carried state is (layers, batch_size, hidden_size)
+        names += ("batch_size",)
+    return names
+
+
+def rederivable(spec: jobs_pb2.JobSpec) -> jobs_pb2.JobSpec:
+    """A copy of a complete spec whose derived fields (_DERIVED: lr, tbptt_k1, ...) are unset where they hold the
+    value derived from the others: submitted again with changes, they are derived again from the changed
+    fields (a switch to adam gets adam's lr), while values someone chose stay."""
+    out = jobs_pb2.JobSpec()
+    out.CopyFrom(spec)
+    for name, derive in _DERIVED.items():
+        if out.HasField(name) and getattr(out, name) == derive(lambda other: getattr(spec, other)):
+            out.ClearField(name)
+    return out
 
 
 def resolved(config, name: str):
@@ -229,6 +293,37 @@ def violations(spec) -> list[tuple[str, str]]:
     k1, k2 = spec.tbptt_k1, spec.tbptt_k2
     if spec.truncation == "tbptt" and k1 is not None and k2 is not None and k2 < k1:
         out.append(("tbptt_k2", f"must be at least tbptt_k1 ({k1}), got {k2}"))
+    lo, hi = spec.min_num_steps, spec.max_num_steps
+    if spec.truncation == "auto" and lo is not None and hi is not None and not lo <= spec.num_steps <= hi:
+        out.append(("num_steps", f"must lie between min_num_steps ({lo}) and max_num_steps ({hi}) with truncation "
+                                 f"auto, got {spec.num_steps}"))
+    out += _recipe_violations(spec)
+    return out
+
+
+# Models whose gates chrono initialisation sets.
+_GATED = ("gru", "lstm")
+
+
+def _recipe_violations(spec) -> list[tuple[str, str]]:
+    """The settings that only make sense together: init, embedding dropout, tied weights, plateau."""
+    out = []
+    if spec.init == "chrono" and spec.model in MODELS and spec.model not in _GATED:
+        out.append(("init", f"chrono sets the gate biases of {' and '.join(_GATED)}, and {spec.model} has no gates; "
+                            "use init default or uniform"))
+    if spec.embedding_dropout and not spec.embedding_size:
+        out.append(("embedding_dropout", f"drops the learned embedding's output, and embedding_size is 0 (one-hot "
+                                         f"input); set embedding_size, or leave embedding_dropout 0, "
+                                         f"got {_num(spec.embedding_dropout)}"))
+    if spec.tie_weights:
+        if spec.dataset in TASKS and TASKS[spec.dataset].features:
+            out.append(("tie_weights", f"needs a vocabulary, and {spec.dataset} reads real-valued features"))
+        elif spec.embedding_size != spec.hidden_size:
+            out.append(("tie_weights", f"needs embedding_size equal to hidden_size, got embedding_size "
+                                       f"{spec.embedding_size} and hidden_size {spec.hidden_size}"))
+    if spec.schedule == "plateau" and spec.dataset not in TASKS and spec.val_fraction == 0:
+        out.append(("schedule", "plateau decays lr after evaluations, and val_fraction 0 holds nothing out to "
+                                "evaluate; set val_fraction above 0, or use another schedule"))
     return out
 
 
@@ -264,6 +359,8 @@ def text_violations(spec, tokens: int) -> list[tuple[str, str]]:
     window = spec.num_steps
     if spec.truncation == "tbptt":
         window = resolved(spec, "tbptt_k1" if spec.partition == "sequential" else "tbptt_k2")
+    elif spec.truncation == "auto":
+        window = resolved(spec, "max_num_steps")
     need = min_tokens(spec.batch_size, window)
     if train < need:
         out.append(("dataset", f"has {train} {spec.tokenization} tokens to train on (preprocess {spec.preprocess}, "
@@ -314,7 +411,9 @@ def parameter_count(spec, vocab_size: int) -> int:
     inputs = spec.embedding_size or vocab_size
     embedding = spec.embedding_size * vocab_size
     recurrent = gates * h * (inputs + h + biases) + (spec.num_layers - 1) * gates * h * (2 * h + biases)
-    return embedding + recurrent + h * vocab_size + vocab_size
+    # Tied output weights are the embedding matrix itself.
+    output = 0 if spec.tie_weights else h * vocab_size
+    return embedding + recurrent + output + vocab_size
 
 
 def backprop_window(spec, steps_per_sequence: int) -> int:
@@ -325,7 +424,7 @@ def backprop_window(spec, steps_per_sequence: int) -> int:
     """
     if spec.truncation == "full":
         return steps_per_sequence
-    window = spec.tbptt_k2 if spec.truncation == "tbptt" else spec.num_steps
+    window = {"tbptt": spec.tbptt_k2, "auto": spec.max_num_steps}.get(spec.truncation, spec.num_steps)
     return min(window, steps_per_sequence)
 
 

@@ -26,6 +26,30 @@ def preprocess(text: str, mode: str) -> str:
     raise ValueError(f"unknown preprocess mode {mode!r}")
 
 
+# The token that ends every line of a word-tokenized text under eos.
+EOS = "<eos>"
+
+
+def text_tokens(text: str, tokenization: str, mode: str, eos: bool = False) -> list[str]:
+    """The tokens a job trains on: `text` preprocessed (mode) and tokenized.
+
+    With eos every newline of the text becomes a token: EOS between the words
+    of two lines (word), a newline character (char; preprocess "d2l" would
+    otherwise turn it into a space). Line by line, so that preprocessing never
+    merges across a line end.
+    """
+    if not eos:
+        return tokenize(preprocess(text, mode), tokenization)
+    lines = [preprocess(line, mode) for line in text.split("\n")]
+    if tokenization == "char":
+        return list("\n".join(lines))
+    out = tokenize(lines[0], tokenization)
+    for line in lines[1:]:
+        out.append(EOS)
+        out += tokenize(line, tokenization)
+    return out
+
+
 def tokenize(text: str, tokenization: str) -> list[str]:
     """Split preprocessed text into "char" or "word" tokens."""
     if tokenization == "char":

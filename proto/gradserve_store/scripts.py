@@ -19,8 +19,10 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 # A compare-and-set on the job record. When every field in op.expect has the
 # value given ('' for absent) and, with op.lease_expired, the job's lease has
 # run out: set fields, put the job in or take it out of the lease and
-# dispatch sets, and append the status event, all in one step.
-#   KEYS: job hash, event stream, leases zset, dispatch zset
+# dispatch sets, and append the status event, all in one step. A new state
+# also moves the job between its tenant's state zsets, which LIST reads.
+#   KEYS: job hash, event stream, leases zset, dispatch zset, then the tenant's
+#         zsets of jobs by state, one per JobState from QUEUED (1) on
 #   ARGV: op as JSON {job, expect, lease_expired, set, lease: set|del|"", lease_ms,
 #         dispatch: add|del|"", dispatch_ms}, event bytes ("" for none)
 #   Returns {1, entry id or ""} when applied, {0, field, its value} when a field
@@ -35,6 +37,11 @@ end
 if op.lease_expired then
   local deadline = redis.call('ZSCORE', KEYS[3], op.job)
   if deadline and tonumber(deadline) > now then return {0, 'lease', deadline} end
+end
+if op.set.state then
+  local before = tonumber(redis.call('HGET', KEYS[1], 'state'))
+  redis.call('ZREM', KEYS[4 + before], op.job)
+  redis.call('ZADD', KEYS[4 + tonumber(op.set.state)], redis.call('HGET', KEYS[1], 'created'), op.job)
 end
 for field, value in pairs(op.set) do redis.call('HSET', KEYS[1], field, value) end
 if op.lease == 'set' then redis.call('ZADD', KEYS[3], now + op.lease_ms, op.job)
@@ -59,9 +66,11 @@ end
 # resumed attempt recomputing steps its predecessor reported) is skipped, so a
 # watcher never sees a step twice or going back. With the event comes the
 # job's summary as it stands after it (JobSummary bytes, "" when the event
-# leaves it as it was), stored only with the event.
-#   KEYS: job hash, event stream
-#   ARGV: attempt, token, RUNNING, kind, step ("" when the event has none), event bytes, summary bytes
+# leaves it as it was), stored only with the event, and the summary's
+# numbers that ListJobs sorts by, each in its own zset of the tenant's jobs.
+#   KEYS: job hash, event stream, then the tenant's sort zsets
+#   ARGV: attempt, token, RUNNING, kind, step ("" when the event has none), event bytes, summary bytes,
+#         job id, then the job's value in each sort zset ("" for none yet)
 #   Returns {1, entry id} appended, {2} skipped, {0, state, attempt} fenced off.
 APPEND = FENCE + """
 if ARGV[5] ~= '' then
@@ -69,7 +78,12 @@ if ARGV[5] ~= '' then
   if tonumber(ARGV[5]) <= tonumber(redis.call('HGET', KEYS[1], seen) or '-1') then return {2} end
   redis.call('HSET', KEYS[1], seen, ARGV[5])
 end
-if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'summary', ARGV[7]) end
+if ARGV[7] ~= '' then
+  redis.call('HSET', KEYS[1], 'summary', ARGV[7])
+  for i = 3, #KEYS do
+    if ARGV[6 + i] ~= '' then redis.call('ZADD', KEYS[i], ARGV[6 + i], ARGV[8]) end
+  end
+end
 return {1, redis.call('XADD', KEYS[2], '*', 'e', ARGV[6])}
 """
 
@@ -83,6 +97,19 @@ if tonumber(ARGV[4]) <= tonumber(redis.call('HGET', KEYS[1], 'checkpoint_step') 
 redis.call('DEL', KEYS[3])
 redis.call('HSET', KEYS[3], 'data', ARGV[5], 'step', ARGV[4])
 redis.call('HSET', KEYS[1], 'checkpoint_step', ARGV[4])
+return {1, redis.call('XADD', KEYS[2], '*', 'e', ARGV[6])}
+"""
+
+# The checkpoint of the best evaluation so far, kept beside the latest: it
+# replaces the stored one only when its held-out loss is lower.
+#   KEYS: job hash, event stream, best checkpoint hash
+#   ARGV: attempt, token, RUNNING, step, data, event bytes, the evaluation's loss. Returns as APPEND.
+BEST_CHECKPOINT = FENCE + """
+local stored = redis.call('HGET', KEYS[3], 'loss')
+if stored and tonumber(ARGV[7]) >= tonumber(stored) then return {2} end
+redis.call('DEL', KEYS[3])
+redis.call('HSET', KEYS[3], 'data', ARGV[5], 'step', ARGV[4], 'loss', ARGV[7])
+redis.call('HSET', KEYS[1], 'best_checkpoint_step', ARGV[4])
 return {1, redis.call('XADD', KEYS[2], '*', 'e', ARGV[6])}
 """
 
@@ -112,9 +139,13 @@ return 1
 """
 
 
-# Remove an ended job whole: its record, events and checkpoint, and its place
-# in its tenant's list; a job still QUEUED or RUNNING is left as it is.
-#   KEYS: job hash, event stream, checkpoint hash, tenant's jobs zset, tenant's active set, leases, dispatch
+# Remove an ended job whole: its record, events, checkpoints and log, and its place
+# in its tenant's list and in every index; a job still QUEUED or RUNNING is
+# left as it is.
+#   KEYS: job hash, event stream, latest, best and initial checkpoint hashes, log stream, tenant's jobs zset,
+#         tenant's active set, leases, dispatch,
+#         names hash, then every other zset of the tenant's that may hold the job (by state, model,
+#         dataset, tag, sort order)
 #   ARGV: job id, then the states it may be deleted in
 #   Returns {1} deleted, {0, state} refused, {-1} no such job.
 DELETE = """
@@ -123,10 +154,230 @@ if not state then return {-1} end
 local deletable = false
 for i = 2, #ARGV do if state == ARGV[i] then deletable = true end end
 if not deletable then return {0, tonumber(state)} end
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
-redis.call('ZREM', KEYS[4], ARGV[1])
-redis.call('SREM', KEYS[5], ARGV[1])
-redis.call('ZREM', KEYS[6], ARGV[1])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
 redis.call('ZREM', KEYS[7], ARGV[1])
+redis.call('SREM', KEYS[8], ARGV[1])
+redis.call('ZREM', KEYS[9], ARGV[1])
+redis.call('ZREM', KEYS[10], ARGV[1])
+redis.call('HDEL', KEYS[11], ARGV[1])
+for i = 12, #KEYS do redis.call('ZREM', KEYS[i], ARGV[1]) end
 return {1}
+"""
+
+
+# One page of a tenant's jobs that match a filter, found inside Redis so that
+# only the page crosses the network. Each filter but the name is a zset of
+# the tenant's jobs, scored by creation time: by state (kept by CAS), by
+# model, dataset and each tag (written at submission). In creation order the
+# smallest of them is walked, a slice at a time, and each slice is checked
+# against the others with one ZMSCORE each (the name with one HMGET), until
+# the page is full: a selective filter costs its own few jobs. By a metric,
+# the tenant's zset of that metric (kept by APPEND) is walked instead, then
+# the jobs without it yet, newest first.
+#   KEYS: the tenant's jobs zset, the names hash (job id -> casefolded name), the zset of the metric
+#         ordered by (the jobs zset again for creation order), then one zset per filter
+#   ARGV: the query as JSON {name, after, before (creation times; absent: no bound), by_metric (bool),
+#         desc (bool: highest or newest first), limit, token: where the previous page ended,
+#         {rank (0: had the metric, 1: had none), score, id}, or absent}
+#   Returns the page's ids, then the next page's token as rank, score and id; all "" on the last page.
+LIST = """
+local q = cjson.decode(ARGV[1])
+-- With each id on the page, where it was found: the walk's rank (0: by the metric, 1: without it) and zset.
+local page, found_at, rank = {}, {}, 0
+local lo_created, hi_created = tonumber(q.after or '-inf'), tonumber(q.before or 'inf')
+
+-- The filter zsets by size: the smallest drives a walk in creation order, the rest check each slice.
+local filters = {}
+for i = 4, #KEYS do filters[#filters + 1] = {KEYS[i], redis.call('ZCARD', KEYS[i])} end
+table.sort(filters, function(a, b) return a[2] < b[2] end)
+
+local function keep(ids, skip_key, check_created)
+  local ok = {}
+  for i = 1, #ids do ok[i] = true end
+  for _, f in ipairs(filters) do
+    if f[1] ~= skip_key then
+      local scores = redis.call('ZMSCORE', f[1], unpack(ids))
+      for i = 1, #ids do ok[i] = ok[i] and scores[i] ~= false end
+    end
+  end
+  if check_created then
+    local created = redis.call('ZMSCORE', KEYS[1], unpack(ids))
+    for i = 1, #ids do
+      local t = tonumber(created[i] or '')
+      ok[i] = ok[i] and t ~= nil and t >= lo_created and t < hi_created
+    end
+  end
+  if q.name then
+    local names = redis.call('HMGET', KEYS[2], unpack(ids))
+    for i = 1, #ids do ok[i] = ok[i] and string.find(names[i] or '', q.name, 1, true) ~= nil end
+  end
+  local out = {}
+  for i, id in ipairs(ids) do if ok[i] then out[#out + 1] = id end end
+  return out
+end
+
+-- Walk zset `key` between scores lo and hi, from hi down when desc, starting after the token (equal scores
+-- come in member order, the same way round); `drop`, if given, removes ids from each slice before the
+-- filters. Adds matches to the page; returns true once one more than the page was found. Members are read
+-- without their scores, which cost more to send than the members: only the page's last one needs its own.
+local function walk(key, desc, lo, hi, token, check_created, drop)
+  local function take(ids)
+    if drop then ids = drop(ids) end
+    if #ids == 0 then return false end
+    for _, id in ipairs(keep(ids, key, check_created)) do
+      if #page == q.limit then return true end
+      page[#page + 1] = id
+      found_at[#page] = {rank, key}
+    end
+    return false
+  end
+  if token then
+    -- First the members at the token's own score that come after it, then those past that score.
+    local tied, after = redis.call('ZRANGEBYSCORE', key, token.score, token.score), {}
+    for i = 1, #tied do
+      local id = desc and tied[#tied + 1 - i] or tied[i]
+      if (desc and id < token.id) or (not desc and id > token.id) then after[#after + 1] = id end
+    end
+    if #after > 0 and take(after) then return true end
+    if desc then hi = '(' .. token.score else lo = '(' .. token.score end
+  end
+  local offset, slice = 0, 256
+  while true do
+    local got
+    if desc then
+      got = redis.call('ZREVRANGEBYSCORE', key, hi, lo, 'LIMIT', offset, slice)
+    else
+      got = redis.call('ZRANGEBYSCORE', key, lo, hi, 'LIMIT', offset, slice)
+    end
+    if #got > 0 and take(got) then return true end
+    if #got < slice then return false end
+    offset = offset + slice
+  end
+end
+
+local lo = q.after or '-inf'
+local hi = q.before and ('(' .. q.before) or '+inf'
+local driver = filters[1] and filters[1][1] or KEYS[1]
+local token = q.token
+local more, last_rank, last_score = false, nil, nil
+
+-- By a metric, with a filter much smaller than the metric's zset: its jobs in the creation range, with their
+-- values, sorted here in the order the walks below would give, rather than walking the whole metric zset.
+-- A sort key is {rank, value or creation time, id}; jobs without the metric come after, newest first.
+local function sorted_by_metric()
+  local ids = redis.call('ZREVRANGEBYSCORE', driver, hi, lo)
+  if #ids == 0 then return false end
+  local values, created, rows = {}, {}, {}
+  for start = 1, #ids, 256 do
+    local chunk = {unpack(ids, start, math.min(#ids, start + 255))}
+    local v = redis.call('ZMSCORE', KEYS[3], unpack(chunk))
+    local c = redis.call('ZMSCORE', KEYS[1], unpack(chunk))
+    for i, id in ipairs(keep(chunk, driver, false)) do rows[#rows + 1] = id end
+    for i, id in ipairs(chunk) do values[id], created[id] = v[i], c[i] end
+  end
+  local function key(id)
+    if values[id] then return {0, tonumber(values[id]), id, values[id]} end
+    return {1, tonumber(created[id]), id, created[id]}
+  end
+  local function before(a, b)
+    if a[1] ~= b[1] then return a[1] < b[1] end
+    local down = a[1] == 1 or q.desc  -- rank 1 is newest first; rank 0 follows the order asked for
+    if a[2] ~= b[2] then if down then return a[2] > b[2] else return a[2] < b[2] end end
+    if down then return a[3] > b[3] else return a[3] < b[3] end
+  end
+  local keyed = {}
+  for i, id in ipairs(rows) do keyed[i] = key(id) end
+  table.sort(keyed, before)
+  local start = 1
+  if token then
+    local at = {token.rank, tonumber(token.score), token.id}
+    while start <= #keyed and not before(at, keyed[start]) do start = start + 1 end
+  end
+  for i = start, #keyed do
+    if #page == q.limit then
+      local k = keyed[i - 1]
+      last_rank, last_score = k[1], k[4]
+      return true
+    end
+    page[#page + 1] = keyed[i][3]
+  end
+  return false
+end
+
+if not q.by_metric then
+  more = walk(driver, q.desc, lo, hi, token, false)
+elseif driver ~= KEYS[1] and filters[1][2] <= 4096 and filters[1][2] * 4 < redis.call('ZCARD', KEYS[3]) then
+  more = sorted_by_metric()
+else
+  if not token or token.rank == 0 then
+    more = walk(KEYS[3], q.desc, '-inf', '+inf', token, q.after or q.before)
+    token = nil
+  end
+  if not more then
+    rank = 1
+    local function without_metric(ids)
+      local values = redis.call('ZMSCORE', KEYS[3], unpack(ids))
+      local out = {}
+      for i, id in ipairs(ids) do if not values[i] then out[#out + 1] = id end end
+      return out
+    end
+    more = walk(driver, true, lo, hi, token, false, without_metric)
+  end
+end
+if more then
+  local last = page[#page]
+  if last_rank == nil then
+    local at = found_at[#page]
+    last_rank, last_score = at[1], redis.call('ZSCORE', at[2], last)
+  end
+  page[#page + 1] = tostring(last_rank)
+  page[#page + 1] = last_score
+  page[#page + 1] = last
+else
+  page[#page + 1] = ''
+  page[#page + 1] = ''
+  page[#page + 1] = ''
+end
+return page
+"""
+
+
+# A dataset's text is stored once, however many tenants upload it, and goes
+# when the last of them deletes it: its hash counts the tenants that hold it
+# (holders). Each step is one script, so an upload and a delete of the same
+# text cannot cross. A dataset stored before the count existed has none, and
+# its text is kept.
+#   KEYS: dataset hash, the tenant's datasets set.  ARGV: dataset id
+#   Returns 1 when the text is there (now held by the tenant), 0 when it must be stored (STORE_DATASET).
+HOLD_DATASET = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('SADD', KEYS[2], ARGV[1]) == 1 and redis.call('HEXISTS', KEYS[1], 'holders') == 1 then
+  redis.call('HINCRBY', KEYS[1], 'holders', 1)
+end
+return 1
+"""
+
+# Stores the text unless it is there already, then holds it as HOLD_DATASET does.
+#   KEYS: as HOLD_DATASET.  ARGV: dataset id, data, then field, value pairs (name, size, counts...)
+STORE_DATASET = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('HSET', KEYS[1], 'data', ARGV[2], 'holders', 0)
+  for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+end
+if redis.call('SADD', KEYS[2], ARGV[1]) == 1 and redis.call('HEXISTS', KEYS[1], 'holders') == 1 then
+  redis.call('HINCRBY', KEYS[1], 'holders', 1)
+end
+return 1
+"""
+
+# The tenant lets go of a dataset; the text goes with its last holder.
+#   KEYS: as HOLD_DATASET.  ARGV: dataset id.  Returns 2 when the text went, 1 when it stays.
+RELEASE_DATASET = """
+if redis.call('SREM', KEYS[2], ARGV[1]) == 1 and redis.call('HEXISTS', KEYS[1], 'holders') == 1 then
+  if redis.call('HINCRBY', KEYS[1], 'holders', -1) <= 0 then
+    redis.call('DEL', KEYS[1])
+    return 2
+  end
+end
+return 1
 """

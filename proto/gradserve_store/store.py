@@ -9,28 +9,42 @@ Keys (all under ``gradserve:``):
     job:{id}        hash    spec (JobSpec bytes), state, queue, times, reason, worker, steps, cancel flag,
                             attempt, owner (the running attempt's fencing token), losses (workers lost),
                             last_step and seen:{kind} (the last step of the stream's metrics events,
-                            and of each other kind of event), summary (JobSummary bytes)
+                            and of each other kind of event), summary (JobSummary bytes);
+                            name, tags ("\nkey=value\n" lines) and note, as given at submission
     jobs:{tenant}   zset    job id -> creation time, for listing a tenant's jobs newest first
     active:{tenant} set     the tenant's jobs that may still be QUEUED or RUNNING (pruned when counted)
     datasets:{tenant} set   the dataset ids the tenant uploaded (datasets are shared by content)
+    by:{tenant}:{attribute}:{value}
+                    zset    job id -> creation time, for ListJobs' filters: the tenant's jobs in one state
+                            (attribute "state", kept by every change), or of one model, dataset or tag ("k=v")
+    names           hash    job id -> its name casefolded, for ListJobs' name filter
+    sort:{order}:{tenant} zset  job id -> its train_loss, val_loss or tokens_per_sec, once it has one
     leases          zset    job id -> the moment (Redis clock, ms) its running attempt's lease expires
     dispatch        zset    job id -> the moment (ms) after which any server may (re)send its train task
     events:{id}     stream  one entry per Event (field "e", Event bytes; the entry id is the cursor)
+    logs:{id}       stream  the job's log lines, the newest LOG_LINES kept (fields: time, level, logger, attempt,
+                            message; the entry id is the cursor)
     dataset:{id}    hash    data (UTF-8 text), name, size, num_chars, token counts per tokenization
     builtin:{name}  string  the dataset id a built-in corpus is stored under
     ckpt:{id}       hash    data (the trainer's bytes), step; replaced whole, in one script
+    ckpt:{id}:best  hash    data, step, loss: the checkpoint of the evaluation with the lowest held-out loss
+    init:{id}       hash    data, step: the checkpoint of another job this one starts from (InitFrom), copied
     worker:{name}   hash    a worker's advertisement; expires unless its heartbeat renews it
     reply:{req}     list    a generate worker's JSON reply to one Generate call; expires unread after REPLY_TTL_S
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 import logging
+import math
 import secrets
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import redis
@@ -60,12 +74,24 @@ def events_key(job_id: str) -> str:
     return f"{PREFIX}events:{job_id}"
 
 
+def logs_key(job_id: str) -> str:
+    return f"{PREFIX}logs:{job_id}"
+
+
 def dataset_key(dataset_id: str) -> str:
     return f"{PREFIX}dataset:{dataset_id}"
 
 
 def checkpoint_key(job_id: str) -> str:
     return f"{PREFIX}ckpt:{job_id}"
+
+
+def best_checkpoint_key(job_id: str) -> str:
+    return f"{PREFIX}ckpt:{job_id}:best"
+
+
+def init_key(job_id: str) -> str:
+    return f"{PREFIX}init:{job_id}"
 
 
 def worker_key(name: str) -> str:
@@ -84,6 +110,28 @@ def tenant_datasets_key(tenant: str) -> str:
     return f"{PREFIX}datasets:{tenant}"
 
 
+def sort_key(order: str, tenant: str) -> str:
+    return f"{PREFIX}sort:{order}:{tenant}"
+
+
+def by_key(tenant: str, attribute: str, value: str) -> str:
+    """The tenant's zset of jobs (scored by creation time) whose `attribute` (state, model, dataset, tag) is `value`."""
+    # Tenant names have no ":" (auth), so the tenant ends at the first one.
+    return f"{PREFIX}by:{tenant}:{attribute}:{value}"
+
+
+def state_keys(tenant: str) -> list[str]:
+    """The tenant's zsets of jobs by state, in JOB_STATES' order (scripts.CAS finds them by state number)."""
+    return [by_key(tenant, "state", str(state)) for state in JOB_STATES]
+
+
+def label_keys(tenant: str, spec: jobs_pb2.JobSpec, labels: Labels) -> list[str]:
+    """The zsets a job is in for what never changes: its model, its dataset, each of its tags, its sweep."""
+    return [by_key(tenant, "model", spec.model), by_key(tenant, "dataset", spec.dataset),
+            *(by_key(tenant, "tag", f"{k}={v}") for k, v in sorted(labels.tags.items())),
+            *([by_key(tenant, "sweep", labels.sweep)] if labels.sweep else [])]
+
+
 def builtin_key(name: str) -> str:
     return f"{PREFIX}builtin:{name}"
 
@@ -92,12 +140,19 @@ def reply_key(request_id: str) -> str:
     return f"{PREFIX}reply:{request_id}"
 
 
+# A job's log keeps its newest lines, each cut to a length: at most about
+# LOG_LINES x LOG_LINE_CHARS bytes (4 MiB) a job, whatever it prints.
+LOG_LINES = 1000
+LOG_LINE_CHARS = 4000
+
 # How long a generate reply waits to be read: long enough for a server still
 # waiting for it; short enough that replies nobody reads (the caller gave up)
 # do not pile up.
 REPLY_TTL_S = 60
 
 LEASES_KEY = f"{PREFIX}leases"
+NAMES_KEY = f"{PREFIX}names"
+JOB_STATES = tuple(range(jobs_pb2.QUEUED, jobs_pb2.CANCELLED + 1))
 DISPATCH_KEY = f"{PREFIX}dispatch"
 
 # A job in the dispatch outbox whose task nobody confirmed sending this long
@@ -253,6 +308,7 @@ class Lease:
     queue: str
     # The checkpoint this attempt resumes from; 0 when it starts from scratch.
     checkpoint_step: int
+    tenant: str = ""  # the job's owner, whose indexes its writes keep current
 
 
 def _text(value: bytes | str | None) -> str:
@@ -288,6 +344,97 @@ def dataset_id_for(data: bytes) -> str:
     return "ds-" + hashlib.sha256(data).hexdigest()
 
 
+# ------------------------------------------------------------ finding jobs
+
+
+class Labels(NamedTuple):
+    """What a job is called and tagged with at submission (validated by the server)."""
+
+    name: str = ""
+    tags: dict[str, str] = {}
+    note: str = ""
+    sweep: str = ""  # the sweep the job is a member of
+
+
+def _tags_field(tags: dict[str, str]) -> str:
+    return json.dumps(dict(sorted(tags.items()))) if tags else ""
+
+
+def _tags_from(field: str) -> dict[str, str]:
+    return json.loads(field) if field else {}
+
+
+def _finite(value: float) -> str:
+    return repr(value) if math.isfinite(value) else ""
+
+
+class SortField(NamedTuple):
+    name: str  # its zset's name (sort_key); "" for creation time, the tenant's jobs zset
+    highest_first: bool
+    of: Callable[[jobs_pb2.JobSummary], str] | None  # a summary's value for it ("" for none yet)
+
+
+# ListJobsRequest.order_by: each order and its natural direction. A NaN or
+# infinite loss (a diverged job) is no value: the job sorts with those that have none.
+SORT_FIELDS = {
+    "created": SortField("", True, None),
+    "train_loss": SortField("train_loss", False, lambda s: _finite(s.train_loss) if s.step else ""),
+    "val_loss": SortField("val_loss", False, lambda s: _finite(s.best_val_loss) if s.best_step else ""),
+    "tokens_per_sec": SortField("tokens_per_sec", True, lambda s: _finite(s.tokens_per_sec) if s.step else ""),
+}
+METRIC_SORTS = tuple(f for f in SORT_FIELDS.values() if f.of is not None)
+
+
+def sort_keys(tenant: str) -> list[str]:
+    """The tenant's sort zsets, in METRIC_SORTS' order."""
+    return [sort_key(f.name, tenant) for f in METRIC_SORTS]
+
+
+@dataclass(frozen=True)
+class JobQuery:
+    """A ListJobs query: every filter that is set must hold. Built and validated by the server."""
+
+    limit: int = 50
+    state: int = 0
+    name_contains: str = ""
+    tags: dict[str, str] = field(default_factory=dict)
+    model: str = ""
+    dataset: str = ""
+    created_after: float | None = None
+    created_before: float | None = None
+    order_by: str = "created"
+    reverse: bool = False
+    page_token: str = ""
+    sweep: str = ""
+
+    def _fingerprint(self) -> str:
+        # A token is good only for the query that made it: same filters, same order.
+        what = json.dumps([self.state, self.name_contains, sorted(self.tags.items()), self.model, self.dataset,
+                           self.created_after, self.created_before, self.order_by, self.reverse, self.sweep])
+        return hashlib.sha256(what.encode()).hexdigest()[:16]
+
+    def position(self) -> dict | None:
+        """Where the previous page ended, as scripts.LIST reads it; None for the first page."""
+        if not self.page_token:
+            return None
+        try:
+            token = json.loads(base64.urlsafe_b64decode(self.page_token.encode()))
+            if token["q"] != self._fingerprint():
+                raise ValueError
+            rank, score, job_id = int(token["r"]), float(token["s"]), str(token["i"])
+            if rank not in (0, 1) or not math.isfinite(score):
+                raise ValueError
+            # repr: the shortest text that reads back as the same double, which LIST compares scores by.
+            return {"rank": rank, "score": repr(score), "id": job_id}
+        except (ValueError, KeyError, TypeError, binascii.Error):
+            raise ValueError("is not the next_page_token of an earlier page of this same query (same filters "
+                             "and order)") from None
+
+    def next_token(self, rank: str, score: str, last_id: str) -> str:
+        token = json.dumps({"q": self._fingerprint(), "r": int(rank), "s": score, "i": last_id}, separators=(",", ":"))
+        return base64.urlsafe_b64encode(token.encode()).decode()
+
+
 class JobStore:
     """Synchronous access to the shared Redis. The async server calls it from a thread."""
 
@@ -296,9 +443,14 @@ class JobStore:
         self._cas = client.register_script(scripts.CAS)
         self._append = client.register_script(scripts.APPEND)
         self._checkpoint = client.register_script(scripts.CHECKPOINT)
+        self._best_checkpoint = client.register_script(scripts.BEST_CHECKPOINT)
         self._take_dispatch = client.register_script(scripts.TAKE_DISPATCH)
         self._dispatched = client.register_script(scripts.DISPATCHED)
         self._delete = client.register_script(scripts.DELETE)
+        self._list = client.register_script(scripts.LIST)
+        self._hold_dataset = client.register_script(scripts.HOLD_DATASET)
+        self._store_dataset = client.register_script(scripts.STORE_DATASET)
+        self._release_dataset = client.register_script(scripts.RELEASE_DATASET)
 
     @classmethod
     def from_url(cls, url: str, **options) -> "JobStore":
@@ -318,8 +470,12 @@ class JobStore:
 
     # ---------------------------------------------------------------- jobs
 
-    def create_job(self, job_id: str, spec: jobs_pb2.JobSpec, queue: str, tenant: str = "") -> jobs_pb2.Job:
-        """Record a QUEUED job as attempt 1, in the dispatch outbox until `dispatched` says its task was sent."""
+    def create_job(self, job_id: str, spec: jobs_pb2.JobSpec, queue: str, tenant: str = "",
+                   labels: Labels = Labels(), init: tuple[jobs_pb2.InitFrom, bytes] | None = None) -> jobs_pb2.Job:
+        """Record a QUEUED job as attempt 1, in the dispatch outbox until `dispatched` says its task was sent.
+
+        `init` is the checkpoint it starts from (InitFrom, and the checkpoint's bytes), kept with it.
+        """
         now = time.time()
         event = status_event(job_id, jobs_pb2.QUEUED, attempt=1)
         resend_at = self.now_ms() + DISPATCH_RETRY_S * 1000
@@ -327,15 +483,35 @@ class JobStore:
             p.hset(
                 job_key(job_id),
                 mapping={"spec": spec.SerializeToString(), "state": jobs_pb2.QUEUED, "queue": queue, "created": now,
-                         "attempt": 1, "tenant": tenant},
+                         "attempt": 1, "tenant": tenant, "name": labels.name, "tags": _tags_field(labels.tags),
+                         "note": labels.note, "sweep": labels.sweep},
             )
+            self._index(p, job_id, tenant, spec, labels, now, jobs_pb2.QUEUED)
+            if init is not None:
+                p.hset(init_key(job_id), mapping={"data": init[1], "step": init[0].step})
+                p.hset(job_key(job_id), "init_from", init[0].SerializeToString())
             p.zadd(tenant_jobs_key(tenant), {job_id: now})
             p.sadd(active_key(tenant), job_id)
             p.zadd(DISPATCH_KEY, {job_id: resend_at})
             p.xadd(events_key(job_id), {"e": encode_event(event)})
             p.execute()
         return jobs_pb2.Job(id=job_id, spec=spec, state=jobs_pb2.QUEUED, queue=queue, attempt=1, tenant=tenant,
-                            created_at=timestamp(now))
+                            created_at=timestamp(now), name=labels.name, tags=labels.tags, note=labels.note,
+                            sweep=labels.sweep,
+                            init_from=init[0] if init is not None else None)
+
+    @staticmethod
+    def _index(p, job_id: str, tenant: str, spec: jobs_pb2.JobSpec, labels: Labels, created: float, state: int,
+               summary: jobs_pb2.JobSummary | None = None) -> None:
+        """Queue on `p` the writes that put a job in ListJobs' indexes."""
+        for key in label_keys(tenant, spec, labels):
+            p.zadd(key, {job_id: created})
+        p.zadd(by_key(tenant, "state", str(state)), {job_id: created})
+        p.hset(NAMES_KEY, job_id, labels.name.casefold())
+        if summary is not None:
+            for f, zset in zip(METRIC_SORTS, sort_keys(tenant)):
+                if value := f.of(summary):
+                    p.zadd(zset, {job_id: value})
 
     def get_job(self, job_id: str) -> jobs_pb2.Job:
         raw = self.r.hgetall(job_key(job_id))
@@ -343,24 +519,68 @@ class JobStore:
             raise NotFound(job_id)
         return _job_from_hash(job_id, raw)
 
-    def list_jobs(self, limit: int, state: int = 0, tenant: str = "") -> list[jobs_pb2.Job]:
-        """The tenant's newest jobs, optionally only those in `state`."""
-        jobs = []
-        # Filtering happens after reading, so read in pages until enough match.
-        start = 0
-        while len(jobs) < limit:
-            ids = self.r.zrevrange(tenant_jobs_key(tenant), start, start + 4 * limit - 1)
-            if not ids:
-                break
-            start += len(ids)
-            with self.r.pipeline(transaction=False) as p:
-                for i in ids:
-                    p.hgetall(job_key(i.decode()))
-                raws = p.execute()
-            for i, raw in zip(ids, raws):
-                if raw and (not state or int(raw[b"state"]) == state):
-                    jobs.append(_job_from_hash(i.decode(), raw))
-        return jobs[:limit]
+    def list_jobs(self, query: JobQuery, tenant: str = "") -> tuple[list[jobs_pb2.Job], str]:
+        """One page of the tenant's jobs that match `query`, and the token of the next page ("" on the last).
+
+        Raises ValueError when query.page_token was not made by an earlier page of the same query.
+        """
+        sort = SORT_FIELDS[query.order_by]
+        filters = [by_key(tenant, "state", str(query.state))] if query.state else []
+        filters += [by_key(tenant, "model", query.model)] if query.model else []
+        filters += [by_key(tenant, "dataset", query.dataset)] if query.dataset else []
+        filters += [by_key(tenant, "tag", f"{k}={v}") for k, v in sorted(query.tags.items())]
+        filters += [by_key(tenant, "sweep", query.sweep)] if query.sweep else []
+        args = {"name": query.name_contains.casefold() or None,
+                "after": repr(query.created_after) if query.created_after is not None else None,
+                "before": repr(query.created_before) if query.created_before is not None else None,
+                "by_metric": bool(sort.name), "desc": sort.highest_first != query.reverse, "limit": query.limit,
+                "token": query.position()}
+        # Left out rather than null: Lua's cjson reads null as a value, and a true one.
+        query_json = json.dumps({k: v for k, v in args.items() if v is not None})
+        jobs_zset = tenant_jobs_key(tenant)
+        ordered_by = sort_key(sort.name, tenant) if sort.name else jobs_zset
+        found = self._list(keys=[jobs_zset, NAMES_KEY, ordered_by, *filters], args=[query_json])
+        ids, (rank, score, last) = [i.decode() for i in found[:-3]], (_text(v) for v in found[-3:])
+        with self.r.pipeline(transaction=False) as p:
+            for i in ids:
+                p.hgetall(job_key(i))
+            raws = p.execute()
+        # A job deleted between the two reads is left out of its page.
+        jobs = [_job_from_hash(i, raw) for i, raw in zip(ids, raws) if raw]
+        return jobs, query.next_token(rank, score, last) if last else ""
+
+    def index_missing(self) -> int:
+        """Put the jobs recorded before ListJobs' indexes existed into them; returns how many there were."""
+        added = 0
+        for key in self.r.scan_iter(match=tenant_jobs_key("*"), count=1000):
+            ids = [i.decode() for i in self.r.zrange(key, 0, -1)]
+            for start in range(0, len(ids), 500):
+                chunk = ids[start:start + 500]
+                # Every indexed job has a name entry, "" when it has no name.
+                missing = [i for i, name in zip(chunk, self.r.hmget(NAMES_KEY, chunk)) if name is None]
+                with self.r.pipeline(transaction=False) as p:
+                    for i in missing:
+                        p.hgetall(job_key(i))
+                    raws = p.execute()
+                for i, raw in zip(missing, raws):
+                    if not raw:
+                        continue
+                    job = _job_from_hash(i, raw)
+                    # One transaction with a check of the state: a worker that moved the job since it was read
+                    # moved it between state zsets this one is not in yet, so the next start tries again.
+                    with self.r.pipeline(transaction=True) as p:
+                        p.watch(job_key(i))
+                        if int(p.hget(job_key(i), "state") or 0) != job.state:
+                            continue
+                        p.multi()
+                        self._index(p, i, job.tenant, job.spec, _labels_of(job),
+                                    job.created_at.ToNanoseconds() / 1e9, job.state, job.summary)
+                        try:
+                            p.execute()
+                            added += 1
+                        except redis.WatchError:
+                            pass
+        return added
 
     def active_counts(self, tenant: str) -> tuple[int, int]:
         """How many of the tenant's jobs are (QUEUED, RUNNING) now; forgets the ones that have ended."""
@@ -404,8 +624,10 @@ class JobStore:
         """
         job = self.get_job(job_id)
         result = self._delete(
-            keys=[job_key(job_id), events_key(job_id), checkpoint_key(job_id), tenant_jobs_key(job.tenant),
-                  active_key(job.tenant), LEASES_KEY, DISPATCH_KEY],
+            keys=[job_key(job_id), events_key(job_id), checkpoint_key(job_id), best_checkpoint_key(job_id),
+                  init_key(job_id), logs_key(job_id), tenant_jobs_key(job.tenant),
+                  active_key(job.tenant), LEASES_KEY, DISPATCH_KEY, NAMES_KEY, *state_keys(job.tenant),
+                  *label_keys(job.tenant, job.spec, _labels_of(job)), *sort_keys(job.tenant)],
             args=[job_id, *sorted(TERMINAL)],
         )
         if result[0] == -1:
@@ -413,6 +635,27 @@ class JobStore:
         if result[0] == 0:
             raise Refused(job_id, int(result[1]))
         return job
+
+    def ended_before(self, cutoff: float, limit: int = 1000) -> list[str]:
+        """Up to `limit` jobs, of any tenant, that ended (SUCCEEDED, FAILED, CANCELLED) before Unix time `cutoff`.
+
+        A job ends after it is created, so only those created before the cutoff are looked at.
+        """
+        found: list[str] = []
+        for key in self.r.scan_iter(match=tenant_jobs_key("*"), count=1000):
+            start = 0
+            while len(found) < limit:
+                ids = [i.decode() for i in self.r.zrangebyscore(key, "-inf", cutoff, start=start, num=limit)]
+                if not ids:
+                    break
+                start += len(ids)
+                with self.r.pipeline(transaction=False) as p:
+                    for i in ids:
+                        p.hmget(job_key(i), "state", "finished")
+                    rows = p.execute()
+                found += [i for i, (state, finished) in zip(ids, rows)
+                          if state is not None and int(state) in TERMINAL and finished and float(finished) < cutoff]
+        return found[:limit]
 
     def cancel_requested(self, job_id: str) -> bool:
         return self.r.hget(job_key(job_id), "cancel") == b"1"
@@ -436,8 +679,9 @@ class JobStore:
                 "dispatch": "", "dispatch_ms": 0, **op}
         full["expect"] = {k: str(v) for k, v in full["expect"].items()}
         full["set"] = {k: str(v) for k, v in full["set"].items()}
+        tenant = _text(self.r.hget(job_key(job_id), "tenant"))
         result = self._cas(
-            keys=[job_key(job_id), events_key(job_id), LEASES_KEY, DISPATCH_KEY],
+            keys=[job_key(job_id), events_key(job_id), LEASES_KEY, DISPATCH_KEY, *state_keys(tenant)],
             args=[json.dumps(full), encode_event(event) if event is not None else b""],
         )
         if result[0] == -1:
@@ -468,8 +712,8 @@ class JobStore:
         the task got it first, or it ended), Fenced when it was queued again as
         a later attempt after this task was sent, NotFound when there is no job.
         """
-        state, current, checkpoint, started, queue = self.r.hmget(
-            job_key(job_id), "state", "attempt", "checkpoint_step", "started", "queue"
+        state, current, checkpoint, started, queue, tenant = self.r.hmget(
+            job_key(job_id), "state", "attempt", "checkpoint_step", "started", "queue", "tenant"
         )
         if state is None:
             raise NotFound(job_id)
@@ -498,7 +742,7 @@ class JobStore:
         if not applied:
             # Another delivery of the same attempt won the race.
             raise Refused(job_id, int(self.r.hget(job_key(job_id), "state") or jobs_pb2.RUNNING))
-        return Lease(job_id, number, token, worker, _text(queue), resumed)
+        return Lease(job_id, number, token, worker, _text(queue), resumed, _text(tenant))
 
     def renew(self, lease: Lease, lease_s: float) -> bool:
         """Extend the lease to `lease_s` seconds from now; False when the attempt no longer owns the job."""
@@ -642,10 +886,11 @@ class JobStore:
         kind = event.WhichOneof("kind")
         payload = getattr(event, kind)
         step = str(payload.step) if "step" in payload.DESCRIPTOR.fields_by_name else ""
+        values = [f.of(summary) for f in METRIC_SORTS] if summary is not None else []
         result = self._append(
-            keys=[job_key(lease.job_id), events_key(lease.job_id)],
+            keys=[job_key(lease.job_id), events_key(lease.job_id), *(sort_keys(lease.tenant) if values else [])],
             args=[*self._fence_args(lease), kind, step, encode_event(event),
-                  summary.SerializeToString() if summary is not None else b""],
+                  summary.SerializeToString() if summary is not None else b"", lease.job_id, *values],
         )
         return self._fenced_result(lease, result)
 
@@ -658,19 +903,32 @@ class JobStore:
         start = f"({cursor}" if cursor else "-"
         return [decode_event(i, f) for i, f in self.r.xrange(events_key(job_id), start, "+", count=count)]
 
+    # ---------------------------------------------------------------- logs
+
+    def append_log(self, job_id: str, attempt: int, created: float, level: str, logger: str, message: str) -> None:
+        """Keep one log line of the job's; only the newest LOG_LINES stay, each cut to LOG_LINE_CHARS."""
+        if len(message) > LOG_LINE_CHARS:
+            message = message[:LOG_LINE_CHARS] + f" [... {len(message) - LOG_LINE_CHARS} more characters]"
+        self.r.xadd(logs_key(job_id), {"t": created, "l": level, "n": logger, "a": attempt, "m": message},
+                    maxlen=LOG_LINES, approximate=True)
+
+    def logs_after(self, job_id: str, cursor: str = "", count: int = 500) -> list[jobs_pb2.LogLine]:
+        """The job's log lines strictly after `cursor` (from the oldest kept when it is empty)."""
+        start = f"({cursor}" if cursor else "-"
+        return [_log_line(i, f) for i, f in self.r.xrange(logs_key(job_id), start, "+", count=count)]
+
     # ------------------------------------------------------------ datasets
 
     def put_dataset(self, data: bytes, name: str, num_chars: int, stats: dict[str, int],
                     tenant: str = "") -> jobs_pb2.Dataset:
         """Store the text once per content, and record that `tenant` may use it."""
         dataset_id = dataset_id_for(data)
-        key = dataset_key(dataset_id)
-        if not self.r.exists(key):
-            mapping = {"data": data, "name": name, "size": len(data), "num_chars": num_chars}
-            mapping.update(stats)
-            self.r.hset(key, mapping=mapping)
-        self.r.sadd(tenant_datasets_key(tenant), dataset_id)
-        return self.dataset_info(dataset_id)
+        keys = [dataset_key(dataset_id), tenant_datasets_key(tenant)]
+        # The text goes over the wire only when Redis does not have it already.
+        if not self._hold_dataset(keys=keys, args=[dataset_id]):
+            fields = {"name": name, "size": len(data), "num_chars": num_chars, "uploaded": time.time(), **stats}
+            self._store_dataset(keys=keys, args=[dataset_id, data, *(x for kv in fields.items() for x in kv)])
+        return self.dataset_info(dataset_id, tenant)
 
     def owns_dataset(self, tenant: str, dataset_id: str) -> bool:
         return bool(self.r.sismember(tenant_datasets_key(tenant), dataset_id))
@@ -694,11 +952,46 @@ class JobStore:
             return dataset_id
         return name
 
-    def dataset_info(self, dataset_id: str) -> jobs_pb2.Dataset:
-        name, size, num_chars = self.r.hmget(dataset_key(dataset_id), "name", "size", "num_chars")
+    def dataset_info(self, dataset_id: str, tenant: str = "") -> jobs_pb2.Dataset:
+        name, size, num_chars, words, uploaded = self.r.hmget(
+            dataset_key(dataset_id), "name", "size", "num_chars", text.stat_key("tokens", "word", "none"), "uploaded")
         if size is None:
             raise NotFound(dataset_id)
-        return jobs_pb2.Dataset(id=dataset_id, name=name.decode(), size_bytes=int(size), num_chars=int(num_chars))
+        info = jobs_pb2.Dataset(id=dataset_id, name=name.decode(), size_bytes=int(size), num_chars=int(num_chars),
+                                num_words=int(words or 0), tenant=tenant)
+        if uploaded is not None:
+            info.uploaded_at.CopyFrom(timestamp(float(uploaded)))
+        return info
+
+    def list_datasets(self, tenant: str) -> list[jobs_pb2.Dataset]:
+        """The tenant's datasets, newest upload first."""
+        found = []
+        for dataset_id in self.r.smembers(tenant_datasets_key(tenant)):
+            try:
+                found.append(self.dataset_info(dataset_id.decode(), tenant))
+            except NotFound:  # its text went with a delete racing this read
+                pass
+        return sorted(found, key=lambda d: (d.uploaded_at.ToNanoseconds(), d.id), reverse=True)
+
+    def datasets_in_use(self, tenant: str, dataset_id: str) -> list[str]:
+        """The tenant's QUEUED and RUNNING jobs on this dataset."""
+        active = [i.decode() for state in (jobs_pb2.QUEUED, jobs_pb2.RUNNING)
+                  for i in self.r.zrange(by_key(tenant, "state", str(state)), 0, -1)]
+        if not active:
+            return []
+        on_it = self.r.zmscore(by_key(tenant, "dataset", dataset_id), active)
+        return [i for i, score in zip(active, on_it) if score is not None]
+
+    def delete_dataset(self, tenant: str, dataset_id: str) -> jobs_pb2.Dataset:
+        """Take the dataset from the tenant, and remove its text once no tenant has it; returns what it was.
+
+        Raises NotFound when the tenant has no such dataset.
+        """
+        if not self.owns_dataset(tenant, dataset_id):
+            raise NotFound(dataset_id)
+        info = self.dataset_info(dataset_id, tenant)
+        self._release_dataset(keys=[dataset_key(dataset_id), tenant_datasets_key(tenant)], args=[dataset_id])
+        return info
 
     def dataset_tokens(self, dataset_id: str, tokenization: str, preprocess: str) -> tuple[int, int]:
         """(token count, distinct tokens) of the dataset under that tokenization."""
@@ -730,16 +1023,51 @@ class JobStore:
         )
         return self._fenced_result(lease, result)
 
-    def get_checkpoint(self, job_id: str) -> tuple[int, bytes]:
-        data, step = self.r.hmget(checkpoint_key(job_id), "data", "step")
-        if data is None:
-            raise NotFound(job_id)
-        return int(step), data
+    def put_best_checkpoint(self, lease: Lease, step: int, loss: float, data: bytes) -> bool:
+        """Keep `data` as the job's best checkpoint if its evaluation's held-out `loss` is the lowest so far.
 
-    def checkpoint_step(self, job_id: str) -> int:
-        """The step of the job's latest checkpoint (0: none), read without its bytes."""
-        step = self.r.hget(checkpoint_key(job_id), "step")
-        return int(step) if step is not None else 0
+        Returns False, writing nothing, when the stored best is as good. Raises Fenced as put_checkpoint does.
+        """
+        event = jobs_pb2.Event(job_id=lease.job_id, time=timestamp(time.time()),
+                               checkpoint=jobs_pb2.CheckpointSaved(step=step, size_bytes=len(data), best=True))
+        result = self._best_checkpoint(
+            keys=[job_key(lease.job_id), events_key(lease.job_id), best_checkpoint_key(lease.job_id)],
+            args=[*self._fence_args(lease), step, data, encode_event(event), repr(loss)],
+        )
+        return self._fenced_result(lease, result)
+
+    def get_checkpoint(self, job_id: str, which: str = "latest") -> tuple[int, bytes]:
+        """(step, bytes) of the job's "latest" or "best" checkpoint, or of whichever of them is at step `which`.
+
+        Raises NotFound (with the job id) when there is no such checkpoint.
+        """
+        if which in ("latest", "best"):
+            key = checkpoint_key(job_id) if which == "latest" else best_checkpoint_key(job_id)
+            data, step = self.r.hmget(key, "data", "step")
+            if data is None:
+                raise NotFound(job_id)
+            return int(step), data
+        for key in (checkpoint_key(job_id), best_checkpoint_key(job_id)):
+            data, step = self.r.hmget(key, "data", "step")
+            if data is not None and step.decode() == which:
+                return int(step), data
+        raise NotFound(job_id)
+
+    def get_init(self, job_id: str) -> tuple[jobs_pb2.InitFrom, bytes] | None:
+        """The checkpoint the job starts from (what was asked, and its bytes), or None when it starts fresh."""
+        asked, data = self.r.hget(job_key(job_id), "init_from"), self.r.hget(init_key(job_id), "data")
+        if asked is None or data is None:
+            return None
+        return jobs_pb2.InitFrom.FromString(asked), data
+
+    def checkpoint_step(self, job_id: str, which: str = "latest") -> int:
+        """The step of the job's "latest" or "best" checkpoint, or `which` itself when one of them is at that
+        step; 0 when there is none. Read without the bytes."""
+        latest, best = (self.r.hget(key, "step") for key in (checkpoint_key(job_id), best_checkpoint_key(job_id)))
+        steps = {"latest": int(latest or 0), "best": int(best or 0)}
+        if which in steps:
+            return steps[which]
+        return int(which) if which in {str(s) for s in steps.values() if s} else 0
 
     # ------------------------------------------------------------- replies
 
@@ -753,23 +1081,32 @@ class JobStore:
 
     # ------------------------------------------------------------- workers
 
-    def heartbeat(self, name: str, advert: dict) -> None:
+    def heartbeat(self, name: str, advert: dict, jobs: list[str] | None = None) -> None:
+        """Renew a worker's advertisement; `jobs`, when given, replaces the jobs it says it runs."""
+        key = worker_key(name)
+        stale = []
+        if jobs is not None:
+            fields = [f for f in map(_text, self.r.hkeys(key)) if f.startswith(_JOB_FIELD)]
+            stale = [f for f in fields if f[len(_JOB_FIELD):] not in jobs]
         with self.r.pipeline(transaction=True) as p:
-            p.hset(worker_key(name), mapping={**advert, "last_seen": time.time()})
-            p.expire(worker_key(name), WORKER_TTL_S)
+            p.hset(key, mapping={**advert, "last_seen": time.time(), **{_JOB_FIELD + j: 1 for j in jobs or ()}})
+            if stale:
+                p.hdel(key, *stale)
+            p.expire(key, WORKER_TTL_S)
             p.execute()
 
-    def set_worker_job(self, name: str, job_id: str) -> None:
-        """Record the job a worker runs now ("" for none) in its advertisement.
+    def set_worker_job(self, name: str, job_id: str, running: bool = True) -> None:
+        """Record in a worker's advertisement that it runs `job_id` now, or (running=False) no longer.
 
-        The write renews the entry's expiry too: a worker that dies mid-job
-        must not leave an entry behind that never expires.
+        A worker may run several jobs at once, each recorded apart. The write
+        renews the entry's expiry too: a worker that dies mid-job must not
+        leave an entry behind that never expires.
         """
         with self.r.pipeline(transaction=True) as p:
-            if job_id:
-                p.hset(worker_key(name), "job_id", job_id)
+            if running:
+                p.hset(worker_key(name), _JOB_FIELD + job_id, 1)
             else:
-                p.hdel(worker_key(name), "job_id")
+                p.hdel(worker_key(name), _JOB_FIELD + job_id)
             p.expire(worker_key(name), WORKER_TTL_S)
             p.execute()
 
@@ -804,10 +1141,13 @@ class JobStore:
 
 # Worker entries already reported as malformed, so that each costs one log line, not one per read.
 _malformed_workers_logged: set[str] = set()
+# A worker's hash has one field per job it runs: this prefix and the job's id.
+_JOB_FIELD = "job:"
 
 
 def _worker_from_hash(raw: dict) -> jobs_pb2.Worker:
     g = {k.decode(): v.decode() for k, v in raw.items()}
+    jobs = sorted(k[len(_JOB_FIELD):] for k in g if k.startswith(_JOB_FIELD))
     return jobs_pb2.Worker(
         name=g["name"],
         queues=g.get("queues", "").split(","),
@@ -816,10 +1156,23 @@ def _worker_from_hash(raw: dict) -> jobs_pb2.Worker:
         pid=int(g.get("pid", 0)),
         started_at=timestamp(float(g.get("started", 0))),
         last_seen=timestamp(float(g["last_seen"])),
-        job_id=g.get("job_id", ""),
+        job_id=jobs[0] if jobs else "",
+        job_ids=jobs,
         memory_budget_bytes=int(g.get("memory_budget", 0)),
         heartbeat_interval_s=float(g.get("heartbeat_interval_s", HEARTBEAT_S)),
+        concurrency=int(g.get("concurrency", 1)),
+        memory_reserved_bytes=int(g.get("memory_reserved", 0)),
     )
+
+
+def _log_line(entry_id: bytes, fields: dict) -> jobs_pb2.LogLine:
+    g = {k.decode(): v.decode(errors="replace") for k, v in fields.items()}
+    return jobs_pb2.LogLine(cursor=_text(entry_id), time=timestamp(float(g["t"])), level=g["l"], logger=g["n"],
+                            attempt=int(g["a"]), message=g["m"])
+
+
+def _labels_of(job: jobs_pb2.Job) -> Labels:
+    return Labels(job.name, dict(job.tags), job.note, job.sweep)
 
 
 def _job_from_hash(job_id: str, raw: dict) -> jobs_pb2.Job:
@@ -836,10 +1189,16 @@ def _job_from_hash(job_id: str, raw: dict) -> jobs_pb2.Job:
         attempt=int(g.get("attempt", 1)),
         tenant=g.get("tenant", b"").decode(),
         summary=jobs_pb2.JobSummary.FromString(g.get("summary", b"")),
+        name=g.get("name", b"").decode(),
+        tags=_tags_from(g.get("tags", b"").decode()),
+        note=g.get("note", b"").decode(),
+        best_checkpoint_step=int(g.get("best_checkpoint_step", 0)),
+        init_from=jobs_pb2.InitFrom.FromString(g.get("init_from", b"")),
+        sweep=g.get("sweep", b"").decode(),
     )
-    for field, name in (("created_at", "created"), ("started_at", "started"), ("finished_at", "finished")):
+    for attr, name in (("created_at", "created"), ("started_at", "started"), ("finished_at", "finished")):
         if name in g:
-            getattr(job, field).CopyFrom(timestamp(float(g[name])))
+            getattr(job, attr).CopyFrom(timestamp(float(g[name])))
     return job
 
 

@@ -104,6 +104,13 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds between the reaper's looks for jobs whose worker's lease expired (env "
         f"GRADSERVE_REAP_INTERVAL_S, default {DEFAULT_INTERVAL_S:g})",
     )
+    p.add_argument(
+        "--retain-days",
+        type=float,
+        default=float(os.environ.get("GRADSERVE_RETAIN_DAYS", "0")),
+        help="delete jobs (record, events, checkpoint) this many days after they ended; 0 keeps them for ever "
+        "(env GRADSERVE_RETAIN_DAYS, default 0)",
+    )
     p.add_argument("--tokens-file", default=os.environ.get("GRADSERVE_TOKENS_FILE"),
                    help="`TENANT sha256:HEX` lines (from `gradserve-server hash-token TENANT`); with these, or with "
                    "GRADSERVE_TOKENS, every call needs a bearer token (env GRADSERVE_TOKENS_FILE)")
@@ -140,6 +147,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"gradserve-server: --max-attempts must be at least 1, got {args.max_attempts}")
     if args.reap_interval <= 0:
         sys.exit(f"gradserve-server: --reap-interval must be above 0, got {args.reap_interval}")
+    if not 0 <= args.retain_days <= 36500:  # also refuses nan
+        sys.exit(f"gradserve-server: --retain-days must be 0 (keep for ever) up to 36500, got {args.retain_days:g}")
     if args.max_uploads < 1:
         sys.exit(f"gradserve-server: --max-uploads must be at least 1, got {args.max_uploads}")
     if args.max_watchers < 1:
@@ -163,7 +172,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         asyncio.run(serve(args.redis_url, args.listen, shared=shared,
                           max_dataset_bytes=int(args.max_dataset_mb * 1024 * 1024),
-                          max_attempts=args.max_attempts, reap_interval=args.reap_interval, tokens=tokens,
+                          max_attempts=args.max_attempts, reap_interval=args.reap_interval,
+                          retain_s=args.retain_days * 86400, tokens=tokens,
                           credentials=credentials, quota_queued=args.quota_queued, quota_running=args.quota_running,
                           max_uploads=args.max_uploads, watcher_queue_events=args.watcher_queue_events,
                           max_watchers=args.max_watchers, http_listen=args.http_listen))

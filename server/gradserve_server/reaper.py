@@ -8,7 +8,9 @@ Every `interval` seconds it
 - sends the train task of every job in the dispatch outbox that is due: just
   reaped, handed back by a worker whose own send failed, submitted by a
   server that died before it sent the task, or still QUEUED when Redis
-  restarted (its task may have been lost with a worker's connection).
+  restarted (its task may have been lost with a worker's connection);
+- with a retention period, deletes the jobs that ended longer ago than
+  that: record, events and checkpoint, as DeleteJob does.
 
 Any number of servers may run one: each job is taken by one atomic script, so
 two reapers never both re-dispatch it.
@@ -18,18 +20,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import redis
 
 from gradserve.v1 import jobs_pb2
 from gradserve_store.queue import dispatch, make_celery
 from gradserve_store.settings import Shared
-from gradserve_store.store import JobStore
+from gradserve_store.store import JobStore, NotFound, Refused
 
 log = logging.getLogger("gradserve.reaper")
 
 DEFAULT_INTERVAL_S = 2.0
 DEFAULT_MAX_ATTEMPTS = 3
+# Jobs deleted for retention in one pass at most, so that a first pass over a
+# long history does not hold up the reaping in the same loop.
+RETENTION_BATCH = 1000
 
 
 def reap(job_store: JobStore, job_id: str, max_attempts: int) -> tuple[int, str] | None:
@@ -59,11 +65,12 @@ def reap(job_store: JobStore, job_id: str, max_attempts: int) -> tuple[int, str]
 
 class Reaper:
     def __init__(self, redis_url: str, *, shared: Shared = Shared(), max_attempts: int = DEFAULT_MAX_ATTEMPTS,
-                 interval: float = DEFAULT_INTERVAL_S):
+                 interval: float = DEFAULT_INTERVAL_S, retain_s: float = 0.0):
         self.store = JobStore.from_url(redis_url)
         self.celery = make_celery(redis_url, shared.visibility_timeout_s)
         self.max_attempts = max_attempts
         self.interval = interval
+        self.retain_s = retain_s  # 0: keep ended jobs for ever
         # After an outage, leases may have lapsed while no worker could renew them: give them one lease's length.
         self.outage_grace = shared.lease_ttl_s
         self._redis_run_id = ""
@@ -95,6 +102,22 @@ class Reaper:
         for job_id, attempt, queue in self.store.due_dispatches():
             log.info("sending job %s attempt %d to queue %s", job_id, attempt, queue)
             dispatch(self.celery, self.store, job_id, attempt, queue)
+        if self.retain_s:
+            self.delete_expired(time.time() - self.retain_s)
+
+    def delete_expired(self, cutoff: float) -> int:
+        """Delete the jobs that ended before `cutoff` (at most a pass's worth); returns how many went."""
+        deleted = 0
+        for job_id in self.store.ended_before(cutoff, RETENTION_BATCH):
+            try:
+                self.store.delete_job(job_id)
+                deleted += 1
+            except (NotFound, Refused):  # deleted by another server, or queued again meanwhile
+                pass
+        if deleted:
+            log.info("deleted %d jobs that ended over %s ago (--retain-days)", deleted,
+                     f"{self.retain_s / 86400:g} days")
+        return deleted
 
     async def run(self) -> None:
         """Tick every `interval` seconds until cancelled; Redis being away only skips ticks."""

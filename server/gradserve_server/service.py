@@ -23,8 +23,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from gradserve import labels, text
 from gradserve import spec as specs
-from gradserve import text
 from gradserve.v1 import jobs_pb2, jobs_pb2_grpc
 from gradserve_server import auth, corpus, errors
 from gradserve_store import store
@@ -48,6 +48,10 @@ UPLOAD_RETRY_AFTER_S = 1.0
 CHUNK_BYTES = 1024 * 1024
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX = 50, 1000
+# StreamLogs reads a job's log this many lines at a time, and a follower's looks for new ones this often:
+# logs are few and seldom followed, so polling holds no Redis connection.
+LOG_BATCH = 500
+LOG_POLL_S = 0.5
 _CURSOR = re.compile(r"\d{1,20}-\d{1,20}")
 # How long Generate waits for a generate worker's reply (less when the
 # caller's deadline is nearer), and what it keeps of that deadline for the answer.
@@ -79,6 +83,63 @@ def _require_id(value: str, field: str, prefix: str) -> None:
         raise errors.Invalid([(field, f"must be a {prefix}... id, got {value[:80]!r}")])
 
 
+def _job_query(request: jobs_pb2.ListJobsRequest) -> store.JobQuery:
+    """The store's query for a ListJobs request, refusing every field out of range."""
+    problems = []
+    if request.limit > LIST_LIMIT_MAX:
+        problems.append(("limit", f"must be in [0, {LIST_LIMIT_MAX}] (0 means {LIST_LIMIT_DEFAULT}), got {request.limit}"))
+    if request.state not in jobs_pb2.JobState.values():
+        problems.append(("state", f"must be a JobState, got {request.state}"))
+    problems += labels.name_violations(request.name_contains, "name_contains")
+    problems += labels.tag_violations(request.tags)
+    if request.model and request.model not in specs.MODELS:
+        problems.append(("model", f"must be one of {', '.join(specs.MODELS)}, got {request.model[:80]!r}"))
+    for name in ("dataset", "sweep"):
+        if len(getattr(request, name)) > 200:
+            problems.append((name, f"must be at most 200 characters, got {len(getattr(request, name))}"))
+    order_by = request.order_by or "created"
+    if order_by not in store.SORT_FIELDS:
+        problems.append(("order_by", f"must be one of {', '.join(store.SORT_FIELDS)}, got {request.order_by[:80]!r}"))
+    times = {}
+    for name in ("created_after", "created_before"):
+        if request.HasField(name):
+            ts = getattr(request, name)
+            if not 0 <= ts.seconds <= 253402300799 or not 0 <= ts.nanos < 10**9:
+                problems.append((name, f"must be a time between 1970 and 9999, got {ts.seconds} s {ts.nanos} ns"))
+            else:
+                times[name] = ts.seconds + ts.nanos / 1e9
+    if len(request.page_token) > 1000:
+        problems.append(("page_token", f"must be a next_page_token (at most 1000 characters), got {len(request.page_token)}"))
+    if problems:
+        raise errors.Invalid(problems)
+    return store.JobQuery(limit=request.limit or LIST_LIMIT_DEFAULT, state=request.state,
+                          name_contains=request.name_contains, tags=dict(request.tags), model=request.model,
+                          dataset=request.dataset, order_by=order_by, reverse=request.reverse,
+                          page_token=request.page_token, sweep=request.sweep, **times)
+
+
+def _checkpoint_choice(value: str, field: str) -> str:
+    """A checkpoint selector as the store takes it: "latest" (also for ""), "best", or a step's digits."""
+    if value in ("", "latest"):
+        return "latest"
+    if value == "best" or (value.isdigit() and len(value) <= 20 and value.isascii()):
+        return value if value == "best" else str(int(value))
+    raise errors.Invalid([(field, f"must be latest, best or the step of one of those two checkpoints, got "
+                                  f"{value[:80]!r}")])
+
+
+def _checkpoint_missing(job: jobs_pb2.Job, which: str) -> str:
+    """What to say when the job has no checkpoint `which`."""
+    if not job.checkpoint_step:
+        return (f"job {job.id} has no checkpoint yet; one is written every {job.spec.checkpoint_every} steps and at "
+                "the end")
+    kept = f"latest at step {job.checkpoint_step}" + (
+        f", best at step {job.best_checkpoint_step}" if job.best_checkpoint_step else ", no best yet (one is kept at "
+        "each evaluation that improves the held-out loss)")
+    named = f"{which} checkpoint" if which in ("latest", "best") else f"checkpoint at step {which}"
+    return f"job {job.id} has no {named}; it keeps two: {kept}"
+
+
 # How to start a worker for each queue, as the hint in a waiting job's record says it.
 WORKER_HINTS = {
     "cpu": "gradserve-worker --redis-url URL --queues cpu",
@@ -93,7 +154,7 @@ def waiting_reason(queue: str, workers: list[jobs_pb2.Worker]) -> str:
     if not serving:
         return (f"no live worker serves the {queue} queue, so the job waits until one does; start one: {hint}"
                 + ("" if queue == "cpu" else ", or submit with --device cpu"))
-    if all(w.job_id for w in serving):
+    if all(len(w.job_ids) >= max(w.concurrency, 1) for w in serving):
         busy = f"all {len(serving)} workers of the {queue} queue are" if len(serving) > 1 else (
             f"the one worker of the {queue} queue is")
         return f"{busy} busy; the job starts when one is free, or add one: {hint}"
@@ -268,6 +329,33 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
         for job in queued:
             job.waiting = waiting_reason(job.queue, workers)
 
+    async def _init_from(self, asked: jobs_pb2.InitFrom, spec: jobs_pb2.JobSpec) -> tuple[jobs_pb2.InitFrom, bytes]:
+        """The checkpoint a new job starts from, with its step filled in; refuses a source it cannot start from."""
+        _require_id(asked.job_id, "init_from.job_id", "job-")
+        which = _checkpoint_choice(asked.checkpoint, "init_from.checkpoint")
+        try:
+            source = await self._owned_job(asked.job_id)
+        except store.NotFound:
+            raise errors.NotFound(f"init_from: job {asked.job_id} not found") from None
+        problems = [(f"spec.{name}",
+                     f"must be {getattr(source.spec, name)!r} as in job {source.id}, which it starts from; got "
+                     f"{getattr(spec, name)!r}")
+                    for name in specs.init_must_match(spec, optimizer=asked.optimizer, state=asked.state)
+                    if getattr(spec, name) != getattr(source.spec, name)]
+        if asked.state and (spec.partition != "sequential" or spec.dataset in specs.SYNTHETIC_TASKS):
+            problems.append(("init_from.state", "carries a hidden state over, which only a text job with partition "
+                                                "sequential keeps: leave it false, or use partition sequential"))
+        if problems:
+            raise errors.Invalid(problems)
+        try:
+            step, data = await self._call(self.store.get_checkpoint, source.id, which)
+        except store.NotFound:
+            raise errors.Precondition("init_from: " + _checkpoint_missing(source, which)) from None
+        init = jobs_pb2.InitFrom()
+        init.CopyFrom(asked)
+        init.checkpoint, init.step = which, step
+        return init, data
+
     @staticmethod
     def _queue_for(device: str, workers: list[jobs_pb2.Worker]) -> str:
         if device == "cpu":
@@ -281,9 +369,10 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
     @errors.rpc
     async def SubmitJob(self, request, context):
         spec = specs.complete(request.spec)
-        problems = specs.violations(spec)
+        problems = [(f"spec.{f}", d) for f, d in specs.violations(spec)]
+        problems += labels.violations(request.name, request.tags, request.note)
         if problems:
-            raise errors.Invalid([(f"spec.{f}", d) for f, d in problems])
+            raise errors.Invalid(problems)
         if spec.dataset in specs.SYNTHETIC_TASKS:
             vocab_size, steps_per_sequence = specs.TASKS[spec.dataset].symbols, specs.sequence_length(spec)
         else:
@@ -294,8 +383,10 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
         queue = self._queue_for(spec.device, workers)
         self._check_memory(spec, vocab_size, steps_per_sequence, queue, workers)
         await self._check_quota()
+        init = await self._init_from(request.init_from, spec) if request.HasField("init_from") else None
         job_id = store.new_job_id()
-        job = await self._call(self.store.create_job, job_id, spec, queue, auth.current_tenant.get())
+        job = await self._call(self.store.create_job, job_id, spec, queue, auth.current_tenant.get(),
+                               store.Labels(request.name, dict(request.tags), request.note), init)
         await self._call(dispatch, self.celery, self.store, job_id, job.attempt, queue)
         log.info("job %s queued on %s: %s %s", job_id, queue, spec.model, spec.dataset)
         await self._explain_waits([job], workers)
@@ -310,18 +401,13 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
 
     @errors.rpc
     async def ListJobs(self, request, context):
-        problems = []
-        if request.limit > LIST_LIMIT_MAX:
-            problems.append(("limit", f"must be in [0, {LIST_LIMIT_MAX}] (0 means {LIST_LIMIT_DEFAULT}), got {request.limit}"))
-        if request.state not in jobs_pb2.JobState.values():
-            problems.append(("state", f"must be a JobState, got {request.state}"))
-        if problems:
-            raise errors.Invalid(problems)
-        jobs = await self._call(
-            self.store.list_jobs, request.limit or LIST_LIMIT_DEFAULT, request.state, auth.current_tenant.get()
-        )
+        query = _job_query(request)
+        try:
+            jobs, next_token = await self._call(self.store.list_jobs, query, auth.current_tenant.get())
+        except ValueError as e:
+            raise errors.Invalid([("page_token", str(e))]) from None
         await self._explain_waits(jobs)
-        return jobs_pb2.ListJobsResponse(jobs=jobs)
+        return jobs_pb2.ListJobsResponse(jobs=jobs, next_page_token=next_token)
 
     @errors.rpc
     async def CancelJob(self, request, context):
@@ -380,6 +466,55 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
 
     # The dashboard's event streams (web.Dashboard.events) are the same streams.
     follow = _follow
+
+    @errors.rpc
+    async def StreamLogs(self, request, context):
+        _require_id(request.job_id, "job_id", "job-")
+        cursor = request.cursor
+        if cursor:
+            _parse_cursor(cursor)
+        await self._owned_job(request.job_id)
+        while True:
+            lines = await self._call(self.store.logs_after, request.job_id, cursor, LOG_BATCH)
+            for line in lines:
+                yield line
+            if lines:
+                cursor = lines[-1].cursor
+                if len(lines) == LOG_BATCH:
+                    continue
+            if not request.follow:
+                return
+            # A job that has ended logs no more, once what it logged before has been sent.
+            ended = (await self._owned_job(request.job_id)).state in store.TERMINAL
+            if ended and not await self._call(self.store.logs_after, request.job_id, cursor, 1):
+                return
+            await asyncio.sleep(LOG_POLL_S)
+
+    @errors.rpc
+    async def ListDatasets(self, request, context):
+        datasets = await self._call(self.store.list_datasets, auth.current_tenant.get())
+        return jobs_pb2.ListDatasetsResponse(datasets=datasets)
+
+    @errors.rpc
+    async def DeleteDataset(self, request, context):
+        _require_id(request.dataset_id, "dataset_id", "ds-")
+        tenant = auth.current_tenant.get()
+        if not await self._call(self.store.owns_dataset, tenant, request.dataset_id):
+            raise errors.NotFound(f"dataset {request.dataset_id} not found (`gradserve datasets` lists yours)")
+        for name in corpus.BUILTINS:
+            if await self._call(self.store.builtin_dataset_id, name) == request.dataset_id:
+                raise errors.Precondition(f"dataset {request.dataset_id} is the built-in corpus {name}, which "
+                                          "every tenant may use; it cannot be deleted")
+        users = await self._call(self.store.datasets_in_use, tenant, request.dataset_id)
+        if users:
+            raise errors.Precondition(
+                f"dataset {request.dataset_id} is in use by {len(users)} QUEUED or RUNNING job(s): "
+                f"{', '.join(users[:5])}{', ...' if len(users) > 5 else ''}; wait for them to end, or cancel them "
+                "(gradserve cancel JOB)")
+        try:
+            return await self._call(self.store.delete_dataset, tenant, request.dataset_id)
+        except store.NotFound:  # deleted by a call racing this one
+            raise errors.NotFound(f"dataset {request.dataset_id} not found (`gradserve datasets` lists yours)") from None
 
     @errors.rpc
     async def UploadDataset(self, request_iterator, context):
@@ -445,13 +580,12 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
     @errors.rpc
     async def DownloadCheckpoint(self, request, context):
         _require_id(request.job_id, "job_id", "job-")
-        await self._owned_job(request.job_id)
+        which = _checkpoint_choice(request.checkpoint, "checkpoint")
+        job = await self._owned_job(request.job_id)
         try:
-            step, data = await self._call(self.store.get_checkpoint, request.job_id)
+            step, data = await self._call(self.store.get_checkpoint, request.job_id, which)
         except store.NotFound:
-            raise errors.NotFound(
-                f"job {request.job_id} has no checkpoint yet; one is written every checkpoint_every steps and at the end"
-            ) from None
+            raise errors.NotFound(_checkpoint_missing(job, which)) from None
         for start in range(0, len(data), CHUNK_BYTES):
             yield jobs_pb2.CheckpointChunk(data=data[start : start + CHUNK_BYTES], step=step, total_bytes=len(data))
 
@@ -475,15 +609,13 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
                                             f"likeliest token), got {request.temperature}"))
         if problems:
             raise errors.Invalid(problems)
+        which = _checkpoint_choice(request.checkpoint, "checkpoint")
         job = await self._owned_job(request.job_id)
         if job.spec.dataset in specs.SYNTHETIC_TASKS:
             raise errors.Precondition(f"job {job.id} trains on {job.spec.dataset}, a synthetic task with no text to "
                                       "generate")
-        if not job.checkpoint_step:
-            raise errors.NotFound(
-                f"job {job.id} has no checkpoint yet; one is written every {job.spec.checkpoint_every} steps and "
-                "at the end: try again after that"
-            )
+        if not await self._call(self.store.checkpoint_step, job.id, which):
+            raise errors.NotFound(_checkpoint_missing(job, which))
         workers = await self._call(self.store.workers)
         if not any(GENERATE_QUEUE in w.queues for w in workers):
             raise errors.Unavailable(f"no worker serves the {GENERATE_QUEUE} queue; start one: {GENERATE_WORKER_HINT}")
@@ -493,7 +625,7 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
             wait_s = max(_GENERATE_MIN_WAIT_S, min(wait_s, remaining - _DEADLINE_MARGIN_S))
         request_id = secrets.token_hex(16)
         task = dict(request_id=request_id, job_id=job.id, prefix=request.prefix, num_tokens=request.num_tokens,
-                    temperature=request.temperature, seed=request.seed)
+                    temperature=request.temperature, seed=request.seed, checkpoint=which)
         # `expires`: a request still queued when this call gives up is dropped, not computed for nobody.
         give_up_at = time.monotonic() + wait_s
         await self._call(self.celery.send_task, GENERATE_TASK, kwargs=task, queue=GENERATE_QUEUE, expires=wait_s)

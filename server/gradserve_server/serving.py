@@ -41,7 +41,7 @@ def wait_for_redis(url: str, timeout: float = REDIS_WAIT_S) -> None:
 
 async def serve(redis_url: str, listen: str, *, shared: Shared, max_dataset_bytes: int, on_ready=None,
                 max_attempts: int = DEFAULT_MAX_ATTEMPTS, reap_interval: float = DEFAULT_INTERVAL_S,
-                http_listen: str = "", **server_options) -> None:
+                retain_s: float = 0.0, http_listen: str = "", **server_options) -> None:
     """Serve and reap until SIGINT or SIGTERM; then stop taking calls and finish the ones in flight.
 
     With `http_listen` (host:port), the dashboard, /metrics and /healthz are served there too (`web`).
@@ -53,6 +53,10 @@ async def serve(redis_url: str, listen: str, *, shared: Shared, max_dataset_byte
                                                            max_dataset_bytes=max_dataset_bytes,
                                                            interceptors=(metrics.interceptor(),), **server_options)
     metrics.watch(service.store, service.relay)
+    # Jobs recorded by an older server are not in ListJobs' indexes yet; once done, this finds none.
+    indexed = await asyncio.to_thread(service.store.index_missing)
+    if indexed:
+        log.info("added %d jobs recorded before ListJobs' filters to their indexes", indexed)
     dashboard, dashboard_url = None, ""
     if http_listen:
         dashboard = Dashboard(service, metrics, server_options.get("tokens"))
@@ -64,7 +68,7 @@ async def serve(redis_url: str, listen: str, *, shared: Shared, max_dataset_byte
         log.info("dashboard, /metrics and /healthz on %s", dashboard_url)
     await server.start()
     await mark_serving(health_servicer, True)
-    reaper = Reaper(redis_url, shared=shared, max_attempts=max_attempts, interval=reap_interval)
+    reaper = Reaper(redis_url, shared=shared, max_attempts=max_attempts, interval=reap_interval, retain_s=retain_s)
     reaping = asyncio.create_task(reaper.run())
     host = listen.rsplit(":", 1)[0]
     address = f"{host}:{port}"

@@ -10,6 +10,7 @@ import argparse
 import io
 import json
 import re
+from datetime import datetime
 
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -17,6 +18,7 @@ from rich.console import Console
 
 from gradserve import cli
 from gradserve import spec as specs
+from gradserve.client import JobPage
 from gradserve.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from gradserve.v1 import jobs_pb2
 
@@ -98,13 +100,22 @@ class FakeJob:
     def refresh(self):
         return self.info
 
+    def resubmit(self, **changes):
+        self.resubmitted = changes
+        return FakeJob(job_record(jobs_pb2.QUEUED))
+
+    def logs(self, cursor="", follow=False):
+        self.followed = follow
+        yield jobs_pb2.LogLine(cursor="5-0", time=ts(NOW), level="WARNING", logger="py.warnings", attempt=2,
+                               message="UserWarning: a warning\n  and its second line")
+
     def cancel(self):
         if self.state in ("SUCCEEDED", "FAILED"):
             raise FailedPrecondition(f"job {self.id} is {self.state}: only QUEUED or RUNNING jobs can be cancelled")
         self.cancelled = True
         return self
 
-    def download_checkpoint(self, path) -> int:
+    def download_checkpoint(self, path, checkpoint="latest") -> int:
         with open(path, "wb") as f:
             f.write(b"x" * 1234)
         return 500
@@ -118,6 +129,7 @@ class FakeClient:
         self.error = error
         self._workers = list(workers)
         self.submitted: dict | None = None
+        self.next_page_token = ""
         self.uploaded: list = []
         self.target = None
 
@@ -150,14 +162,25 @@ class FakeClient:
         self._check()
         return self.job
 
-    def list_jobs(self, limit=50, state=None):
+    def list_jobs(self, limit=50, state=None, page_token="", **filters):
         self._check()
         self.listed = (limit, state)
-        return [self.job]
+        self.filters = filters
+        return JobPage([self.job], self.next_page_token)
 
     def workers(self):
         self._check()
         return self._workers
+
+    def list_datasets(self):
+        self._check()
+        return [jobs_pb2.Dataset(id=DATASET_ID, name="book.txt", size_bytes=183_000, num_chars=183_000,
+                                 num_words=32_000, uploaded_at=ts(NOW - 3600))]
+
+    def delete_dataset(self, dataset_id):
+        self._check()
+        self.deleted_dataset = dataset_id
+        return self.list_datasets()[0]
 
 
 def run(argv, fake: FakeClient, capsys) -> tuple[int, str, str]:
@@ -248,6 +271,25 @@ def test_job_record_shows_progress_times_and_spec():
         assert part in text, part
 
 
+def test_job_record_gives_a_text_job_its_perplexity_and_a_task_its_own_loss():
+    text_job = job_record(summary=jobs_pb2.JobSummary(step=300, train_loss=2.1395, train_perplexity=8.4945))
+    task_job = job_record(summary=jobs_pb2.JobSummary(step=50, train_loss=0.4022))
+    lines = []
+    for job in (text_job, task_job):
+        out, buffer = console()
+        cli.render_job(out, job, now=NOW)
+        lines += [line for line in buffer.getvalue().splitlines() if line.startswith("train")]
+    assert lines == ["train        ppl 8.49, loss 2.1395 nats/token at step 300", "train        loss 0.4022 at step 50"]
+
+
+def test_a_followed_job_ends_with_its_results_in_one_line():
+    summary = jobs_pb2.JobSummary(step=1000, train_loss=2.1395, train_perplexity=8.4945, best_step=1000,
+                                  best_val_loss=2.1286, best_val_perplexity=8.4025, tokens=1_120_000,
+                                  train_seconds=21.2, tokens_per_sec=52_949.0)
+    assert cli.results_line(summary) == (
+        "train ppl 8.49; best val ppl 8.40 at step 1000; 1,120,000 tokens in 21s (52,949 tokens/s)")
+
+
 def test_running_job_record_says_how_long_it_has_run():
     out, buffer = console()
     cli.render_job(out, job_record(), now=NOW)
@@ -281,6 +323,16 @@ def test_workers_table_and_the_hint_when_there_are_none():
         assert part in text, part
 
 
+def test_a_worker_running_several_jobs_shows_each_and_its_concurrency():
+    busy = jobs_pb2.Worker(name="g", queues=["gpu"], job_id="job-a", job_ids=["job-a", "job-b"], concurrency=4)
+    idle = jobs_pb2.Worker(name="h", queues=["gpu"], concurrency=4)
+    single = jobs_pb2.Worker(name="c", queues=["cpu"], job_id="job-c", job_ids=["job-c"], concurrency=1)
+    assert [cli.running_jobs(w) for w in (busy, idle, single)] == ["2/4: job-a, job-b", "0/4 idle", "job-c"]
+    out, buffer = console()
+    cli.render_workers(out, [busy], now=NOW)
+    assert "2/4: job-a, job-b" in buffer.getvalue()
+
+
 @pytest.mark.parametrize("seconds, shown", [(0, "0s"), (59, "59s"), (75, "1m15s"), (7300, "2h01m"), (90_000, "1d01h")])
 def test_durations(seconds, shown):
     assert cli.human_duration(seconds) == shown
@@ -298,7 +350,9 @@ def test_submit_has_one_flag_per_spec_field_with_its_default_and_choices():
     actions = {a.dest: a for a in _submit_parser()._actions}
     for field in specs.FIELDS:
         action = actions[field.name]
-        assert action.option_strings == ["--" + field.name.replace("_", "-")]
+        flag = "--" + field.name.replace("_", "-")
+        switch = isinstance(field.default, bool)
+        assert action.option_strings == ([flag, flag.replace("--", "--no-")] if switch else [flag])
         assert action.default == field.default
         if field.choices:
             assert tuple(action.choices) == field.choices
@@ -349,6 +403,80 @@ def test_global_options_work_before_and_after_the_command(capsys, monkeypatch):
 # ------------------------------------------------------------------- commands
 
 
+def test_submit_sends_name_tags_and_note(capsys):
+    fake = FakeClient(FakeJob(job_record(jobs_pb2.QUEUED)))
+    code, _, _ = run(["submit", "--dataset", "builtin:pydocs", "--name", "T=5 run", "--tag", "study=tbptt",
+                      "--tag", "T=5", "--note", "first"], fake, capsys)
+    assert code == 0
+    assert (fake.submitted["name"], fake.submitted["tags"], fake.submitted["note"]) == (
+        "T=5 run", {"study": "tbptt", "T": "5"}, "first")
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["submit", "--dataset", "builtin:pydocs", "--tag", "study"], "must be key=value, got 'study'"),
+    (["submit", "--dataset", "builtin:pydocs", "--tag", "a b=c"], "letters, digits or _.- characters, got 'a b'"),
+    (["submit", "--dataset", "builtin:pydocs", "--name", "x" * 101], "at most 100 characters, got 101"),
+    (["list", "--after", "yesterday"], "an age like 90m, 6h or 2d; got 'yesterday'"),
+    (["list", "--sort", "loss"], "must be one of created, train_loss, val_loss, tokens_per_sec, got 'loss'"),
+    (["list", "--model", "transformer"], "must be one of rnn_scratch, rnn, gru, lstm, got 'transformer'"),
+])
+def test_bad_labels_and_filters_are_usage_errors_naming_the_value(argv, words, capsys):
+    fake = FakeClient()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv, client_factory=fake)
+    assert exit_info.value.code == cli.EXIT_USAGE
+    assert words in capsys.readouterr().err
+    assert fake.submitted is None
+
+
+def test_list_sends_its_filters_and_prints_the_command_for_the_next_page(capsys):
+    fake = FakeClient()
+    fake.next_page_token = "TOKEN2"
+    argv = ["list", "--server", "h:9", "--tag", "study=tbptt", "--model", "gru", "--after", "2026-11-30",
+            "--sort", "val_loss", "--page-token", "TOKEN1", "--limit", "2"]
+    code, _, err = run(argv, fake, capsys)
+    assert code == 0
+    f = fake.filters
+    assert (f["tags"], f["model"], f["order_by"], f["reverse"]) == ({"study": "tbptt"}, "gru", "val_loss", False)
+    assert f["created_after"] == datetime(2026, 11, 30).timestamp()
+    assert err.split() == ["more:", "gradserve", "list", "--server", "h:9", "--tag", "study=tbptt", "--model", "gru",
+                           "--after", "2026-11-30", "--sort", "val_loss", "--limit", "2", "--page-token", "TOKEN2"]
+
+
+def test_datasets_are_listed_with_sizes_in_units_and_deleted_by_id(capsys, monkeypatch):
+    monkeypatch.setattr(cli.time, "time", lambda: NOW)
+    fake = FakeClient()
+    code, out, _ = run(["datasets"], fake, capsys)
+    header, row = out.splitlines()
+    assert header.split() == ["id", "name", "size", "chars", "words", "uploaded"]
+    assert row.split() == [DATASET_ID, "book.txt", "178.7", "KiB", "183.0k", "32.0k", "1h00m", "ago"]
+    code, out, _ = run(["delete-dataset", DATASET_ID], fake, capsys)
+    assert code == 0 and fake.deleted_dataset == DATASET_ID
+    assert out.startswith(f"deleted {DATASET_ID} (book.txt, 178.7 KiB)")
+
+
+def test_logs_print_time_attempt_level_and_logger_before_each_message(capsys):
+    fake = FakeClient()
+    code, out, _ = run(["logs", JOB_ID, "-f"], fake, capsys)
+    assert code == 0 and fake.job.followed
+    when = datetime.fromtimestamp(NOW).strftime("%Y-%m-%d %H:%M:%S")
+    assert out == f"{when} attempt 2 WARNING py.warnings: UserWarning: a warning\n  and its second line\n"
+
+
+def test_resubmit_sends_only_the_flags_given(capsys):
+    fake = FakeClient()
+    code, out, _ = run(["resubmit", JOB_ID, "--optimizer", "adam", "--hidden-size", "64", "--tag", "try=2"], fake, capsys)
+    assert code == 0
+    assert fake.job.resubmitted == {"name": None, "tags": {"try": "2"}, "note": None, "optimizer": "adam",
+                                    "hidden_size": 64}
+    assert out.splitlines()[1].endswith(f"{JOB_ID} again with hidden_size=64, optimizer=adam")
+
+
+def test_an_age_counts_back_from_now():
+    assert cli._time_arg("90m", now=10_000.0) == 10_000.0 - 5400
+    assert cli._time_arg("2d", now=200_000.0) == 200_000.0 - 172_800
+
+
 def test_submit_sends_the_flags_and_prints_the_id_and_spec(capsys):
     fake = FakeClient(FakeJob(job_record(jobs_pb2.QUEUED)))
     code, out, _ = run(["submit", "--dataset", "builtin:pydocs", "--hidden-size", "64", "--model", "gru"], fake, capsys)
@@ -356,7 +484,8 @@ def test_submit_sends_the_flags_and_prints_the_id_and_spec(capsys):
     assert fake.submitted["dataset"] == "builtin:pydocs"
     assert fake.submitted["hidden_size"] == 64 and fake.submitted["model"] == "gru"
     assert fake.submitted["lr"] is None  # left to the server, which picks it by optimizer
-    assert set(fake.submitted) == {"dataset"} | {f.name for f in specs.FIELDS}
+    assert set(fake.submitted) == {"dataset", "name", "tags", "note", "init_from", "init_optimizer", "init_state"} | {
+        f.name for f in specs.FIELDS}
     assert out.splitlines()[0] == JOB_ID
     assert "QUEUED on queue cpu" in out and "max_steps=1500" in out
 
@@ -632,3 +761,16 @@ def test_hints_name_a_command_that_runs_as_printed(tmp_path, monkeypatch):
     assert cmdline.command("gradserve-server dev") == "venv/bin/gradserve-server dev"
     monkeypatch.setenv("PATH", str(bin_dir))
     assert cmdline.command("gradserve download") == "gradserve download"
+
+
+def test_boolean_spec_fields_are_switches():
+    parser = _submit_parser()
+    args = parser.parse_args(["--dataset", "builtin:pydocs", "--eos", "--no-tie-weights"])
+    assert args.eos is True and args.tie_weights is False
+    assert parser.parse_args(["--dataset", "builtin:pydocs"]).eos is False
+
+
+def test_a_window_change_reads_as_one_line():
+    event = jobs_pb2.Event(window_change=jobs_pb2.WindowChange(step=300, from_window=5, to_window=10, suggested=37))
+    assert cli.event_line(event, 1000) == ("window  step 300  num_steps 5 -> 10 steps "
+                                           "(the probes since the last checkpoint suggest 37)")

@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("matplotlib", reason="the plot extra is not installed: pip install './client[plot]'")
 
-from gradserve import cli, plot  # noqa: E402
+from gradserve import cli, plot, truncation  # noqa: E402
 from gradserve.v1 import jobs_pb2  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -187,3 +187,17 @@ def test_the_plot_command_without_matplotlib_says_what_to_install(tmp_path, caps
     assert code == cli.EXIT_FAILED
     assert "pip install 'gradserve[plot]'" in capsys.readouterr().err
     assert not (tmp_path / "run.png").exists()
+
+
+def test_the_heatmap_shows_the_latest_probes_window_advice_in_the_clis_words():
+    advice = truncation.advise(math.log(0.9), WINDOW, 0.01)
+    advised = jobs_pb2.Event(probe=jobs_pb2.Probe(
+        step=500, grad_through_time=[jobs_pb2.GradProfile(layer=0, norms=[0.9 ** (WINDOW - 1 - t) for t in range(WINDOW)])],
+        decay_rate=advice.rate, half_life=advice.half_life, suggested_window=advice.suggested,
+        start_fraction=advice.start_fraction, warning=advice.warning))
+    heat_ax = plot.plot_run([*run_events(), advised], job_record()).axes[2]
+    label = heat_ax.get_xlabel()
+    assert advice.suggested == 44 and advice.warning  # 0.9^43 > 1% ≥ 0.9^44, and a window of 12 is shorter
+    assert "step 500: gradient half-life 6.58 steps, suggested window 44 steps\n" in label
+    assert label.endswith("\n" + advice.warning)
+    assert cli.probe_line(advised.probe).endswith(truncation.advice_line(advice.half_life, 44, advice.warning))

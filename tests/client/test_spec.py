@@ -75,3 +75,13 @@ def test_the_memory_estimate_grows_with_the_window_and_the_optimizer_state():
     assert spec.backprop_window(complete(num_steps=35), 1000) == 35
     assert spec.backprop_window(complete(truncation="full"), 1000) == 1000
     assert spec.backprop_window(complete(truncation="tbptt", num_steps=10), 1000) == 20
+
+
+def test_rederivable_unsets_only_the_derived_fields_that_hold_their_derived_value():
+    full = spec.complete(jobs_pb2.JobSpec(dataset="builtin:pydocs", num_steps=20, tbptt_k2=100))
+    loose = spec.rederivable(full)
+    assert not loose.HasField("lr") and not loose.HasField("tbptt_k1")
+    assert loose.tbptt_k2 == 100 and loose.num_steps == 20
+    assert spec.complete(loose) == full
+    chosen = spec.rederivable(spec.complete(jobs_pb2.JobSpec(dataset="builtin:pydocs", lr=0.5)))
+    assert chosen.lr == 0.5

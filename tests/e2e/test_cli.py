@@ -69,7 +69,8 @@ def test_submit_follow_then_status_list_and_download(stack, tmp_path):
 
     deleted = run(stack, "delete", job_id, "job-00000000000000000000")
     assert deleted.returncode == 1, "one of the two was not there"
-    assert deleted.stdout == f"deleted {job_id} (SUCCEEDED at step 30): its record, events and checkpoint are gone\n"
+    assert deleted.stdout == (f"deleted {job_id} (SUCCEEDED at step 30): its record, events, checkpoints and log "
+                              "are gone\n")
     assert "job-00000000000000000000 not found" in deleted.stderr
     assert run(stack, "status", job_id).returncode == 1
 

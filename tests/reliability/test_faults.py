@@ -169,7 +169,7 @@ def whole_stack(rstack, corpus_id):
 
 
 def test_sigkill_of_the_training_worker_costs_at_most_one_checkpoint_interval(rstack, corpus_id):
-    max_steps = 2500
+    max_steps = 1000
     with rstack.client() as c:
         job = c.submit(dataset=corpus_id, max_steps=max_steps, **JOB)
         watch = Watcher(rstack, job.id)
@@ -198,7 +198,7 @@ def test_sigkill_of_the_training_worker_costs_at_most_one_checkpoint_interval(rs
 
 
 def test_sigkill_of_the_server_mid_stream_and_a_restart_lose_no_event(rstack, corpus_id):
-    max_steps = 3000
+    max_steps = 2000
     job_store = store.JobStore.from_url(rstack.redis_url)
     with rstack.client() as c:
         job = c.submit(dataset=corpus_id, max_steps=max_steps, **JOB)
@@ -227,8 +227,8 @@ def test_sigkill_of_the_server_mid_stream_and_a_restart_lose_no_event(rstack, co
 
 def test_a_redis_restart_mid_job_with_jobs_queued_loses_no_job(rstack, corpus_id):
     with rstack.client() as c:
-        long_job = c.submit(dataset=corpus_id, max_steps=3000, **JOB)
-        other = c.submit(dataset=corpus_id, max_steps=3000, **JOB)  # keeps the second worker busy
+        long_job = c.submit(dataset=corpus_id, max_steps=1500, **JOB)
+        other = c.submit(dataset=corpus_id, max_steps=1500, **JOB)  # keeps the second worker busy
         queued = [c.submit(dataset=corpus_id, max_steps=300, **JOB) for _ in range(2)]
         watch = Watcher(rstack, long_job.id)
         watch.wait_for(checkpoint_at_least(200))
@@ -252,9 +252,9 @@ def test_a_redis_restart_mid_job_with_jobs_queued_loses_no_job(rstack, corpus_id
         history = list(c.get_job(long_job.id).events())
 
     assert [f.state for f in finals] == ["SUCCEEDED"] * 4, rstack.logs()
-    seen = check_stream(events, 3000, gaps_allowed=True)
-    stored = check_stream(history, 3000, gaps_allowed=True)
-    expected = set(range(LOG_EVERY, 3001, LOG_EVERY))
+    seen = check_stream(events, 1500, gaps_allowed=True)
+    stored = check_stream(history, 1500, gaps_allowed=True)
+    expected = set(range(LOG_EVERY, 1501, LOG_EVERY))
     measured("redis-restart", attempts=finals[0].attempt, redis_down_s=round(restarted - killed, 2),
              metrics_events_missed_by_live_watcher=len(expected - set(seen)),
              metrics_events_lost_from_the_record=len(expected - set(stored)), watcher_silent_s=longest_silence(watch))
@@ -262,7 +262,7 @@ def test_a_redis_restart_mid_job_with_jobs_queued_loses_no_job(rstack, corpus_id
 
 def test_a_task_delivered_twice_trains_once(rstack, corpus_id):
     with rstack.client() as c:
-        job = c.submit(dataset=corpus_id, max_steps=1500, **JOB)
+        job = c.submit(dataset=corpus_id, max_steps=600, **JOB)
         celery = make_celery(rstack.redis_url)
         celery.send_task(TRAIN_TASK, args=[job.id], queue="cpu")  # by name, as the server does; any attempt
         celery.send_task(TRAIN_TASK, args=[job.id], kwargs={"attempt": 1}, queue="cpu")
@@ -271,7 +271,7 @@ def test_a_task_delivered_twice_trains_once(rstack, corpus_id):
         events = list(job.events())
     assert final.state == "SUCCEEDED"
     assert [(state(s), s.attempt) for s in statuses(events)] == [("QUEUED", 1), ("RUNNING", 1), ("SUCCEEDED", 1)]
-    check_stream(events, 1500)
+    check_stream(events, 600)
     deadline = time.monotonic() + 60
     while (drops := sum(len(re.findall(f"dropping this delivery of {job.id}", log.read_text(errors="replace")))
                         for log in rstack.dir.glob("worker-*.log"))) < 2:
@@ -281,7 +281,7 @@ def test_a_task_delivered_twice_trains_once(rstack, corpus_id):
 
 
 def test_sigterm_of_a_worker_hands_its_job_to_another_that_continues_it(rstack, corpus_id):
-    max_steps = 3000
+    max_steps = 1200
     with rstack.client() as c:
         job = c.submit(dataset=corpus_id, max_steps=max_steps, **{**JOB, "checkpoint_every": 1000})
         watch = Watcher(rstack, job.id)
@@ -314,7 +314,7 @@ def test_sigterm_of_a_worker_hands_its_job_to_another_that_continues_it(rstack, 
 
 
 def test_sigterm_of_the_server_ends_streams_with_a_notice_and_the_client_resumes(rstack, corpus_id):
-    max_steps = 3000
+    max_steps = 1500
     with rstack.client() as c:
         job = c.submit(dataset=corpus_id, max_steps=max_steps, **JOB)
         watch = Watcher(rstack, job.id)
@@ -365,7 +365,7 @@ def test_sigterm_of_the_server_ends_streams_with_a_notice_and_the_client_resumes
 
 
 def test_two_server_processes_relay_on_their_own_and_a_watcher_moves_between_them(rstack, corpus_id):
-    max_steps = 1500
+    max_steps = 1000
     second = rstack.start_another_server()
     first = rstack.server
     try:

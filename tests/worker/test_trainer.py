@@ -352,8 +352,13 @@ def test_checkpoints_come_every_checkpoint_every_steps_and_at_the_end(timemachin
                                          "num_layers": 2, "val_fraction": 0.1, "eval_every": 3, "probe_every": 4}),
         ("rnn", "sgd", "sequential", {"truncation": "tbptt", "tbptt_k1": 5, "tbptt_k2": 9, "embedding_size": 6}),
         ("gru", "adam", "random", {"dataset": "builtin:copy", "seq_len": 6, "eval_every": 5, "dropout": 0.2}),
+        # pytorch/examples' recipe: its initialisation, embedding dropout's draws, tied weights, lr cut on a plateau.
+        ("lstm", "sgd", "sequential", {"init": "uniform", "embedding_size": 16, "tie_weights": True,
+                                       "embedding_dropout": 0.2, "dropout": 0.2, "schedule": "plateau", "lr": 5.0,
+                                       "lr_gamma": 0.5, "val_fraction": 0.1, "eval_every": 1}),
     ],
-    ids=["lstm", "gru", "rnn_scratch", "schedule-randomized-dropout-validation-probes", "tbptt", "copy-task"],
+    ids=["lstm", "gru", "rnn_scratch", "schedule-randomized-dropout-validation-probes", "tbptt", "copy-task",
+         "word-language-model-recipe"],
 )
 def test_resuming_from_a_checkpoint_continues_bit_for_bit(timemachine, model, optimizer, partition, extra):
     text = timemachine[:300]  # 8 windows an epoch: the checkpoint is mid-epoch, the rest crosses epochs
@@ -366,7 +371,7 @@ def test_resuming_from_a_checkpoint_continues_bit_for_bit(timemachine, model, op
     straight, first, rest = [], [], []
     train(config, text, straight.append)
     train(small(**{**asdict(config), "max_steps": 10, "checkpoint_every": 10}), text, first.append)
-    [half] = [e for e in first if isinstance(e, CheckpointReady)]
+    [half] = [e for e in first if isinstance(e, CheckpointReady) and e.best_loss is None]
     train(config, text, rest.append, resume=half.data)
     end, resumed_end = ([e for e in events if isinstance(e, CheckpointReady)][-1] for events in (straight, rest))
 
@@ -469,6 +474,16 @@ def test_config_from_spec_keeps_values_that_are_not_defaults():
         probe_every=8,
         seq_len=17,
         on_nonfinite="skip",
+        eos=True,
+        init="chrono",
+        init_range=0.3,
+        max_dependency=40,
+        embedding_dropout=0.1,
+        tie_weights=True,
+        min_lr=0.01,
+        truncation_tolerance=0.05,
+        min_num_steps=3,
+        max_num_steps=30,
     )
     config = TrainConfig.from_spec(spec)
     for f in jobs_pb2.JobSpec.DESCRIPTOR.fields:

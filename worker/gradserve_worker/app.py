@@ -17,7 +17,8 @@ from celery.exceptions import Reject
 
 from gradserve_store.queue import GENERATE_TASK, TRAIN_TASK, dispatch, make_celery
 from gradserve_store.settings import Shared
-from gradserve_store.store import JobStore
+from gradserve_store.store import JobStore, NotFound
+from gradserve_worker.capacity import MemoryLedger, stored_job_bytes
 
 # How long a job's writes keep retrying while Redis is unreachable (restarting,
 # say) before the attempt gives up and leaves the job to the reaper.
@@ -36,6 +37,9 @@ class WorkerSettings:
     shared: Shared
     # How long a job's writes retry while Redis is unreachable.
     redis_retry_s: float = DEFAULT_REDIS_RETRY_S
+    # The memory budget the worker's concurrent jobs share, and the device it is on ("cpu" or "cuda").
+    ledger: MemoryLedger | None = None
+    device: str = "cpu"
 
 
 def create_app(settings: WorkerSettings) -> Celery:
@@ -58,7 +62,13 @@ def create_app(settings: WorkerSettings) -> Celery:
         # and hand itself back to the queue.
         shutdown = threading.Event()
         previous = signal.signal(signal.SIGTERM, lambda *_: shutdown.set())
+        reserved = False
         try:
+            if settings.ledger is not None:
+                # Before the claim: a job that waits here for memory stays QUEUED, free for another worker.
+                reserved = settings.ledger.reserve(job_id, _job_bytes(job_store, job_id), shutdown)
+                if not reserved:
+                    raise Reject("the worker is shutting down", requeue=True)
             run_job(job_store, job_id, worker=settings.name, attempt=attempt, shutdown=shutdown,
                     requeue=lambda job, number, queue: dispatch(self.app, job_store, job, number, queue),
                     lease_ttl_s=settings.shared.lease_ttl_s, redis_retry_s=settings.redis_retry_s)
@@ -66,8 +76,16 @@ def create_app(settings: WorkerSettings) -> Celery:
             # Redis stayed away before the job could be claimed: keep the task for when it is back.
             raise Reject(e, requeue=True) from e
         finally:
+            if reserved:
+                settings.ledger.release()
             signal.signal(signal.SIGTERM, previous)
             job_store.close()
+
+    def _job_bytes(job_store: JobStore, job_id: str) -> int:
+        try:
+            return stored_job_bytes(job_store, job_id, settings.device)
+        except NotFound:
+            return 0  # the job is gone; run_job drops the delivery
 
     generator = None
 

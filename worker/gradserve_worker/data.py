@@ -21,7 +21,7 @@ from collections import Counter
 from typing import NamedTuple
 
 import torch
-from gradserve.text import preprocess, tokenize
+from gradserve.text import text_tokens
 
 UNK = "<unk>"
 
@@ -50,13 +50,14 @@ class Vocab:
         return [self.index.get(tok, 0) for tok in tokens]
 
 
-def build_corpus(text: str, tokenization: str, mode: str, min_freq: int = 1) -> tuple[Vocab, torch.Tensor]:
+def build_corpus(text: str, tokenization: str, mode: str, min_freq: int = 1,
+                 eos: bool = False) -> tuple[Vocab, torch.Tensor]:
     """The vocabulary of `text` and the whole text as one 1-D LongTensor of indices.
 
     Tokenising goes through gradserve.text so the server's token counts agree
     with what the worker trains on.
     """
-    tokens = tokenize(preprocess(text, mode), tokenization)
+    tokens = text_tokens(text, tokenization, mode, eos)
     vocab = Vocab(tokens, min_freq)
     return vocab, torch.tensor(vocab.encode(tokens), dtype=torch.long)
 

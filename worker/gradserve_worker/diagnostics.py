@@ -11,7 +11,11 @@ Every probe_every steps the trainer reports
   gradients that the BPTT chapter derives: with Jacobians of norm ρ the
   profile grows or decays like ρ^(T−t);
 * the largest singular value of every recurrent weight matrix (per gate for
-  GRU and LSTM), whose size decides that growth or decay.
+  GRU and LSTM), whose size decides that growth or decay;
+* the decay of the gradient back from the window's last step alone,
+  ‖∂(v·h_T)/∂h_{T−k}‖ with v = ∂L/∂h_T, per layer: the total derivative above
+  mixes in every later step's own loss, which hides the decay; this one is
+  ρ^k for Jacobians of norm ρ, and gradserve.truncation fits and reads it.
 
 The profile replays the step's window (tasks' `replay`): the same starting
 state, the same cuts, the same weights (the probe runs before the optimizer
@@ -41,6 +45,15 @@ ITERATIONS = 4
 
 def gradient_profile(model: nn.Module, replay) -> list[list[float]]:
     """‖∂L/∂h_t‖ per layer and position of the window `replay(model, trace)` recomputes and returns the loss of."""
+    return probe_gradients(model, replay)[0]
+
+
+def probe_gradients(model: nn.Module, replay) -> tuple[list[list[float]], list[list[float]]]:
+    """(profile, decay) of the window `replay(model, trace)` recomputes and returns the loss of.
+
+    profile: ‖∂L/∂h_t‖ per layer for t = 1..T. decay: per layer,
+    ‖∂(v·h_T)/∂h_{T−k}‖ for k = 0..T−1 (v = ∂L/∂h_T), 0 past a cut.
+    """
     trace: list[list[torch.Tensor]] = [[] for _ in range(model.num_layers)]
     training = model.training
     model.eval()
@@ -50,15 +63,28 @@ def gradient_profile(model: nn.Module, replay) -> list[list[float]]:
         model.train(training)
     hidden = [h for layer in trace for h in layer]
     # Only these gradients: the parameters' .grad of the step itself stay untouched.
-    grads = torch.autograd.grad(loss, hidden, allow_unused=True)
-    norms = torch.stack([
-        torch.linalg.vector_norm(g) if g is not None else torch.zeros((), device=loss.device) for g in grads
-    ]).tolist()
-    out, i = [], 0
+    grads = torch.autograd.grad(loss, hidden, allow_unused=True, retain_graph=True)
+    zero = torch.zeros((), device=loss.device)
+    norms = [torch.linalg.vector_norm(g) if g is not None else zero for g in grads]
+    decays, i = [], 0
     for layer in trace:
-        out.append(norms[i : i + len(layer)])
         i += len(layer)
-    return out
+        v = grads[i - 1]
+        if v is None or len(layer) < 2 or not layer[-1].requires_grad:
+            decays.append([norms[i - 1]])
+            continue
+        back = torch.autograd.grad(layer[-1], layer[:-1], grad_outputs=v, allow_unused=True, retain_graph=True)
+        decays.append([norms[i - 1]] + [torch.linalg.vector_norm(g) if g is not None else zero for g in back[::-1]])
+    # One device sync for all the numbers.
+    flat = torch.stack(norms + [d for decay in decays for d in decay]).tolist()
+    profile, decay, i = [], [], 0
+    for layer in trace:
+        profile.append(flat[i : i + len(layer)])
+        i += len(layer)
+    for layer in decays:
+        decay.append(flat[i : i + len(layer)])
+        i += len(layer)
+    return profile, decay
 
 
 # -----------------------------------------------------------------------------

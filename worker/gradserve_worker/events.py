@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from gradserve.v1 import jobs_pb2
 
-from gradserve_worker.trainer import Evaluation, Probe, StepMetrics
+from gradserve_worker.trainer import Evaluation, Probe, StepMetrics, WindowChange
 
 
 def to_event(report) -> jobs_pb2.Event:
@@ -28,6 +28,8 @@ def to_event(report) -> jobs_pb2.Event:
                 skipped_steps=report.skipped_steps,
                 tokens=report.tokens,
                 seconds=report.seconds,
+                step_path=report.step_path,
+                step_path_reason=report.step_path_reason,
             )
         )
     if isinstance(report, Evaluation):
@@ -42,6 +44,10 @@ def to_event(report) -> jobs_pb2.Event:
             )
         )
     if isinstance(report, Probe):
+        advice = report.advice
+        fit = {} if advice is None else dict(decay_rate=advice.rate, half_life=advice.half_life,
+                                             suggested_window=advice.suggested,
+                                             start_fraction=advice.start_fraction, warning=advice.warning)
         return jobs_pb2.Event(
             probe=jobs_pb2.Probe(
                 step=report.step,
@@ -53,6 +59,12 @@ def to_event(report) -> jobs_pb2.Event:
                     jobs_pb2.SpectralNorm(name=name, gate=gate, sigma=sigma)
                     for name, gate, sigma in report.spectral_norms
                 ],
+                **fit,
             )
+        )
+    if isinstance(report, WindowChange):
+        return jobs_pb2.Event(
+            window_change=jobs_pb2.WindowChange(step=report.step, from_window=report.from_window,
+                                                to_window=report.to_window, suggested=report.suggested)
         )
     raise TypeError(f"no event for a {type(report).__name__}")

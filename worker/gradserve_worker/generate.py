@@ -25,7 +25,7 @@ import logging
 from collections import OrderedDict
 
 import torch
-from gradserve.text import preprocess, tokenize
+from gradserve.text import EOS, text_tokens
 from gradserve_store import store
 
 from gradserve_worker.trainer import Checkpoint, load_checkpoint
@@ -40,19 +40,24 @@ UNK_INDEX = 0
 
 
 def encode_prefix(prefix: str, checkpoint: Checkpoint) -> list[int]:
-    """The prefix as token ids, split the way the job's text was (tokenization, preprocess)."""
+    """The prefix as token ids, split the way the job's text was (tokenization, preprocess, eos)."""
     config = checkpoint.config
     index = {token: i for i, token in enumerate(checkpoint.vocab)}
-    tokens = tokenize(preprocess(prefix, config.preprocess), config.tokenization)
+    tokens = text_tokens(prefix, config.tokenization, config.preprocess, config.eos)
     return [index.get(token, UNK_INDEX) for token in tokens]
 
 
 def join_tokens(prefix: str, tokens: list[str], tokenization: str) -> str:
-    """The prefix as given, followed by the generated tokens (words are separated by spaces)."""
+    """The prefix as given, followed by the generated tokens (words are separated by spaces, <eos> ends a line)."""
     if tokenization == "char":
         return prefix + "".join(tokens)
-    separator = " " if prefix and not prefix[-1].isspace() and tokens else ""
-    return prefix + separator + " ".join(tokens)
+    out = prefix
+    for token in tokens:
+        if token == EOS:
+            out += "\n"
+        else:
+            out += (" " if out and not out[-1].isspace() else "") + token
+    return out
 
 
 @torch.inference_mode()
@@ -97,14 +102,17 @@ class ModelCache:
         self.size = size
         self._entries: OrderedDict[tuple[str, int], Checkpoint] = OrderedDict()
 
-    def latest(self, job_store: store.JobStore, job_id: str) -> tuple[int, Checkpoint]:
-        """(step, checkpoint) of the job's latest checkpoint. Raises store.NotFound, or ValueError when unreadable."""
-        key = (job_id, job_store.checkpoint_step(job_id))
+    def get(self, job_store: store.JobStore, job_id: str, which: str = "latest") -> tuple[int, Checkpoint]:
+        """(step, checkpoint) of the job's "latest" or "best" checkpoint, or the one at step `which`.
+
+        Raises store.NotFound, or ValueError when it cannot be opened.
+        """
+        key = (job_id, job_store.checkpoint_step(job_id, which))
         if key in self._entries:
             self._entries.move_to_end(key)
             return key[1], self._entries[key]
         # The step read above may be stale by now; the step stored with the bytes is not.
-        step, data = job_store.get_checkpoint(job_id)
+        step, data = job_store.get_checkpoint(job_id, which)
         checkpoint = load_checkpoint(data, device="cpu")
         self._entries[(job_id, step)] = checkpoint
         while len(self._entries) > self.size:
@@ -119,20 +127,21 @@ class Generator:
         self.store = job_store
         self.cache = ModelCache(cache_size)
 
-    def answer(self, job_id: str, prefix: str, num_tokens: int, temperature: float, seed: int) -> dict:
+    def answer(self, job_id: str, prefix: str, num_tokens: int, temperature: float, seed: int,
+               checkpoint: str = "latest") -> dict:
         """The reply to one request: {"text", "step"} or {"error": {"code", "message"}}.
 
         The server validated the request; what can still go wrong here is the
         checkpoint, which may have gone or may not open.
         """
         try:
-            step, checkpoint = self.cache.latest(self.store, job_id)
+            step, opened = self.cache.get(self.store, job_id, checkpoint)
         except store.NotFound:
-            return _error("NOT_FOUND", f"job {job_id} has no checkpoint; it may have been deleted")
+            return _error("NOT_FOUND", f"job {job_id} has no {_named(checkpoint)}; it may have been deleted")
         except ValueError as e:
-            return _error("FAILED_PRECONDITION", f"the latest checkpoint of job {job_id} cannot be opened: {e}")
+            return _error("FAILED_PRECONDITION", f"the {_named(checkpoint)} of job {job_id} cannot be opened: {e}")
         try:
-            text = generate_text(checkpoint, prefix, num_tokens, temperature=temperature, seed=seed)
+            text = generate_text(opened, prefix, num_tokens, temperature=temperature, seed=seed)
         except Exception as e:  # a bug here must still answer the caller, who is waiting
             log.exception("generating from %s failed", job_id)
             return _error("INTERNAL", f"generating from job {job_id} failed on the worker: {type(e).__name__}: {e}")
@@ -141,6 +150,10 @@ class Generator:
     def serve(self, request_id: str, **request) -> None:
         """Answer one request and push the reply where the server waits for it."""
         self.store.put_reply(request_id, self.answer(**request))
+
+
+def _named(checkpoint: str) -> str:
+    return f"{checkpoint} checkpoint" if checkpoint in ("latest", "best") else f"checkpoint at step {checkpoint}"
 
 
 def _error(code: str, message: str) -> dict:

@@ -6,7 +6,9 @@
 
 Each job runs in a fresh prefork child (one task per child), so a job's memory,
 threads and any CUDA context die with it. The parent process never touches
-CUDA, because a CUDA context does not survive fork. While it runs, the worker
+CUDA, because a CUDA context does not survive fork. With --concurrency N the
+worker runs up to N jobs at once, each in its own child, sharing its memory
+budget (capacity.py); a GPU worker's default N is what the GPU's memory holds. While it runs, the worker
 advertises itself in Redis with a heartbeat; the server routes `device=auto`
 jobs to the gpu queue only while a GPU worker is advertised.
 
@@ -39,6 +41,7 @@ from gradserve_store.queue import GENERATE_QUEUE, QUEUES
 from gradserve_store.store import HEARTBEAT_S, JobStore
 from gradserve_store.settings import Shared
 from gradserve_worker.app import DEFAULT_REDIS_RETRY_S, WorkerSettings, create_app
+from gradserve_worker.capacity import MemoryLedger, default_concurrency
 
 DEFAULT_SHUTDOWN_GRACE_S = 30.0
 log = logging.getLogger("gradserve.worker")
@@ -82,16 +85,19 @@ class ShutdownForwarder:
 class Heartbeat:
     """Renews the worker's advertisement in Redis until stopped; it expires by itself if the worker dies."""
 
-    def __init__(self, redis_url: str, name: str, advert: dict):
+    def __init__(self, redis_url: str, name: str, advert: dict, ledger: MemoryLedger):
         self.store = JobStore.from_url(redis_url)
-        self.name, self.advert = name, advert
+        self.name, self.advert, self.ledger = name, advert, ledger
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="gradserve-heartbeat", daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                self.store.heartbeat(self.name, self.advert)
+                # The ledger knows the running jobs even when a job's process died without saying so.
+                running = self.ledger.running()
+                self.store.heartbeat(self.name, {**self.advert, "memory_reserved": sum(n for _, n in running)},
+                                     jobs=[job for job, _ in running])
             except Exception as e:  # Redis may be restarting; the next beat tries again.
                 log.warning("heartbeat failed: %s", e)
             self._stop.wait(HEARTBEAT_S)
@@ -143,6 +149,11 @@ def warm_up_torch() -> None:
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
 
 
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value else None
+
+
 def main(argv: list[str] | None = None) -> None:
     p = Parser(prog="gradserve-worker", description=__doc__.split("\n\n")[0])
     add_version(p, "gradserve-worker")
@@ -157,9 +168,13 @@ def main(argv: list[str] | None = None) -> None:
                    help="memory one job may use here, in MiB; the server refuses jobs estimated above the smallest "
                    "budget of the workers on their queue (env GRADSERVE_MEMORY_BUDGET_MB; default: the GPU's memory, "
                    f"or {CPU_MEMORY_SHARE * 100:.0f}%% of this machine's)")
-    p.add_argument("--threads", type=int, default=int(os.environ.get("GRADSERVE_THREADS", os.cpu_count() or 1)),
-                   help="torch threads per job (env GRADSERVE_THREADS, default: all cores); with several "
-                   "workers on one host, give each its share")
+    p.add_argument("--concurrency", type=int, default=_env_int("GRADSERVE_CONCURRENCY"),
+                   help="jobs run at once, each in a process of its own, sharing the memory budget (env "
+                   "GRADSERVE_CONCURRENCY; default 1 on cpu; on gpu as many jobs with the spec's defaults as the "
+                   "budget holds, at most 4 and one per core)")
+    p.add_argument("--threads", type=int, default=_env_int("GRADSERVE_THREADS"),
+                   help="torch threads per job (env GRADSERVE_THREADS, default: the cores divided among the "
+                   "concurrent jobs); with several workers on one host, give each its share")
     p.add_argument("--shutdown-grace", type=float,
                    default=float(os.environ.get("GRADSERVE_SHUTDOWN_GRACE_S", DEFAULT_SHUTDOWN_GRACE_S)),
                    help="seconds a running job gets to checkpoint and hand itself back when the worker is asked to "
@@ -176,8 +191,10 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--redis-url (or GRADSERVE_REDIS_URL) is required, e.g. redis://localhost:6379/0")
     if args.shutdown_grace <= 0:
         p.error(f"--shutdown-grace must be above 0, got {args.shutdown_grace}")
-    if args.threads < 1:
+    if args.threads is not None and args.threads < 1:
         p.error(f"--threads must be at least 1, got {args.threads}")
+    if args.concurrency is not None and args.concurrency < 1:
+        p.error(f"--concurrency must be at least 1, got {args.concurrency}")
     if not args.redis_retry > 0:
         p.error(f"--redis-retry must be above 0, got {args.redis_retry}")
     try:
@@ -200,6 +217,12 @@ def main(argv: list[str] | None = None) -> None:
         if not device:
             sys.exit("gradserve-worker: --queues gpu needs a CUDA GPU, and torch sees none here; use --queues cpu")
     budget = int(args.memory_budget_mb * 2**20) if args.memory_budget_mb else default_memory_budget(gpu_memory)
+    cores = os.cpu_count() or 1
+    concurrency = 1 if generates else args.concurrency or default_concurrency("cuda" if gpu_memory else "cpu",
+                                                                              budget, cores)
+    threads = args.threads or max(1, cores // concurrency)
+    # Made before Celery forks its pool, so that every job's process shares it.
+    ledger = MemoryLedger(budget, concurrency)
     if not generates:
         warm_up_torch()
 
@@ -208,8 +231,9 @@ def main(argv: list[str] | None = None) -> None:
         args.redis_url,
         name,
         {"name": name, "queues": ",".join(queues), "device": device, "hostname": socket.gethostname(),
-         "pid": os.getpid(), "started": time.time(), "threads": args.threads, "memory_budget": budget,
-         "heartbeat_interval_s": HEARTBEAT_S},
+         "pid": os.getpid(), "started": time.time(), "threads": threads, "memory_budget": budget,
+         "heartbeat_interval_s": HEARTBEAT_S, "concurrency": concurrency},
+        ledger,
     )
     signals.worker_ready.connect(heartbeat.start, weak=False)
     signals.worker_shutdown.connect(heartbeat.stop, weak=False)
@@ -217,14 +241,15 @@ def main(argv: list[str] | None = None) -> None:
 
     # Jobs and the heartbeat name the worker alike, whatever form the name
     # takes: Celery turns a name without "@" into "celery@NAME" for its node.
-    app = create_app(WorkerSettings(args.redis_url, name, args.threads, shared, args.redis_retry))
-    # Training: one job at a time, each in a fresh child process. Generation:
+    app = create_app(WorkerSettings(args.redis_url, name, threads, shared, args.redis_retry, ledger,
+                                    "cuda" if gpu_memory else "cpu"))
+    # Training: `concurrency` jobs at a time, each in a fresh child process. Generation:
     # one request at a time in this process, which keeps its models loaded.
     pool = ["--pool", "solo"] if generates else ["--pool", "prefork", "--max-tasks-per-child", "1"]
     app.worker_main(
         [
             "worker", "--queues", ",".join(queues), "--hostname", name, "--loglevel", args.log_level.upper(),
-            "--concurrency", "1", *pool,
+            "--concurrency", str(concurrency), *pool,
             # Workers never talk to each other; skipping that makes start-up faster.
             "--without-gossip", "--without-mingle", "--without-heartbeat",
         ]

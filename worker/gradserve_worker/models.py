@@ -113,22 +113,29 @@ class RNNScratch(nn.Module):
     task with `features` input channels it is the feature vector itself. With
     nonlinearity="relu" the recurrence is unbounded, which is what makes
     exploding gradients easy to see. `dropout` applies to h_t before the
-    output layer.
+    output layer, `embedding_dropout` to the embedding's output. With
+    tie_weights the output layer has no W_hq: o_t = h_t E^T + b_q with E the
+    embedding matrix (embedding_size = hidden_size).
     """
 
     def __init__(self, vocab_size: int, hidden_size: int, nonlinearity: str = "tanh", *, dropout: float = 0.0,
-                 embedding_size: int = 0, features: int = 0, output_size: int = 0):
+                 embedding_size: int = 0, features: int = 0, output_size: int = 0, embedding_dropout: float = 0.0,
+                 tie_weights: bool = False):
         super().__init__()
         self.vocab_size, self.hidden_size, self.num_layers = vocab_size, hidden_size, 1
         self.nonlinearity, self.activation = nonlinearity, ACTIVATIONS[nonlinearity]
-        self.features, self.dropout = features, dropout
+        self.features, self.dropout, self.embedding_dropout = features, dropout, embedding_dropout
         self.embedding = nn.Embedding(vocab_size, embedding_size) if embedding_size and not features else None
         input_size = features or embedding_size or vocab_size
         output_size = output_size or vocab_size
         self.W_xh = nn.Parameter(torch.randn(input_size, hidden_size) * 0.01)
         self.W_hh = nn.Parameter(torch.randn(hidden_size, hidden_size) * 0.01)
         self.b_h = nn.Parameter(torch.zeros(hidden_size))
-        self.W_hq = nn.Parameter(torch.randn(hidden_size, output_size) * 0.01)
+        if tie_weights:
+            _check_tieable(self.embedding, hidden_size, output_size)
+            self.W_hq = None
+        else:
+            self.W_hq = nn.Parameter(torch.randn(hidden_size, output_size) * 0.01)
         self.b_q = nn.Parameter(torch.zeros(output_size))
 
     def begin_state(self, batch_size: int, device) -> tuple[torch.Tensor, ...]:
@@ -139,7 +146,7 @@ class RNNScratch(nn.Module):
         if self.features:
             return X @ self.W_xh + self.b_h
         if self.embedding is not None:
-            return self.embedding(X) @ self.W_xh + self.b_h
+            return _dropped(self.embedding(X), self.embedding_dropout, self.training) @ self.W_xh + self.b_h
         # embedding(X, W_xh) == one_hot(X) @ W_xh, without building the one-hot.
         return F.embedding(X, self.W_xh) + self.b_h
 
@@ -163,8 +170,14 @@ class RNNScratch(nn.Module):
             hs = torch.stack(steps)
         hs = F.dropout(hs, self.dropout, self.training) if self.dropout else hs
         # The output layer has no recurrence, so it runs as one matmul over all T steps.
+        if self.W_hq is None:
+            return F.linear(hs.view(-1, self.hidden_size), self.embedding.weight, self.b_q), (h,)
         outputs = torch.addmm(self.b_q, hs.view(-1, self.hidden_size), self.W_hq)
         return outputs, (h,)
+
+    def output_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight, bias) of the output layer, the weight as (outputs, hidden) like nn.Linear's."""
+        return (self.embedding.weight if self.W_hq is None else self.W_hq.T), self.b_q
 
 
 # -----------------------------------------------------------------------------
@@ -185,16 +198,20 @@ class TorchRNN(nn.Module):
     The input is the one-hot of each token (d2l), a learned embedding of it
     (embedding_size > 0), or a task's feature vector (features > 0). `dropout`
     applies between stacked layers (nn.RNN's own dropout) and to the last
-    layer's output before the output layer.
+    layer's output before the output layer, `embedding_dropout` to the
+    embedding's output. With tie_weights the output layer's weight is the
+    embedding's own Parameter (embedding_size = hidden_size), as in Press &
+    Wolf 2017 and pytorch/examples' word_language_model --tied.
     """
 
     def __init__(self, kind: str, vocab_size: int, hidden_size: int, num_layers: int, nonlinearity: str = "tanh", *,
-                 dropout: float = 0.0, embedding_size: int = 0, features: int = 0, output_size: int = 0):
+                 dropout: float = 0.0, embedding_size: int = 0, features: int = 0, output_size: int = 0,
+                 embedding_dropout: float = 0.0, tie_weights: bool = False):
         super().__init__()
         self.kind, self.vocab_size, self.hidden_size, self.num_layers = kind, vocab_size, hidden_size, num_layers
         self.is_lstm = kind == "lstm"
         self.cell = CELLS[f"rnn_{nonlinearity}" if kind == "rnn" else kind]
-        self.features, self.dropout = features, dropout
+        self.features, self.dropout, self.embedding_dropout = features, dropout, embedding_dropout
         self.embedding = nn.Embedding(vocab_size, embedding_size) if embedding_size and not features else None
         extra = {"nonlinearity": nonlinearity} if kind == "rnn" else {}
         # Between layers only: with one layer nn.RNN would warn that its dropout does nothing.
@@ -202,6 +219,9 @@ class TorchRNN(nn.Module):
         input_size = features or embedding_size or vocab_size
         self.rnn = LAYERS[kind](input_size, hidden_size, num_layers=num_layers, dropout=between_layers, **extra)
         self.linear = nn.Linear(hidden_size, output_size or vocab_size)
+        if tie_weights:
+            _check_tieable(self.embedding, hidden_size, output_size or vocab_size)
+            self.linear.weight = self.embedding.weight
 
     def begin_state(self, batch_size: int, device) -> tuple[torch.Tensor, ...]:
         h = torch.zeros(self.num_layers, batch_size, self.hidden_size, device=device, dtype=self.linear.weight.dtype)
@@ -212,8 +232,10 @@ class TorchRNN(nn.Module):
         if self.features:
             return X
         if self.embedding is not None:
-            return self.embedding(X)
-        return F.one_hot(X, self.vocab_size).to(self.linear.weight.dtype)
+            return _dropped(self.embedding(X), self.embedding_dropout, self.training)
+        # Not F.one_hot: it checks the ids' range on the host, a sync that a captured CUDA graph cannot contain.
+        one_hot = torch.zeros(*X.shape, self.vocab_size, device=X.device, dtype=self.linear.weight.dtype)
+        return one_hot.scatter_(-1, X.unsqueeze(-1), 1.0)
 
     def forward(self, X: torch.Tensor, state: tuple[torch.Tensor, ...], *, between: Between | None = None,
                 trace: list[list[torch.Tensor]] | None = None):
@@ -226,6 +248,10 @@ class TorchRNN(nn.Module):
             state = hx if self.is_lstm else (hx,)
         out = F.dropout(out, self.dropout, self.training) if self.dropout else out
         return self.linear(out.reshape(-1, self.hidden_size)), state
+
+    def output_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight, bias) of the output layer."""
+        return self.linear.weight, self.linear.bias
 
     def layer_weights(self, layer: int) -> tuple[torch.Tensor, ...]:
         """(w_ih, w_hh, b_ih, b_hh) of one layer: the fused module's own Parameters."""
@@ -279,26 +305,90 @@ class TorchRNN(nn.Module):
         return torch.stack(outputs), state
 
 
+def _dropped(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    # No dropout call at all when p is 0, so that a run without it draws nothing from the RNG.
+    return F.dropout(x, p, training) if p else x
+
+
+def _check_tieable(embedding: nn.Embedding | None, hidden_size: int, output_size: int) -> None:
+    if embedding is None:
+        raise CannotTrain("tie_weights needs a learned embedding: set embedding_size equal to hidden_size")
+    if embedding.embedding_dim != hidden_size:
+        raise CannotTrain(f"tie_weights needs embedding_size equal to hidden_size, got embedding_size "
+                          f"{embedding.embedding_dim} and hidden_size {hidden_size}")
+    if embedding.num_embeddings != output_size:
+        raise CannotTrain(f"tie_weights needs as many outputs as tokens, got {output_size} outputs and "
+                          f"{embedding.num_embeddings} tokens")
+
+
 # -----------------------------------------------------------------------------
 # building
 
 
 def build_model(model: str, vocab_size: int, hidden_size: int, num_layers: int, nonlinearity: str = "tanh", *,
-                dropout: float = 0.0, embedding_size: int = 0, features: int = 0, output_size: int = 0) -> nn.Module:
+                dropout: float = 0.0, embedding_size: int = 0, features: int = 0, output_size: int = 0,
+                embedding_dropout: float = 0.0, tie_weights: bool = False, init: str = "default",
+                init_range: float = 0.1, max_dependency: int = 35) -> nn.Module:
     """The model a job names, with freshly initialised weights (from torch's global RNG).
 
     A language model reads token ids below vocab_size and predicts the next one
     (output_size 0 means vocab_size outputs). A task with real-valued inputs
     passes features, the number of input channels, instead of a vocabulary.
+    `init` then redraws some of the weights (initialise).
     """
-    extra = {"dropout": dropout, "embedding_size": embedding_size, "features": features, "output_size": output_size}
+    extra = {"dropout": dropout, "embedding_size": embedding_size, "features": features, "output_size": output_size,
+             "embedding_dropout": embedding_dropout, "tie_weights": tie_weights}
     if model == "rnn_scratch":
         if num_layers != 1:
             raise CannotTrain(f"num_layers must be 1 for model rnn_scratch, got {num_layers}")
-        return RNNScratch(vocab_size, hidden_size, nonlinearity, **extra)
-    if model in LAYERS:
-        return TorchRNN(model, vocab_size, hidden_size, num_layers, nonlinearity, **extra)
-    raise CannotTrain(f"unknown model {model!r}; expected one of {', '.join(MODELS)}")
+        net = RNNScratch(vocab_size, hidden_size, nonlinearity, **extra)
+    elif model in LAYERS:
+        net = TorchRNN(model, vocab_size, hidden_size, num_layers, nonlinearity, **extra)
+    else:
+        raise CannotTrain(f"unknown model {model!r}; expected one of {', '.join(MODELS)}")
+    initialise(net, init, init_range, max_dependency)
+    return net
+
+
+@torch.no_grad()
+def initialise(model: nn.Module, init: str, init_range: float = 0.1, max_dependency: int = 35) -> None:
+    """Redraw the weights that `init` names, from torch's global RNG; "default" keeps torch's (and draws nothing).
+
+    uniform
+        pytorch/examples' word_language_model: the embedding and the output
+        weights uniform in [−init_range, init_range], the output bias 0. The
+        recurrent layers keep torch's U(−1/√H, 1/√H). A tied matrix is drawn once.
+    chrono
+        Tallec & Ollivier 2018, "Can recurrent neural networks warp time?": a
+        gate that keeps a fraction σ(b) of the state per step remembers for
+        about 1/(1 − σ(b)) steps, so biases b = log(u), u ~ U[1, T_max − 1],
+        spread the units' memory over 2 to T_max steps. LSTM: forget bias
+        log(u) and input bias −log(u); GRU: the update gate z (the fraction of
+        h_{t−1} kept) log(u). torch adds b_ih and b_hh, so the value goes to
+        b_ih and that gate's b_hh is 0. T_max is max_dependency.
+    """
+    if init == "default":
+        return
+    if init == "uniform":
+        weight, bias = model.output_weights()
+        if model.embedding is not None and model.embedding.weight is not weight:
+            model.embedding.weight.uniform_(-init_range, init_range)
+        weight.uniform_(-init_range, init_range)
+        bias.zero_()
+        return
+    if init != "chrono":
+        raise CannotTrain(f"unknown init {init!r}; expected default, uniform or chrono")
+    if getattr(model, "kind", None) not in ("gru", "lstm"):
+        raise CannotTrain("init chrono sets the gate biases of gru and lstm models")
+    H = model.hidden_size
+    for layer in range(model.num_layers):
+        _, _, b_ih, b_hh = model.layer_weights(layer)
+        keep = torch.log(torch.empty(H).uniform_(1, max_dependency - 1)).to(b_ih)
+        if model.is_lstm:  # gates i, f, g, o
+            b_ih[:H], b_hh[:H] = -keep, 0.0
+            b_ih[H : 2 * H], b_hh[H : 2 * H] = keep, 0.0
+        else:  # gates r, z, n
+            b_ih[H : 2 * H], b_hh[H : 2 * H] = keep, 0.0
 
 
 def recurrent_matrices(model: nn.Module) -> list[tuple[str, str, torch.Tensor]]:

@@ -1,8 +1,9 @@
 """The update rule and the learning-rate schedule of a job.
 
-The schedule is a pure function of the step, so a resumed run needs no
-scheduler state to continue bit for bit: the trainer sets each step's lr
-before the optimizer step.
+The step and cosine schedules are pure functions of the step, so a resumed run
+needs no scheduler state to continue bit for bit: the trainer sets each step's
+lr before the optimizer step. The plateau schedule depends on the evaluations
+so far; its state (Plateau.state_dict) goes into the checkpoint.
 """
 
 from __future__ import annotations
@@ -39,3 +40,35 @@ def scheduled_lr(config, step: int) -> float:
     if config.schedule == "cosine":
         return lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / config.max_steps))
     return lr
+
+
+class Plateau:
+    """schedule=plateau, as pytorch/examples' word_language_model anneals.
+
+    After every evaluation whose held-out loss is not strictly below the best
+    so far, lr becomes lr × lr_gamma, but never less than min_lr (an lr that
+    starts below min_lr stays where it is). The first evaluation always
+    improves on the best, which starts at +inf.
+    """
+
+    def __init__(self, lr: float, gamma: float, floor: float, best: float = math.inf):
+        self.lr, self.gamma, self.floor, self.best = lr, gamma, floor, best
+
+    @classmethod
+    def of(cls, config, state: dict | None = None) -> Plateau:
+        """The schedule of a config, fresh or at a checkpoint's `state`."""
+        plateau = cls(config.effective_lr, config.lr_gamma, config.min_lr)
+        if state is not None:
+            plateau.lr, plateau.best = state["lr"], state["best"]
+        return plateau
+
+    def observe(self, loss: float) -> bool:
+        """Take an evaluation's held-out loss; True when it lowered lr."""
+        if loss < self.best:
+            self.best = loss
+            return False
+        self.lr = max(self.lr * self.gamma, min(self.floor, self.lr))
+        return True
+
+    def state_dict(self) -> dict:
+        return {"lr": self.lr, "best": self.best}

@@ -29,6 +29,7 @@ from gradserve_store.store import Fenced, JobStore, Lease, NotFound, Refused
 from gradserve_worker import hooks
 from gradserve_worker.errors import CannotTrain
 from gradserve_worker.events import to_event
+from gradserve_worker.joblog import job_log
 from gradserve_worker.trainer import CheckpointReady, StepMetrics, TrainConfig, TrainingDiverged, train
 
 log = logging.getLogger("gradserve.worker")
@@ -130,14 +131,18 @@ def run_job(job_store: JobStore, job_id: str, worker: str, *, attempt: int = 0,
     except (NotFound, Refused, Fenced) as e:
         log.info("dropping this delivery of %s: %s", job_id, e)
         return
-    if lease.attempt > 1:
-        log.info("job %s: attempt %d, resuming from step %d", job_id, lease.attempt, lease.checkpoint_step)
     keeper = LeaseKeeper(job_store, lease, lease_ttl_s).start()
     with contextlib.suppress(redis.RedisError):
         job_store.set_worker_job(worker, job_id)
     fenced = False
     try:
-        _run_attempt(job_store, lease, keeper, shutdown or threading.Event(), requeue, retrying)
+        with job_log(job_store, lease):
+            if lease.attempt > 1:
+                log.info("job %s: attempt %d on worker %s, resuming from step %d", job_id, lease.attempt, worker,
+                         lease.checkpoint_step)
+            else:
+                log.info("job %s: attempt 1 on worker %s", job_id, worker)
+            _run_attempt(job_store, lease, keeper, shutdown or threading.Event(), requeue, retrying)
     except Fenced as e:
         log.warning("stopping: %s", e)
         fenced = True
@@ -147,7 +152,7 @@ def run_job(job_store: JobStore, job_id: str, worker: str, *, attempt: int = 0,
     finally:
         keeper.stop()
         with contextlib.suppress(redis.RedisError):
-            job_store.set_worker_job(worker, "")
+            job_store.set_worker_job(worker, job_id, running=False)
     if (fenced or keeper.lost.is_set()) and requeue is not None:
         _requeue_if_unclaimed(job_store, lease, requeue)
 
@@ -185,7 +190,10 @@ def _run_attempt(job_store: JobStore, lease: Lease, keeper: LeaseKeeper, shutdow
         # The store skips what the stream already has, which is how a resumed
         # attempt recomputing steps up to where its predecessor died stays silent.
         if isinstance(report, CheckpointReady):
-            retrying(job_store.put_checkpoint, lease, report.step, report.data)
+            if report.best_loss is not None:
+                retrying(job_store.put_best_checkpoint, lease, report.step, report.best_loss, report.data)
+            else:
+                retrying(job_store.put_checkpoint, lease, report.step, report.data)
             return
         if isinstance(report, StepMetrics):
             last_step = report.step
@@ -194,7 +202,10 @@ def _run_attempt(job_store: JobStore, lease: Lease, keeper: LeaseKeeper, shutdow
         retrying(job_store.append_event, lease, event, summary if changed else None)
 
     def end(state: int, reason: str = "", step: int | None = None) -> None:
-        retrying(job_store.finish, lease, state, reason=reason, step=last_step if step is None else step)
+        step = last_step if step is None else step
+        log.log(logging.INFO if state == jobs_pb2.SUCCEEDED else logging.WARNING, "job %s: %s at step %d%s", job_id,
+                jobs_pb2.JobState.Name(state), step, f": {reason}" if reason else "")
+        retrying(job_store.finish, lease, state, reason=reason, step=step)
 
     try:
         spec = retrying(job_store.spec, job_id)
@@ -204,7 +215,14 @@ def _run_attempt(job_store: JobStore, lease: Lease, keeper: LeaseKeeper, shutdow
         else:
             text = retrying(job_store.dataset_text, retrying(job_store.resolve_dataset, spec.dataset))
         resume = retrying(job_store.get_checkpoint, job_id)[1] if lease.checkpoint_step else None
-        result = train(config, text, on_event, should_stop=should_stop, resume=resume)
+        start_from = retrying(job_store.get_init, job_id) if resume is None else None
+        init = {}
+        if start_from is not None:
+            asked, data = start_from
+            log.info("job %s: starting from step %d of job %s (weights%s%s)", job_id, asked.step, asked.job_id,
+                     ", optimizer state" if asked.optimizer else "", ", hidden state" if asked.state else "")
+            init = dict(init=data, init_optimizer=asked.optimizer, init_state=asked.state)
+        result = train(config, text, on_event, should_stop=should_stop, resume=resume, **init)
     except (Fenced, *_UNREACHABLE):
         raise
     except TrainingDiverged as e:

@@ -6,6 +6,8 @@ loop never asks which one it has:
     stream.sizes, stream.vocab              # build_model's size keywords; what a checkpoint keeps as vocabulary
     stream.start(model, epoch, pos, state)  # from the beginning, or from a checkpoint's stream.position()
     loss, n = stream.next_loss(model)       # forward of the next step's data (n time steps × sequences)
+    batch, fresh = stream.next_batch()      # the same in parts, for a step that keeps its own buffers
+    loss, state = stream.batch_loss(model, batch, state)  # (graphstep): fresh says the state restarts from zeros
     loss = stream.replay(model, trace)      # that step's forward again, deterministic, tracing every h_t
     loss, value = stream.evaluate(model)    # on held-out data (when stream.has_heldout), under no_grad
     stream.sanitize_state()                 # after a skipped step
@@ -46,8 +48,8 @@ import torch
 import torch.nn.functional as F
 from gradserve.spec import TASKS, text_violations
 
-from gradserve_worker.data import (build_corpus, epoch_windows, heldout_windows, seeded_generator, split_heldout,
-                                   whole_rows)
+from gradserve_worker.data import (Window, build_corpus, epoch_windows, heldout_windows, seeded_generator,
+                                   split_heldout, whole_rows)
 from gradserve_worker.errors import CannotTrain
 from gradserve_worker.truncation import Truncation, run_sequence, run_window
 
@@ -65,7 +67,8 @@ class TextStream:
     def __init__(self, config, text: str, device: torch.device):
         self.config, self.device = config, device
         B = config.batch_size
-        vocab, corpus = build_corpus(text, config.tokenization, config.preprocess, config.min_freq)
+        vocab, corpus = build_corpus(text, config.tokenization, config.preprocess, config.min_freq,
+                                     config.eos)
         train_part, heldout = split_heldout(corpus, config.val_fraction)
         self.plan = Truncation.of(config)
         _check_text_size(config, len(corpus))
@@ -74,13 +77,19 @@ class TextStream:
         self.corpus = train_part.to(device)
         self.heldout = heldout_windows(heldout.to(device), B, config.num_steps) if len(heldout) else []
         self.epoch, self.pos, self.state, self.zero_state = 0, 0, None, None
+        self._warm = False
         self.windows = None
         self._last = None
 
     def start(self, model, epoch: int = 0, pos: int = 0, state: tuple[torch.Tensor, ...] | None = None) -> None:
-        """Position the stream at window `pos` of `epoch` with the carried `state` (a checkpoint's, or none)."""
+        """Position the stream at window `pos` of `epoch` with the carried `state` (a checkpoint's, or none).
+
+        A `state` given at the very start (epoch 0, window 0: another run's,
+        to start from) is the first window's, where zeros would be otherwise.
+        """
         self.zero_state = model.begin_state(self.config.batch_size, self.device)
         self.epoch, self.pos, self.state = epoch, pos, state
+        self._warm = state is not None and epoch == 0 and pos == 0
         self.windows = self._epoch_windows(epoch)
 
     def _epoch_windows(self, epoch: int):
@@ -90,18 +99,50 @@ class TextStream:
         k2 = self.plan.k2 if self.plan.k2 != self.plan.k1 else None
         return epoch_windows(self.corpus, c.partition, c.batch_size, self.plan.k1, c.seed, epoch, k2)
 
+    def set_window(self, n: int, *, restart: bool = True) -> None:
+        """truncation auto: windows of n tokens from now on.
+
+        The current pass was cut into windows of the old length, so a new pass
+        starts (at its own random offset, the state from zeros) and what was
+        left of the old one is skipped; restart=False only sets the length,
+        for a stream about to be positioned from a checkpoint.
+        """
+        self.plan = Truncation(n, n)
+        if restart and self.windows is not None:
+            self.epoch, self.pos = (self.epoch + 1, 0) if self.pos else (self.epoch, 0)
+            self.windows = self._epoch_windows(self.epoch)
+
     def next_loss(self, model) -> tuple[torch.Tensor, int]:
         """(loss, tokens) of the next window: mean cross-entropy over its new tokens, and their count."""
+        window, fresh = self.next_batch()
+        if fresh:
+            self.state = self.zero_state
+        self.keep_for_replay(window, self.state)
+        loss, self.state = self.batch_loss(model, window, self.state)
+        return loss, self.tokens(window)
+
+    def next_batch(self) -> tuple[Window, bool]:
+        """The next window, and whether its state starts from zeros rather than where the last one left it."""
         if self.pos == len(self.windows):
             self.epoch, self.pos = self.epoch + 1, 0
             self.windows = self._epoch_windows(self.epoch)
-        if self.pos == 0 or not self.windows.carries_state:
-            self.state = self.zero_state
+        fresh = (self.pos == 0 and not self._warm) or not self.windows.carries_state
+        self._warm = False
         window = self.windows[self.pos]
         self.pos += 1
-        self._last = (window, self.state)
-        outputs, self.state, _ = run_window(model, window.X, self.state, window.carry_at, self.plan.keep)
-        return self._loss(outputs, window), window.Y.numel() - window.context * window.Y.shape[1]
+        return window, fresh
+
+    def batch_loss(self, model, window: Window, state: tuple[torch.Tensor, ...]):
+        """(loss, carried state) of a window run from `state`."""
+        outputs, carried, _ = run_window(model, window.X, state, window.carry_at, self.plan.keep)
+        return self._loss(outputs, window), carried
+
+    def keep_for_replay(self, window: Window, state: tuple[torch.Tensor, ...]) -> None:
+        self._last = (window, state)
+
+    @staticmethod
+    def tokens(window: Window) -> int:
+        return window.Y.numel() - window.context * window.Y.shape[1]
 
     @staticmethod
     def _loss(outputs: torch.Tensor, window) -> torch.Tensor:
@@ -259,12 +300,34 @@ class SyntheticStream:
         return 0  # the data never repeats
 
     def next_loss(self, model) -> tuple[torch.Tensor, int]:
+        batch, _ = self.next_batch()
+        self.keep_for_replay(batch, self.zero_state)
+        loss, _ = self.batch_loss(model, batch, self.zero_state)
+        return loss, self.tokens(batch)
+
+    def next_batch(self) -> tuple[Window, bool]:
+        """The next step's sequences as a Window, and True: every step starts its sequences from zeros."""
         X, Y = self.task.sample(self.config.batch_size, task_generator(self.config.seed, "train", self.step))
-        X, Y = X.to(self.device), Y.to(self.device)
         self.step += 1
-        self._last = (X, Y)
-        outputs = run_sequence(model, X, self.plan, self.zero_state)
-        return self.task.loss(outputs, Y), self.tokens_per_step
+        return Window(self._to_device(X), self._to_device(Y), 0, len(X)), True
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        # From pinned memory the copy is asynchronous: the host does not wait for the GPU to drain first.
+        return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
+
+    def batch_loss(self, model, batch: Window, state: tuple[torch.Tensor, ...]):
+        """(loss, state): the task's loss over the sequences, each cut as the plan says; the state is not carried."""
+        return self.task.loss(run_sequence(model, batch.X, self.plan, state), batch.Y), state
+
+    def keep_for_replay(self, batch: Window, state: tuple[torch.Tensor, ...]) -> None:
+        self._last = (batch.X, batch.Y)
+
+    def tokens(self, batch: Window) -> int:
+        return self.tokens_per_step
+
+    def set_window(self, n: int, *, restart: bool = True) -> None:
+        """truncation auto: cut each sequence into windows of n steps from the next step on."""
+        self.plan = Truncation(n, n)
 
     def replay(self, model, trace: list[list[torch.Tensor]]) -> torch.Tensor:
         X, Y = self._last

@@ -13,28 +13,32 @@ gRPC; the worker's task wraps it.
 
 The pieces live one concern per module: what a step trains on (tasks, data),
 where gradients are cut (truncation), the models, the update rule and schedule
-(optim), the probe's diagnostics (diagnostics).
+(optim), the probe's diagnostics (diagnostics), the step as a captured CUDA
+graph (graphstep).
 """
 
 from __future__ import annotations
 
 import io
 import math
+import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, make_dataclass
+from dataclasses import asdict, dataclass, field, make_dataclass, replace
 from typing import NamedTuple
 
 import torch
 from google.protobuf.descriptor import FieldDescriptor
-from gradserve.spec import BY_NAME, FIELDS, resolved, violations
+from gradserve.spec import BY_NAME, FIELDS, init_must_match, resolved, violations
+from gradserve.truncation import Advice, advise, decay_rate
 from gradserve.v1 import jobs_pb2
 from torch import nn
 
-from gradserve_worker.diagnostics import SpectralNorms, count_nonfinite, gradient_profile
+from gradserve_worker.diagnostics import SpectralNorms, count_nonfinite, probe_gradients
 from gradserve_worker.errors import CannotTrain
+from gradserve_worker.graphstep import StaticStep, unsupported
 from gradserve_worker.models import build_model
-from gradserve_worker.optim import make_optimizer, scheduled_lr
+from gradserve_worker.optim import Plateau, make_optimizer, scheduled_lr
 from gradserve_worker.tasks import SYNTHETIC, make_stream, perplexity
 
 # -----------------------------------------------------------------------------
@@ -65,7 +69,7 @@ class _ConfigMethods:
 
 
 _PYTHON_TYPES = {FieldDescriptor.CPPTYPE_STRING: str, FieldDescriptor.CPPTYPE_DOUBLE: float,
-                 FieldDescriptor.CPPTYPE_FLOAT: float}
+                 FieldDescriptor.CPPTYPE_FLOAT: float, FieldDescriptor.CPPTYPE_BOOL: bool}
 
 
 def _attribute(f) -> tuple:
@@ -117,6 +121,10 @@ class StepMetrics:
     skipped_steps: int = 0  # steps of the interval whose update was dropped (on_nonfinite="skip")
     tokens: int = 0  # time steps × batch the interval's steps took
     seconds: float = 0.0  # wall seconds of the interval's steps: tokens_per_sec is tokens / seconds
+    # How the steps ran: "captured" (graphstep's static step, one CUDA graph replay each), "eager", or "static"
+    # (graphstep's step run uncaptured: off CUDA when asked for, or after a capture failed); and why not captured.
+    step_path: str = ""
+    step_path_reason: str = ""
 
 
 @dataclass
@@ -138,14 +146,30 @@ class Probe:
     step: int
     grad_through_time: list[list[float]]  # per layer: ‖∂L/∂h_t‖ for t = 1..window length
     spectral_norms: list[tuple[str, str, float]]  # (parameter name, gate, largest singular value)
+    # The window's gradient decay and what it suggests (gradserve.truncation); None for a one-step window.
+    advice: Advice | None = None
+
+
+@dataclass
+class WindowChange:
+    """truncation auto moved the window after `step`: windows are to_window steps from the next step on."""
+
+    step: int
+    from_window: int
+    to_window: int
+    suggested: int  # the median suggestion of the probes since the last checkpoint boundary
 
 
 @dataclass
 class CheckpointReady:
-    """A checkpoint of the run after `step` steps; `data` is what load_checkpoint and resume take."""
+    """A checkpoint of the run after `step` steps; `data` is what load_checkpoint and resume take.
+
+    With `best_loss`, it is also the best so far: its step's evaluation had the lowest held-out loss yet.
+    """
 
     step: int
     data: bytes
+    best_loss: float | None = None
 
 
 @dataclass
@@ -182,7 +206,9 @@ def model_for(config: TrainConfig, sizes: dict) -> nn.Module:
     """A fresh model for `config` with the stream's input and output sizes."""
     return build_model(config.model, hidden_size=config.hidden_size, num_layers=config.num_layers,
                        nonlinearity=config.nonlinearity, dropout=config.dropout,
-                       embedding_size=config.embedding_size, **sizes)
+                       embedding_size=config.embedding_size, embedding_dropout=config.embedding_dropout,
+                       tie_weights=config.tie_weights, init=config.init, init_range=config.init_range,
+                       max_dependency=resolved(config, "max_dependency"), **sizes)
 
 
 @dataclass
@@ -239,6 +265,10 @@ def train(
     *,
     should_stop: Callable[[], bool] = lambda: False,
     resume: bytes | None = None,
+    init: bytes | None = None,
+    init_optimizer: bool = False,
+    init_state: bool = False,
+    step_path: str = "auto",
 ) -> TrainResult:
     """Train a fresh model (or the one in `resume`) for config.max_steps steps in total.
 
@@ -251,6 +281,20 @@ def train(
     evaluation and a checkpoint are reported and the run returns with
     stopped=True.
 
+    `init`, for a run that does not resume, is another run's checkpoint to
+    start from at step 0: its weights, and with init_optimizer its optimizer
+    state (under this config's lr and weight decay), with init_state its
+    carried hidden state. The settings gradserve.spec.INIT_MUST_MATCH names
+    must agree, or CannotTrain names each that does not.
+
+    After an evaluation with the lowest held-out loss so far, a CheckpointReady
+    with `best_loss` set reports the model as it is then.
+
+    On CUDA the step runs as a captured graph (graphstep) when it can serve
+    the job, the eager step otherwise; every StepMetrics says which ran and
+    why. `step_path` "eager" insists on the eager step, "static" runs
+    graphstep's step even off CUDA (uncaptured there; tests compare the two).
+
     Raises ValueError for a config or text this cannot train on, and
     TrainingDiverged when the loss or gradient norm is no longer finite and
     on_nonfinite is "fail" (with "skip" such a step's update is dropped).
@@ -261,6 +305,9 @@ def train(
     ckpt = _read_checkpoint(resume) if resume is not None else None
     if ckpt is not None:
         _check_resumable(ckpt, config, stream.vocab)
+    start_from = _read_checkpoint(init) if init is not None and ckpt is None else None
+    if start_from is not None:
+        _check_init(start_from, config, stream.vocab, init_optimizer, init_state)
 
     torch.manual_seed(config.seed)
     model = model_for(config, stream.sizes).to(device)
@@ -268,8 +315,21 @@ def train(
     optimizer = make_optimizer(config.optimizer, model.parameters(), lr, config.weight_decay)
     names, params = zip(*model.named_parameters())
     spectral = SpectralNorms(config.seed)
+    plateau = Plateau.of(config) if config.schedule == "plateau" else None
+    auto = AutoWindow.of(config, ckpt["auto"] if ckpt is not None else None) if config.truncation == "auto" else None
+    if auto is not None:
+        stream.set_window(auto.window, restart=False)
     step = 0
-    if ckpt is None:
+    best = _Best(math.inf)
+    if start_from is not None:
+        model.load_state_dict(start_from["model"])
+        if init_optimizer:
+            optimizer.load_state_dict(start_from["optimizer"])
+            for group in optimizer.param_groups:  # the state carries over; the settings are this job's own
+                group["lr"], group["weight_decay"] = lr, config.weight_decay
+        state = tuple(s.to(device) for s in start_from["state"]) if init_state else ()
+        stream.start(model, state=state or None)
+    elif ckpt is None:
         stream.start(model)
     else:
         model.load_state_dict(ckpt["model"])
@@ -278,9 +338,21 @@ def train(
         state = tuple(s.to(device) for s in ckpt["state"]) or None
         stream.start(model, ckpt["epoch"], ckpt["position"], state)
         spectral = SpectralNorms(config.seed, ckpt.get("spectral"))
+        best = _Best(ckpt.get("best_loss", math.inf))
+        if plateau is not None:
+            # The optimizer's state already holds the lr; this is what the next evaluation compares against.
+            plateau = Plateau.of(config, ckpt["plateau"])
+            lr = plateau.lr
         _set_rng_state(ckpt["rng"], device)
 
-    scheduled = config.schedule != "constant"
+    path, why = _choose_step_path(step_path, config, device)
+    if path != "eager":
+        return _train_static(config, stream, model, optimizer, names, spectral, step, device, on_event, should_stop,
+                             best)
+    on_event = _labelled(on_event, path, why)
+
+    # The plateau schedule changes lr after evaluations, not before steps.
+    scheduled = config.schedule not in ("constant", "plateau")
     skip_nonfinite = config.on_nonfinite == "skip"
     interval = _Interval()
     result = TrainResult(steps=step, loss=math.nan, perplexity=math.nan, stopped=False)
@@ -303,7 +375,7 @@ def train(
         probe = None
         if math.isfinite(loss_val) and math.isfinite(norm_val):
             if step % config.probe_every == 0:  # before the update: the weights the step's gradient was taken at
-                probe = Probe(step, gradient_profile(model, stream.replay), spectral(model))
+                probe = _probe(config, model, stream, spectral, step)
             clipped = 0 < config.clip_norm < norm_val
             if clipped:
                 # clip_grad_norm_'s second half: the norm is known already, and below the
@@ -331,13 +403,193 @@ def train(
             interval = _Interval()
         if probe is not None:
             on_event(probe)
+            if auto is not None and probe.advice is not None:
+                auto.suggestions.append(probe.advice.suggested)
+        evaluation = None
         if stream.has_heldout and (last or step % config.eval_every == 0):
-            on_event(_evaluate(stream, model, step))
-        if last or step % config.checkpoint_every == 0:
-            data = _checkpoint_bytes(config, stream, model, optimizer, spectral, step, device)
-            on_event(CheckpointReady(step=step, data=data))
+            evaluation = _evaluate(stream, model, step)
+            on_event(evaluation)
+            if plateau is not None and plateau.observe(evaluation.loss):
+                lr = plateau.lr
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+        if auto is not None and step % config.checkpoint_every == 0:
+            change = auto.adjust(step)
+            if change is not None:
+                stream.set_window(change.to_window)
+                on_event(change)
+        _checkpoints(config, stream, model, optimizer, spectral, plateau, auto, step, device, on_event, best,
+                     evaluation, regular=last or step % config.checkpoint_every == 0)
         if stopped:
             break
+    return result
+
+
+@dataclass
+class _Best:
+    """The lowest held-out loss of the run so far (resumed runs included)."""
+
+    loss: float
+
+
+def _checkpoints(config, stream, model, optimizer, spectral, plateau, auto, step, device, on_event, best: _Best,
+                 evaluation: Evaluation | None, *, regular: bool) -> None:
+    """A step's checkpoints: the regular one, and the best one when the step's evaluation is the best yet."""
+    improved = evaluation is not None and evaluation.loss < best.loss
+    if improved:
+        best.loss = evaluation.loss
+    if regular or improved:
+        data = _checkpoint_bytes(config, stream, model, optimizer, spectral, plateau, auto, step, device, best.loss)
+        if regular:
+            on_event(CheckpointReady(step=step, data=data))
+        if improved:
+            on_event(CheckpointReady(step=step, data=data, best_loss=evaluation.loss))
+
+
+@dataclass
+class AutoWindow:
+    """truncation auto: the window, and the probes' suggestions since the last checkpoint boundary.
+
+    At each boundary the window moves toward the median suggestion, by at
+    most a factor of 2 (one probe's fit on a young model should not swing it
+    far), and within [min_num_steps, max_num_steps]. Moving only at
+    boundaries keeps each checkpoint's window the one its next step uses.
+    """
+
+    window: int
+    low: int
+    high: int
+    suggestions: list[int] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, config, state: dict | None) -> AutoWindow:
+        auto = cls(config.num_steps, resolved(config, "min_num_steps"), resolved(config, "max_num_steps"))
+        if state is not None:
+            auto.window, auto.suggestions = state["window"], list(state["suggestions"])
+        return auto
+
+    def adjust(self, step: int) -> WindowChange | None:
+        """The change at the boundary after `step`, or None; the suggestions start over either way."""
+        if not self.suggestions:
+            return None
+        target = statistics.median_low(self.suggestions)
+        self.suggestions = []
+        new = min(max(target, -(-self.window // 2)), 2 * self.window)
+        new = min(max(new, self.low), self.high)
+        if new == self.window:
+            return None
+        change = WindowChange(step, self.window, new, target)
+        self.window = new
+        return change
+
+    def state_dict(self) -> dict:
+        return {"window": self.window, "suggestions": list(self.suggestions)}
+
+
+def _probe(config, model, stream, spectral, step: int) -> Probe:
+    profile, decay = probe_gradients(model, stream.replay)
+    fits = [(rate, layer) for layer in decay if (rate := decay_rate(layer)) is not None]
+    if not fits:
+        return Probe(step, profile, spectral(model))
+    # The slowest decay decides how far back the window has to reach.
+    rate, layer = max(fits, key=lambda fit: fit[0])
+    reach = sum(1 for n in layer if n > 0)
+    field = "tbptt_k2" if config.truncation == "tbptt" else "num_steps"
+    advice = advise(rate, reach, config.truncation_tolerance, field)
+    if config.truncation == "full":  # it cuts nothing, so no window is too short
+        advice = replace(advice, warning="")
+    return Probe(step, profile, spectral(model), advice)
+
+
+STEP_PATHS = ("auto", "eager", "static")
+
+
+def _choose_step_path(asked: str, config: TrainConfig, device: torch.device) -> tuple[str, str]:
+    """("captured" | "static" | "eager", why not captured) for train's `step_path`."""
+    if asked not in STEP_PATHS:
+        raise ValueError(f"step_path must be one of {', '.join(STEP_PATHS)}, got {asked!r}")
+    if asked == "eager":
+        return "eager", "the eager step was asked for"
+    reason = unsupported(config)
+    if reason:
+        return "eager", reason
+    if device.type == "cuda":
+        return "captured", ""
+    if asked == "static":
+        return "static", "graphs are captured on CUDA only"
+    return "eager", "graphs are captured on CUDA only"
+
+
+def _labelled(on_event: Callable[[object], None], path: str, why: str) -> Callable[[object], None]:
+    def report(event) -> None:
+        if isinstance(event, StepMetrics):
+            event.step_path, event.step_path_reason = path, why
+        on_event(event)
+
+    return report
+
+
+def _train_static(config, stream, model, optimizer, names, spectral, step, device, on_event,
+                  should_stop, best: _Best) -> TrainResult:
+    """train's loop around graphstep.StaticStep: the same steps and reports, and no host sync between reports."""
+    program = StaticStep(model, optimizer, stream, config, device, capture=device.type == "cuda", step=step)
+    lr = scheduled_lr(config, 1)
+    scheduled = config.schedule != "constant"
+    result = TrainResult(steps=step, loss=math.nan, perplexity=math.nan, stopped=False)
+    steps = tokens = 0
+    # Wall time of the steps: from the interval's start to the sync that ends it, less probes, evaluations, checkpoints.
+    started, aside = time.perf_counter(), 0.0
+
+    while step < config.max_steps:
+        batch, fresh = stream.next_batch()
+        step += 1
+        if scheduled:
+            lr = scheduled_lr(config, step)
+        program.load(batch, fresh, lr)
+        probe = None
+        if step % config.probe_every == 0:  # before the update: the weights the step's gradient is taken at
+            t = time.perf_counter()
+            probe = _probe(config, model, stream, spectral, step)
+            aside += time.perf_counter() - t
+        program.run()
+        steps, tokens = steps + 1, tokens + stream.tokens(batch)
+
+        stopped = should_stop() and step < config.max_steps
+        last = stopped or step == config.max_steps
+        log = last or step % config.log_every == 0
+        evaluate = stream.has_heldout and (last or step % config.eval_every == 0)
+        checkpoint = last or step % config.checkpoint_every == 0
+        if not (log or probe or evaluate or checkpoint):
+            continue
+        totals = program.read()
+        reported = time.perf_counter()
+        if totals.first_bad:
+            _raise_diverged(totals.bad_loss, totals.bad_norm, totals.first_bad, config.clip_norm)
+        if log:
+            interval = _Interval(steps=steps, trained=steps, loss_sum=totals.loss_sum, clipped=totals.clipped,
+                                 tokens=tokens, seconds=reported - started - aside)
+            norms = dict(zip(names, totals.param_norms))
+            metrics = interval.metrics(step, stream.epoch, lr, totals.grad_norm, totals.last_clipped, norms,
+                                       stream.perplexity)
+            metrics.step_path, metrics.step_path_reason = program.path
+            on_event(metrics)
+            result = TrainResult(steps=step, loss=metrics.loss, perplexity=metrics.perplexity, stopped=stopped)
+            program.reset_interval()
+            steps = tokens = 0
+        if probe is not None:
+            on_event(probe)
+        evaluation = _evaluate(stream, model, step) if evaluate else None
+        if evaluation is not None:
+            on_event(evaluation)
+        # graphstep.unsupported sends plateau and auto jobs to the eager step, so there is no state of theirs here.
+        _checkpoints(config, stream, model, program.portable, spectral, None, None, step, device, on_event, best,
+                     evaluation, regular=checkpoint)
+        if stopped:
+            break
+        if log:
+            started, aside = time.perf_counter(), 0.0
+        else:
+            aside += time.perf_counter() - reported
     return result
 
 
@@ -366,7 +618,8 @@ def _evaluate(stream, model, step: int) -> Evaluation:
 CHECKPOINT_FORMAT = 1
 
 
-def _checkpoint_bytes(config, stream, model, optimizer, spectral, step, device) -> bytes:
+def _checkpoint_bytes(config, stream, model, optimizer, spectral, plateau, auto, step, device,
+                     best_loss: float) -> bytes:
     """Everything needed to continue the run bit for bit, or to sample from the model."""
     payload = {
         "format": CHECKPOINT_FORMAT,
@@ -380,6 +633,9 @@ def _checkpoint_bytes(config, stream, model, optimizer, spectral, step, device) 
             "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
         },
         "spectral": spectral.state_dict(),
+        "plateau": plateau.state_dict() if plateau is not None else None,
+        "auto": auto.state_dict() if auto is not None else None,
+        "best_loss": best_loss,  # the lowest held-out loss so far, for a resumed run's best checkpoints
         "config": asdict(config),
         "vocab": stream.vocab,
     }
@@ -414,6 +670,18 @@ def _check_resumable(ckpt: dict, config: TrainConfig, vocab: list[str]) -> None:
             )
     if ckpt["vocab"] != vocab:
         raise CannotTrain("cannot resume: the checkpoint's vocabulary differs from this text's")
+
+
+def _check_init(ckpt: dict, config: TrainConfig, vocab: list[str], optimizer: bool, state: bool) -> None:
+    """Refuse a checkpoint to start from whose model, vocabulary or (as asked) optimizer or batch differs."""
+    saved = _saved_config(ckpt)
+    mine = asdict(config)
+    problems = [f"{name} {saved.get(name)!r} there, {mine[name]!r} here"
+                for name in init_must_match(config, optimizer=optimizer, state=state) if saved.get(name) != mine[name]]
+    if ckpt["vocab"] != vocab:
+        problems.append(f"its vocabulary of {len(ckpt['vocab'])} tokens differs from this text's {len(vocab)}")
+    if problems:
+        raise CannotTrain("cannot start from that checkpoint: " + "; ".join(problems))
 
 
 def _set_rng_state(rng: dict, device: torch.device) -> None:

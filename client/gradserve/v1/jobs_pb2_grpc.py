@@ -69,9 +69,24 @@ class JobServiceStub:
                 request_serializer=gradserve_dot_v1_dot_jobs__pb2.StreamEventsRequest.SerializeToString,
                 response_deserializer=gradserve_dot_v1_dot_jobs__pb2.EventBatch.FromString,
                 _registered_method=True)
+        self.StreamLogs = channel.unary_stream(
+                '/gradserve.v1.JobService/StreamLogs',
+                request_serializer=gradserve_dot_v1_dot_jobs__pb2.StreamLogsRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_jobs__pb2.LogLine.FromString,
+                _registered_method=True)
         self.UploadDataset = channel.stream_unary(
                 '/gradserve.v1.JobService/UploadDataset',
                 request_serializer=gradserve_dot_v1_dot_jobs__pb2.UploadDatasetRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_jobs__pb2.Dataset.FromString,
+                _registered_method=True)
+        self.ListDatasets = channel.unary_unary(
+                '/gradserve.v1.JobService/ListDatasets',
+                request_serializer=gradserve_dot_v1_dot_jobs__pb2.ListDatasetsRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_jobs__pb2.ListDatasetsResponse.FromString,
+                _registered_method=True)
+        self.DeleteDataset = channel.unary_unary(
+                '/gradserve.v1.JobService/DeleteDataset',
+                request_serializer=gradserve_dot_v1_dot_jobs__pb2.DeleteDatasetRequest.SerializeToString,
                 response_deserializer=gradserve_dot_v1_dot_jobs__pb2.Dataset.FromString,
                 _registered_method=True)
         self.DownloadCheckpoint = channel.unary_stream(
@@ -108,7 +123,8 @@ class JobServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListJobs(self, request, context):
-        """Newest first.
+        """The caller's jobs that match every filter given, newest first or by a
+        summary metric, a page at a time.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -148,6 +164,15 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamLogs(self, request, context):
+        """The job's log lines after `cursor`, oldest first: what its workers
+        logged while they ran it (warnings, and a crash's traceback, included).
+        With `follow`, the stream stays open for new lines until the job ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def UploadDataset(self, request_iterator, context):
         """The first message carries the dataset's metadata, the rest carry UTF-8 text.
         The answer's id is derived from the content, so uploading twice is free.
@@ -156,8 +181,24 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListDatasets(self, request, context):
+        """The caller's datasets, newest upload first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteDataset(self, request, context):
+        """Forgets one of the caller's datasets; its text goes once no tenant has
+        it. Refused (FAILED_PRECONDITION) while a QUEUED or RUNNING job of the
+        caller's trains on it, and for a built-in corpus.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DownloadCheckpoint(self, request, context):
-        """The job's latest checkpoint, in chunks.
+        """One of the job's checkpoints (the latest unless asked otherwise), in chunks.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -171,7 +212,7 @@ class JobServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Generate(self, request, context):
-        """Text from the job's latest checkpoint, computed on a worker.
+        """Text from one of the job's checkpoints (the latest unless asked otherwise), computed on a worker.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -215,9 +256,24 @@ def add_JobServiceServicer_to_server(servicer, server):
                     request_deserializer=gradserve_dot_v1_dot_jobs__pb2.StreamEventsRequest.FromString,
                     response_serializer=gradserve_dot_v1_dot_jobs__pb2.EventBatch.SerializeToString,
             ),
+            'StreamLogs': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamLogs,
+                    request_deserializer=gradserve_dot_v1_dot_jobs__pb2.StreamLogsRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_jobs__pb2.LogLine.SerializeToString,
+            ),
             'UploadDataset': grpc.stream_unary_rpc_method_handler(
                     servicer.UploadDataset,
                     request_deserializer=gradserve_dot_v1_dot_jobs__pb2.UploadDatasetRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_jobs__pb2.Dataset.SerializeToString,
+            ),
+            'ListDatasets': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDatasets,
+                    request_deserializer=gradserve_dot_v1_dot_jobs__pb2.ListDatasetsRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_jobs__pb2.ListDatasetsResponse.SerializeToString,
+            ),
+            'DeleteDataset': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteDataset,
+                    request_deserializer=gradserve_dot_v1_dot_jobs__pb2.DeleteDatasetRequest.FromString,
                     response_serializer=gradserve_dot_v1_dot_jobs__pb2.Dataset.SerializeToString,
             ),
             'DownloadCheckpoint': grpc.unary_stream_rpc_method_handler(
@@ -436,6 +492,33 @@ class JobService:
             _registered_method=True)
 
     @staticmethod
+    def StreamLogs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/gradserve.v1.JobService/StreamLogs',
+            gradserve_dot_v1_dot_jobs__pb2.StreamLogsRequest.SerializeToString,
+            gradserve_dot_v1_dot_jobs__pb2.LogLine.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def UploadDataset(request_iterator,
             target,
             options=(),
@@ -451,6 +534,60 @@ class JobService:
             target,
             '/gradserve.v1.JobService/UploadDataset',
             gradserve_dot_v1_dot_jobs__pb2.UploadDatasetRequest.SerializeToString,
+            gradserve_dot_v1_dot_jobs__pb2.Dataset.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDatasets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradserve.v1.JobService/ListDatasets',
+            gradserve_dot_v1_dot_jobs__pb2.ListDatasetsRequest.SerializeToString,
+            gradserve_dot_v1_dot_jobs__pb2.ListDatasetsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteDataset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradserve.v1.JobService/DeleteDataset',
+            gradserve_dot_v1_dot_jobs__pb2.DeleteDatasetRequest.SerializeToString,
             gradserve_dot_v1_dot_jobs__pb2.Dataset.FromString,
             options,
             channel_credentials,
