@@ -30,6 +30,9 @@ demo: venv
 	   --hidden-size 128 --max-steps 3000 --log-every 200 --checkpoint-every 1000 --follow'
 
 test: venv
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { echo "make test: the dashboard's \
+	browser tests need Debian's chromium and chromium-driver, and they are missing: run \
+	'apt-get install chromium chromium-driver' as root (.ci/run does)" >&2; exit 1; }
 	$(PY) -m pytest tests
 
 proto: venv
@@ -41,6 +44,7 @@ bench: venv
 	$(PY) bench/memory.py
 	$(PY) bench/upload.py
 	$(PY) bench/fanout.py
+	$(PY) bench/dashboard.py
 	$(PY) bench/listing.py
 	$(PY) bench/auto_truncation.py
 

@@ -209,3 +209,25 @@ def make_stack(tmp_path_factory):
     yield make
     for s in made:
         s.stop()
+
+
+# The tenants of `web_stack`, and their tokens.
+ALICE, BOB = "alice-token-0123456789abcdef", "bob-token-0123456789abcdef"
+
+
+@pytest.fixture(scope="session")
+def web_stack(tmp_path_factory) -> Stack:
+    """Redis, a server with tokens for alice and bob and the dashboard on `web_stack.web` (--http-listen), and one
+    worker: what the dashboard's HTTP and browser tests share."""
+    from gradserve_server import auth
+
+    s = Stack(tmp_path_factory.mktemp("web-stack"),
+              env={"GRADSERVE_TOKENS": f"alice {auth.hash_token(ALICE)},bob {auth.hash_token(BOB)}"})
+    s.web = f"http://127.0.0.1:{dev.free_port()}"
+    try:
+        s.start_redis()
+        s.start_server("--http-listen", s.web.removeprefix("http://"))
+        s.start_worker("w1")
+        yield s
+    finally:
+        s.stop()

@@ -36,6 +36,7 @@ from gradserve_store.settings import Shared
 
 WORKER_READY_S = 90.0
 WORKER_STOP_GRACE_S = 15.0
+DEV_HTTP_PORT = 8080
 
 
 def find_redis_server() -> tuple[str, str]:
@@ -154,9 +155,11 @@ async def _run_stack(args) -> int:
                   "across restarts too).", flush=True)
         stop.set()
 
-    async def on_ready(address: str, stop: asyncio.Event) -> None:
+    async def on_ready(address: str, stop: asyncio.Event, dashboard: str) -> None:
         nonlocal exit_code
         print(f"server   {address}  (open: the dev stack has no authentication)", flush=True)
+        if dashboard:
+            print(f"web      {dashboard}  (dashboard; {dashboard}metrics for Prometheus)", flush=True)
         print(f"workers  starting {args.workers} on queue cpu and 1 on queue {GENERATE_QUEUE} (logs in {workdir})...",
               flush=True)
         try:
@@ -179,6 +182,8 @@ async def _run_stack(args) -> int:
     try:
         # Checked before anything starts, rather than after Redis and the workers are up.
         _check_listen(args.listen)
+        if args.http_listen:
+            _check_listen(args.http_listen, "--http-listen")
         port = free_port()
         if args.data_dir:
             # Append-only, so that a stack stopped at any moment starts again with every job it had written.
@@ -200,7 +205,7 @@ async def _run_stack(args) -> int:
             workers.append(start_worker(redis_url, queues=GENERATE_QUEUE, name=f"generate-0@{socket.gethostname()}",
                                         threads=1, log_file=log_file))
         await serve(redis_url, args.listen, shared=args.shared, max_dataset_bytes=int(args.max_dataset_mb * 1024 * 1024),
-                    on_ready=on_ready)
+                    on_ready=on_ready, http_listen=args.http_listen)
     except ListenError as e:
         print(f"gradserve-server dev: {e}", file=sys.stderr, flush=True)
         exit_code = 1
@@ -214,7 +219,7 @@ async def _run_stack(args) -> int:
     return exit_code
 
 
-def _check_listen(listen: str) -> None:
+def _check_listen(listen: str, flag: str = "--listen") -> None:
     """Raise ListenError when `listen`'s port is taken; port 0 is always free."""
     host, _, port = listen.rpartition(":")
     if port == "0":
@@ -223,7 +228,7 @@ def _check_listen(listen: str) -> None:
         try:
             s.bind((host.strip("[]") or "0.0.0.0", int(port)))
         except (OSError, ValueError):
-            raise ListenError(listen) from None
+            raise ListenError(listen, flag) from None
 
 
 def main(argv: list[str]) -> None:
@@ -234,6 +239,12 @@ def main(argv: list[str]) -> None:
         "--listen",
         default=os.environ.get("GRADSERVE_LISTEN", "127.0.0.1:50051"),
         help="host:port for the server (env GRADSERVE_LISTEN, default 127.0.0.1:50051; port 0 picks a free one)",
+    )
+    p.add_argument(
+        "--http-listen",
+        default=os.environ.get("GRADSERVE_HTTP_LISTEN"),
+        help="host:port for the web dashboard and /metrics (env GRADSERVE_HTTP_LISTEN; default: --listen's host, "
+        f"port {DEV_HTTP_PORT}, or a free port when --listen's port is 0; `off` serves none)",
     )
     p.add_argument("--max-dataset-mb", type=float, default=64.0, help="largest upload, in MiB (default 64)")
     p.add_argument(
@@ -250,6 +261,11 @@ def main(argv: list[str]) -> None:
         "stack started again on DIR has them; created if missing (default: in memory, gone with the stack)",
     )
     args = p.parse_args(argv)
+    if args.http_listen is None:
+        host, _, port = args.listen.rpartition(":")
+        args.http_listen = f"{host}:{0 if port == '0' else DEV_HTTP_PORT}"
+    elif args.http_listen == "off":
+        args.http_listen = ""
     if args.workers < 1:
         p.error("--workers must be at least 1")
     if args.data_dir:

@@ -87,6 +87,9 @@ def _trailer(error: ServiceError) -> tuple:
     return ()
 
 
+# Calls that found Redis unreachable since the process began, for /metrics.
+redis_failures = 0
+
 _EXPECTED = (ServiceError, store.NotFound, redis.ConnectionError, redis.TimeoutError)
 
 
@@ -95,6 +98,8 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
         await context.abort(exc.code, exc.message, trailing_metadata=_trailer(exc))
     if isinstance(exc, store.NotFound):
         await context.abort(grpc.StatusCode.NOT_FOUND, f"{exc.args[0]} not found")
+    global redis_failures
+    redis_failures += 1
     log.warning("redis unreachable: %s", exc)
     await context.abort(grpc.StatusCode.UNAVAILABLE, "the job store (Redis) is unreachable; retry shortly")
 

@@ -1,11 +1,11 @@
 """gradserve-server: serve the JobService, or run a whole local stack.
 
-    gradserve-server --redis-url redis://localhost:6379/0 --listen 0.0.0.0:50051
+    gradserve-server --redis-url redis://localhost:6379/0 --listen 0.0.0.0:50051 --http-listen 0.0.0.0:8080
     gradserve-server dev --workers 2            # private Redis + server + workers, Ctrl-C stops all
     gradserve-server hash-token TENANT < token  # a line for --tokens-file
 
 Every flag also reads an environment variable (GRADSERVE_REDIS_URL,
-GRADSERVE_LISTEN, GRADSERVE_MAX_DATASET_MB, GRADSERVE_MAX_UPLOADS, GRADSERVE_MAX_ATTEMPTS,
+GRADSERVE_LISTEN, GRADSERVE_HTTP_LISTEN, GRADSERVE_MAX_DATASET_MB, GRADSERVE_MAX_UPLOADS, GRADSERVE_MAX_ATTEMPTS,
 GRADSERVE_REAP_INTERVAL_S, GRADSERVE_TOKENS_FILE, GRADSERVE_QUOTA_QUEUED,
 GRADSERVE_QUOTA_RUNNING, GRADSERVE_TLS_CERT, GRADSERVE_TLS_KEY,
 GRADSERVE_TLS_CLIENT_CA). With tokens configured, every call needs a bearer
@@ -55,6 +55,13 @@ def _parser() -> argparse.ArgumentParser:
         "--listen",
         default=os.environ.get("GRADSERVE_LISTEN", DEFAULT_LISTEN),
         help=f"host:port to serve gRPC on (env GRADSERVE_LISTEN, default {DEFAULT_LISTEN}; port 0 picks a free one)",
+    )
+    p.add_argument(
+        "--http-listen",
+        default=os.environ.get("GRADSERVE_HTTP_LISTEN", ""),
+        help="host:port to serve the web dashboard, /metrics (Prometheus) and /healthz on (env "
+        "GRADSERVE_HTTP_LISTEN, default: none; port 0 picks a free one). With tokens configured the dashboard needs "
+        "one too; /metrics and /healthz do not, so bind it where only your network reaches",
     )
     p.add_argument(
         "--max-dataset-mb",
@@ -169,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
                           retain_s=args.retain_days * 86400, tokens=tokens,
                           credentials=credentials, quota_queued=args.quota_queued, quota_running=args.quota_running,
                           max_uploads=args.max_uploads, watcher_queue_events=args.watcher_queue_events,
-                          max_watchers=args.max_watchers))
+                          max_watchers=args.max_watchers, http_listen=args.http_listen))
     except ListenError as e:
         sys.exit(f"gradserve-server: {e}")
 

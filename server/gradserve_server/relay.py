@@ -118,6 +118,9 @@ class Relay:
         self._reader: asyncio.Task | None = None
         self._closing = False
         self._failed_reads = 0
+        # Totals since the process began, for /metrics: events handed to watchers, and reads Redis failed.
+        self.relayed = 0
+        self.redis_errors = 0
         self._history_reads = asyncio.Semaphore(HISTORY_READS)
 
     @property
@@ -192,6 +195,7 @@ class Relay:
         if not self._failed_reads:
             log.warning("redis unreachable (%s); the event reader retries every %.1f s", error, RETRY_S)
         self._failed_reads += 1
+        self.redis_errors += 1
 
     def redis_up(self) -> None:
         if self._failed_reads:
@@ -238,6 +242,7 @@ class Relay:
                 async with self._history_reads:
                     items = await self.astore.read_events(job_id, last, count=BATCH)
                 for batch, ends in batches(items):
+                    self.relayed += len(batch)
                     yield batch
                     last = batch[-1].event.cursor
                     if ends:
@@ -256,6 +261,7 @@ class Relay:
                     watcher.events.popleft()
                 if watcher.events:
                     batch, ends = _take_batch(watcher.events)
+                    self.relayed += len(batch)
                     yield batch
                     last, seen = batch[-1].event.cursor, batch[-1].position
                     if ends:

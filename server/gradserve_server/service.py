@@ -464,6 +464,9 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
         async for batch in self.relay.follow(request.job_id, last, live=live):
             yield batch
 
+    # The dashboard's event streams (web.Dashboard.events) are the same streams.
+    follow = _follow
+
     @errors.rpc
     async def StreamLogs(self, request, context):
         _require_id(request.job_id, "job_id", "job-")
@@ -641,17 +644,17 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
 
 
 def create_server(redis_url: str, listen: str, *, tokens: dict[bytes, str] | None = None,
-                  credentials: grpc.ServerCredentials | None = None,
+                  credentials: grpc.ServerCredentials | None = None, interceptors: tuple = (),
                   **service_options) -> tuple[grpc.aio.Server, int, JobService, health.aio.HealthServicer]:
     """A ready-to-start server with the job service and the standard health service; returns the bound port too.
 
     With `tokens` (digest -> tenant, see `auth`), every call but health needs a
-    bearer token. With `credentials`, the port speaks TLS.
+    bearer token. With `credentials`, the port speaks TLS. `interceptors` run after those two (metrics).
     """
-    interceptors = [auth.AuthInterceptor(auth.Authenticator(tokens))] if tokens else []
+    authentication = [auth.AuthInterceptor(auth.Authenticator(tokens))] if tokens else []
     server = grpc.aio.server(
         # Authentication comes first, so a stranger learns nothing, not even that a request was malformed.
-        interceptors=interceptors + [StrictDecoding()],
+        interceptors=authentication + [StrictDecoding(), *interceptors],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -699,9 +702,9 @@ class _SendingEncoded:
 class ListenError(OSError):
     """The address to serve on cannot be bound: most often another server holds the port."""
 
-    def __init__(self, listen: str):
+    def __init__(self, listen: str, flag: str = "--listen"):
         super().__init__(f"cannot listen on {listen}: the port is in use (another gradserve-server?) or the "
-                         "address is not this machine's; pick another with --listen HOST:PORT (port 0 picks a free one)")
+                         f"address is not this machine's; pick another with {flag} HOST:PORT (port 0 picks a free one)")
 
 
 def tls_credentials(cert_file: str, key_file: str, client_ca_file: str | None = None) -> grpc.ServerCredentials:

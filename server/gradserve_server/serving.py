@@ -16,7 +16,9 @@ import redis
 from gradserve_server import corpus
 from gradserve_store import store
 from gradserve_server.reaper import DEFAULT_INTERVAL_S, DEFAULT_MAX_ATTEMPTS, Reaper
-from gradserve_server.service import create_server, mark_serving
+from gradserve_server.metrics import Metrics
+from gradserve_server.service import ListenError, create_server, mark_serving
+from gradserve_server.web import Dashboard
 from gradserve_store.settings import Shared
 
 STOP_GRACE_S = 5.0
@@ -39,17 +41,31 @@ def wait_for_redis(url: str, timeout: float = REDIS_WAIT_S) -> None:
 
 async def serve(redis_url: str, listen: str, *, shared: Shared, max_dataset_bytes: int, on_ready=None,
                 max_attempts: int = DEFAULT_MAX_ATTEMPTS, reap_interval: float = DEFAULT_INTERVAL_S,
-                retain_s: float = 0.0, **server_options) -> None:
+                retain_s: float = 0.0, http_listen: str = "", **server_options) -> None:
     """Serve and reap until SIGINT or SIGTERM; then stop taking calls and finish the ones in flight.
 
-    `server_options` go to `create_server`: tokens, credentials, quotas.
+    With `http_listen` (host:port), the dashboard, /metrics and /healthz are served there too (`web`).
+    `server_options` go to `create_server`: tokens, credentials, quotas. `on_ready(address, stop, dashboard)`
+    runs once serving, with the dashboard's URL ("" without one).
     """
+    metrics = Metrics()
     server, port, service, health_servicer = create_server(redis_url, listen, shared=shared,
-                                                           max_dataset_bytes=max_dataset_bytes, **server_options)
+                                                           max_dataset_bytes=max_dataset_bytes,
+                                                           interceptors=(metrics.interceptor(),), **server_options)
+    metrics.watch(service.store, service.relay)
     # Jobs recorded by an older server are not in ListJobs' indexes yet; once done, this finds none.
     indexed = await asyncio.to_thread(service.store.index_missing)
     if indexed:
         log.info("added %d jobs recorded before ListJobs' filters to their indexes", indexed)
+    dashboard, dashboard_url = None, ""
+    if http_listen:
+        dashboard = Dashboard(service, metrics, server_options.get("tokens"))
+        try:
+            dashboard_url = f"http://{await dashboard.start(http_listen)}/"
+        except (OSError, ValueError):
+            await service.close()
+            raise ListenError(http_listen, "--http-listen") from None
+        log.info("dashboard, /metrics and /healthz on %s", dashboard_url)
     await server.start()
     await mark_serving(health_servicer, True)
     reaper = Reaper(redis_url, shared=shared, max_attempts=max_attempts, interval=reap_interval, retain_s=retain_s)
@@ -64,7 +80,7 @@ async def serve(redis_url: str, listen: str, *, shared: Shared, max_dataset_byte
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     if on_ready is not None:
-        await on_ready(address, stop)
+        await on_ready(address, stop, dashboard_url)
     await stop.wait()
     log.info("shutting down")
     # Health first, so that balancers send new calls elsewhere; then the open
@@ -74,6 +90,8 @@ async def serve(redis_url: str, listen: str, *, shared: Shared, max_dataset_byte
     service.end_streams()
     reaping.cancel()
     await server.stop(STOP_GRACE_S)
+    if dashboard is not None:
+        await dashboard.stop()
     warm.cancel()
     await service.close()
     reaper.close()

@@ -158,6 +158,13 @@ def test_server_publishes_grpc_and_checks_grpc_health(services):
     assert "grpc_health.v1" in probe and ".Check(" in probe and ":50051" in probe, probe
 
 
+def test_server_publishes_the_dashboard_and_metrics(services):
+    server = services["server"]
+    assert server["environment"]["GRADSERVE_HTTP_LISTEN"] == "0.0.0.0:8080"
+    assert any(p["target"] == 8080 and str(p.get("published")) == "8080" for p in server["ports"]), server["ports"]
+    assert "8080" in (ROOT / "server" / "Dockerfile").read_text().split("EXPOSE", 1)[1].splitlines()[0]
+
+
 @pytest.mark.parametrize(("name", "queue"), (("worker-cpu", "cpu"), ("worker-gpu", "gpu"), ("worker-generate", "generate")))
 def test_worker_is_scalable_and_stops_gracefully(services, name, queue):
     worker = services[name]

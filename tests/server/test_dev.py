@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
@@ -73,6 +75,11 @@ def test_sigterm_stops_the_stack_and_every_process_it_started():
         if line.startswith("Ready.") or time.monotonic() > deadline:
             break
     assert "Ready." in output, output
+    # The dashboard is on by default, on a free port like the server, and its start line says where.
+    web = re.search(r"^web +(http://127\.0\.0\.1:\d+/) ", output, re.M)
+    assert web, output
+    with urllib.request.urlopen(web[1] + "healthz", timeout=10) as reply:
+        assert json.load(reply) == {"redis": "ok"}
     pids = _pids(output)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0
