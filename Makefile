@@ -10,7 +10,7 @@ GPU_PYTHON ?= $(shell test -x $(PY) && echo $(PY) || command -v python3)
 # The GPU machine's Python version, for `make gpu-bundle`.
 GPU_PYTHON_VERSION ?= 3.12
 
-.PHONY: venv demo test proto bench gpu-bundle gpu-check clean
+.PHONY: venv browser demo test proto bench gpu-bundle gpu-check clean
 
 venv: $(VENV)/.installed
 
@@ -29,10 +29,19 @@ demo: venv
 	  '$(CURDIR)/$(VENV)/bin/gradserve submit --dataset builtin:pydocs --preprocess d2l --model lstm \
 	   --hidden-size 128 --max-steps 3000 --log-every 200 --checkpoint-every 1000 --follow'
 
-test: venv
-	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { echo "make test: the dashboard's \
-	browser tests need Debian's chromium and chromium-driver, and they are missing: run \
-	'apt-get install chromium chromium-driver' as root (.ci/run does)" >&2; exit 1; }
+# The dashboard's browser tests drive Debian's chromium through chromium-driver;
+# as root on Debian they are installed here, elsewhere the message says how.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	      chromium chromium-driver; \
+	  else \
+	    echo "make test: the dashboard's browser tests need Debian's chromium and chromium-driver: run" \
+	      "'sudo apt-get install chromium chromium-driver' first" >&2; exit 1; \
+	  fi; }
+
+test: venv browser
 	$(PY) -m pytest tests
 
 proto: venv
