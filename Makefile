@@ -41,8 +41,10 @@ browser:
 	      "'sudo apt-get install chromium chromium-driver' first" >&2; exit 1; \
 	  fi; }
 
+# Three at a time on two cores: most of the suite waits on the processes it starts
+# (redis-server, servers, Celery workers, a browser), and a file's tests share its stack.
 test: venv browser
-	$(PY) -m pytest tests
+	$(PY) -m pytest -n 3 --dist loadfile tests
 
 proto: venv
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=client --pyi_out=client --grpc_python_out=client \

@@ -27,6 +27,9 @@ REPO = Path(__file__).resolve().parents[1]
 # The Time Machine (public domain): the suite and the benchmarks read it from the repository itself.
 CORPUS = REPO / "tests" / "data" / "timemachine.txt"
 HARNESS = REPO / "tests" / "harness"
+# The CLI sizes its tables to COLUMNS when it is set, as it is in pytest-xdist's workers: the tests
+# read the piped output, which has room for every column, unless a test sets a width itself.
+os.environ.pop("COLUMNS", None)
 
 
 @pytest.fixture(scope="session")
