@@ -30,6 +30,8 @@ Keys (all under ``gradserve:``):
     ckpt:{id}:best  hash    data, step, loss: the checkpoint of the evaluation with the lowest held-out loss
     init:{id}       hash    data, step: the checkpoint of another job this one starts from (InitFrom), copied
     worker:{name}   hash    a worker's advertisement; expires unless its heartbeat renews it
+    workers         set     the names of the advertised workers; a name whose advertisement expired is
+                            dropped by the next read
     reply:{req}     list    a generate worker's JSON reply to one Generate call; expires unread after REPLY_TTL_S
 """
 
@@ -151,6 +153,7 @@ LOG_LINE_CHARS = 4000
 REPLY_TTL_S = 60
 
 LEASES_KEY = f"{PREFIX}leases"
+WORKERS_KEY = f"{PREFIX}workers"
 NAMES_KEY = f"{PREFIX}names"
 JOB_STATES = tuple(range(jobs_pb2.QUEUED, jobs_pb2.CANCELLED + 1))
 DISPATCH_KEY = f"{PREFIX}dispatch"
@@ -1090,6 +1093,7 @@ class JobStore:
             stale = [f for f in fields if f[len(_JOB_FIELD):] not in jobs]
         with self.r.pipeline(transaction=True) as p:
             p.hset(key, mapping={**advert, "last_seen": time.time(), **{_JOB_FIELD + j: 1 for j in jobs or ()}})
+            p.sadd(WORKERS_KEY, name)
             if stale:
                 p.hdel(key, *stale)
             p.expire(key, WORKER_TTL_S)
@@ -1111,7 +1115,10 @@ class JobStore:
             p.execute()
 
     def remove_worker(self, name: str) -> None:
-        self.r.delete(worker_key(name))
+        with self.r.pipeline(transaction=True) as p:
+            p.delete(worker_key(name))
+            p.srem(WORKERS_KEY, name)
+            p.execute()
 
     def workers(self) -> list[jobs_pb2.Worker]:
         """The advertised workers. An entry that is not a whole advertisement is skipped, and logged once.
@@ -1120,11 +1127,16 @@ class JobStore:
         older release, a hand-made key); it must never fail the calls that
         read the list, such as every SubmitJob.
         """
-        keys = sorted(self.r.scan_iter(match=worker_key("*"), count=500))
+        # By the names' set, not a SCAN: a SCAN walks every key of every job, and this runs with each SubmitJob.
+        names = sorted(_text(n) for n in self.r.smembers(WORKERS_KEY))
+        keys = [worker_key(n) for n in names]
         with self.r.pipeline(transaction=False) as p:
             for k in keys:
                 p.hgetall(k)
             raws = p.execute()
+        expired = [n for n, raw in zip(names, raws) if not raw]
+        if expired:
+            self.r.srem(WORKERS_KEY, *expired)
         out = []
         for key, raw in zip(keys, raws):
             if not raw:

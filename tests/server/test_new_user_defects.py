@@ -72,11 +72,13 @@ def test_malformed_worker_entries_never_fail_submit_or_list_workers(idle_stack, 
     try:
         r.hset(store.worker_key("celery@stray"), "job_id", "job-00000000000000000000")  # a name-less leftover
         r.hset(store.worker_key("garbled"), mapping={"name": "garbled", "last_seen": "yesterday", "pid": "x"})
+        r.sadd(store.WORKERS_KEY, "celery@stray", "garbled")  # listed where the workers' names are
         with idle_stack.client() as c:
             assert [w.name for w in c.workers()] == []
             assert c.submit(dataset=idle_corpus, max_steps=5, **SMALL).state == "QUEUED"
     finally:
         r.delete(store.worker_key("celery@stray"), store.worker_key("garbled"))
+        r.srem(store.WORKERS_KEY, "celery@stray", "garbled")
         r.close()
 
 
