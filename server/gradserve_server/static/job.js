@@ -154,12 +154,16 @@
     return am > bm || (am === bm && as >= bs);
   }
 
-  let refreshing = null;
+  let refreshing = null, askAgain = false;
   async function refreshJob() {
-    // Coalesced: a burst of status events asks once.
-    if (refreshing) return;
+    // Coalesced: a burst of status events asks once, and once more after a request already in flight, whose
+    // answer may predate them.
+    if (refreshing) { askAgain = true; return; }
     refreshing = GS.api(`/api/jobs/${encodeURIComponent(jobId)}`).then((r) => { job = r.job; redraw(); })
-      .catch(() => {}).finally(() => { refreshing = null; });
+      .catch(() => {}).finally(() => {
+        refreshing = null;
+        if (askAgain) { askAgain = false; refreshJob(); }
+      });
   }
 
   drawFacts();
@@ -168,9 +172,10 @@
   $("cancel").onclick = async () => {
     if (!confirm(`Cancel ${jobId}?`)) return;
     try {
-      job = (await GS.post(`/api/jobs/${encodeURIComponent(jobId)}/cancel`)).job;
+      await GS.post(`/api/jobs/${encodeURIComponent(jobId)}/cancel`);
       $("action-error").textContent = "";
-      drawFacts();
+      // Not the answer's record: the stream's CANCELLED may have come first, and the answer would undo it.
+      refreshJob();
     } catch (e) {
       $("action-error").textContent = e.message;
     }
