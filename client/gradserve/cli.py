@@ -755,14 +755,19 @@ def render_datasets(console: Console, datasets: Sequence[jobs_pb2.Dataset], now:
         _plain(console, line)
 
 
-def cmd_datasets(ctx: Context) -> int:
+def show_listing(ctx: Context, fetch: Callable[[Client], Sequence], render: Callable[[Console, Sequence], None]) -> int:
+    """Fetch a list of records and print it: one JSON array with --json, a table otherwise."""
     with ctx.client() as client:
-        datasets = client.list_datasets()
+        records = fetch(client)
     if ctx.args.json:
-        print_json(ctx.out, [as_dict(d) for d in datasets])
+        print_json(ctx.out, [as_dict(r) for r in records])
     else:
-        render_datasets(ctx.out, datasets)
+        render(ctx.out, records)
     return EXIT_OK
+
+
+def cmd_datasets(ctx: Context) -> int:
+    return show_listing(ctx, lambda client: client.list_datasets(), render_datasets)
 
 
 def cmd_delete_dataset(ctx: Context) -> int:
@@ -851,13 +856,7 @@ def cmd_export(ctx: Context) -> int:
 
 
 def cmd_workers(ctx: Context) -> int:
-    with ctx.client() as client:
-        workers = client.workers()
-    if ctx.args.json:
-        print_json(ctx.out, [as_dict(w) for w in workers])
-    else:
-        render_workers(ctx.out, workers)
-    return EXIT_OK
+    return show_listing(ctx, lambda client: client.workers(), render_workers)
 
 
 # --------------------------------------------------------------------- parser
