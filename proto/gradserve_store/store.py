@@ -17,7 +17,10 @@ Keys (all under ``gradserve:``):
     by:{tenant}:{attribute}:{value}
                     zset    job id -> creation time, for ListJobs' filters: the tenant's jobs in one state
                             (attribute "state", kept by every change), or of one model, dataset or tag ("k=v")
-    names           hash    job id -> its name casefolded, for ListJobs' name filter
+    names           hash    job id -> its name casefolded ("" for none): which jobs are indexed, and the name
+                            a deletion takes out of named:{tenant}
+    named:{tenant}  zset    "casefolded name NUL job id" -> creation time, for the tenant's jobs with a name:
+                            ListJobs' name filter matches these in Redis
     sort:{order}:{tenant} zset  job id -> its train_loss, val_loss or tokens_per_sec, once it has one
     leases          zset    job id -> the moment (Redis clock, ms) its running attempt's lease expires
     dispatch        zset    job id -> the moment (ms) after which any server may (re)send its train task
@@ -114,6 +117,22 @@ def tenant_datasets_key(tenant: str) -> str:
 
 def sort_key(order: str, tenant: str) -> str:
     return f"{PREFIX}sort:{order}:{tenant}"
+
+
+def named_key(tenant: str) -> str:
+    return f"{PREFIX}named:{tenant}"
+
+
+def name_member(name: str, job_id: str) -> str:
+    """A job's member in named_key: its name casefolded, then its id; a name has no control characters."""
+    return f"{name.casefold()}\0{job_id}"
+
+
+def name_pattern(contains: str) -> str:
+    """The MATCH pattern for the name_member of every name that contains `contains`, casefolded."""
+    literal = "".join("\\" + c if c in "\\*?[]" else c for c in contains.casefold())
+    # The NUL comes after the name, so the match cannot run on into the id.
+    return f"*{literal}*\0*"
 
 
 def by_key(tenant: str, attribute: str, value: str) -> str:
@@ -511,6 +530,8 @@ class JobStore:
             p.zadd(key, {job_id: created})
         p.zadd(by_key(tenant, "state", str(state)), {job_id: created})
         p.hset(NAMES_KEY, job_id, labels.name.casefold())
+        if labels.name:
+            p.zadd(named_key(tenant), {name_member(labels.name, job_id): created})
         if summary is not None:
             for f, zset in zip(METRIC_SORTS, sort_keys(tenant)):
                 if value := f.of(summary):
@@ -542,7 +563,8 @@ class JobStore:
         query_json = json.dumps({k: v for k, v in args.items() if v is not None})
         jobs_zset = tenant_jobs_key(tenant)
         ordered_by = sort_key(sort.name, tenant) if sort.name else jobs_zset
-        found = self._list(keys=[jobs_zset, NAMES_KEY, ordered_by, *filters], args=[query_json])
+        found = self._list(keys=[jobs_zset, NAMES_KEY, named_key(tenant), ordered_by, *filters],
+                           args=[query_json, *([name_pattern(query.name_contains)] if query.name_contains else [])])
         ids, (rank, score, last) = [i.decode() for i in found[:-3]], (_text(v) for v in found[-3:])
         with self.r.pipeline(transaction=False) as p:
             for i in ids:
@@ -556,11 +578,23 @@ class JobStore:
         """Put the jobs recorded before ListJobs' indexes existed into them; returns how many there were."""
         added = 0
         for key in self.r.scan_iter(match=tenant_jobs_key("*"), count=1000):
-            ids = [i.decode() for i in self.r.zrange(key, 0, -1)]
+            tenant = key.decode().removeprefix(tenant_jobs_key(""))
+            created = {i.decode(): t for i, t in self.r.zrange(key, 0, -1, withscores=True)}
+            ids = list(created)
             for start in range(0, len(ids), 500):
                 chunk = ids[start:start + 500]
                 # Every indexed job has a name entry, "" when it has no name.
-                missing = [i for i, name in zip(chunk, self.r.hmget(NAMES_KEY, chunk)) if name is None]
+                names = self.r.hmget(NAMES_KEY, chunk)
+                missing = [i for i, name in zip(chunk, names) if name is None]
+                # Named jobs indexed before the names zset existed; adding one already there changes nothing.
+                named = {name_member(name.decode(), i): created[i] for i, name in zip(chunk, names) if name}
+                if named:
+                    self.r.zadd(named_key(tenant), named)
+                    # A job deleted since the names were read has lost its entry; its member goes too.
+                    gone = [m for m, name in zip(named, self.r.hmget(NAMES_KEY, [m.split("\0")[1] for m in named]))
+                            if name is None]
+                    if gone:
+                        self.r.zrem(named_key(tenant), *gone)
                 with self.r.pipeline(transaction=False) as p:
                     for i in missing:
                         p.hgetall(job_key(i))
@@ -629,7 +663,8 @@ class JobStore:
         result = self._delete(
             keys=[job_key(job_id), events_key(job_id), checkpoint_key(job_id), best_checkpoint_key(job_id),
                   init_key(job_id), logs_key(job_id), tenant_jobs_key(job.tenant),
-                  active_key(job.tenant), LEASES_KEY, DISPATCH_KEY, NAMES_KEY, *state_keys(job.tenant),
+                  active_key(job.tenant), LEASES_KEY, DISPATCH_KEY, NAMES_KEY, named_key(job.tenant),
+                  *state_keys(job.tenant),
                   *label_keys(job.tenant, job.spec, _labels_of(job)), *sort_keys(job.tenant)],
             args=[job_id, *sorted(TERMINAL)],
         )
