@@ -315,7 +315,7 @@ class Job:
 
     @property
     def reason(self) -> str:
-        """Why the job FAILED or was CANCELLED."""
+        """Why the job FAILED or was CANCELLED, or why a sweep's member SUCCEEDED before max_steps."""
         return self.info.reason
 
     @property

@@ -113,23 +113,26 @@ def violations(spec: jobs_pb2.SweepSpec) -> list[tuple[str, str]]:
     if problems or count > MAX_MEMBERS:
         return problems
     # Every member as a job: a problem in a field the member sets names the axis (or the member) and the
-    # value; one the base has alone is named once; one that comes of a combination names the member's values.
-    base = [(f"spec.base.{f}", r) for f, r in specs.violations(specs.complete(spec.base))]
-    problems += base
-    reported = set(base)
+    # value; one every member has comes of the base and is named once; any other names the member's values.
     grid = count - len(spec.members)
+    per_member, shared = [], None
     for i, values in enumerate(members(spec)):
+        found = []
         for field, reason in specs.violations(member_spec(spec.base, values)):
             if field in values:
                 where = f"spec.axes[{field}]" if i < grid else f"spec.members[{i - grid}].{field}"
-                problem = (where, f"value {values[field]!r}: {reason}")
-            elif (f"spec.base.{field}", reason) in reported:
-                continue
+                found.append(((where, f"value {values[field]!r}: {reason}"), False))
             else:
+                found.append(((f"spec.base.{field}", reason), True))
+        per_member.append((values, found))
+        of_base = {p for p, base in found if base}
+        shared = of_base if shared is None else shared & of_base
+    for values, found in per_member:
+        for problem, base in found:
+            if base and problem not in shared:
                 shown = " ".join(f"{k}={v}" for k, v in values.items())
-                problem = (f"spec.base.{field}", f"with {shown}: {reason}")
-            if problem not in reported:
-                reported.add(problem)
+                problem = (problem[0], f"with {shown}: {problem[1]}")
+            if problem not in problems:
                 problems.append(problem)
     return problems
 

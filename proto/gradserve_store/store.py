@@ -25,6 +25,7 @@ Keys (all under ``gradserve:``):
     sweep:{id}      hash    spec (SweepSpec bytes), tenant, name, tags, note, created, members (JSON: [[job id,
                             {field: value}], ...] in the spec's order); written with every member's job at once
     sweeps:{tenant} zset    sweep id -> creation time, for listing a tenant's sweeps newest first
+    sweep:{id}:loss:{at}  hash  member job id -> its held-out loss at step (or halving rung) `at`, for early stopping
     leases          zset    job id -> the moment (Redis clock, ms) its running attempt's lease expires
     dispatch        zset    job id -> the moment (ms) after which any server may (re)send its train task
     events:{id}     stream  one entry per Event (field "e", Event bytes; the entry id is the cursor)
@@ -1041,6 +1042,29 @@ class JobStore:
                 continue
         more = len(rows) > limit
         return sweeps, f"{page[-1][1]!r}/{page[-1][0]}" if more and page else ""
+
+    def early_stop_of(self, job_id: str) -> tuple[str, jobs_pb2.EarlyStop] | None:
+        """(sweep id, its EarlyStop) when the job is a member of a sweep that stops members early; else None."""
+        sweep_id = self.r.hget(job_key(job_id), "sweep")
+        raw = self.r.hget(sweep_key(sweep_id.decode()), "spec") if sweep_id else None
+        if raw is None:
+            return None
+        stop = jobs_pb2.SweepSpec.FromString(raw).early_stop
+        return (sweep_id.decode(), stop) if stop.rule else None
+
+    def sweep_losses(self, sweep_id: str, at: str, job_id: str, loss: float, *, first: bool = False) -> dict[str, float]:
+        """Record the member's held-out loss at `at` (a step, or a rung), and return every member's there.
+
+        With `first`, a loss the member already has there is kept (a resumed
+        attempt that evaluates the same step again is not judged twice on a
+        different number).
+        """
+        key = f"{sweep_key(sweep_id)}:loss:{at}"
+        with self.r.pipeline(transaction=True) as p:
+            (p.hsetnx if first else p.hset)(key, job_id, repr(loss))
+            p.hgetall(key)
+            losses = p.execute()[1]
+        return {k.decode(): float(v) for k, v in losses.items()}
 
     # ---------------------------------------------------------------- logs
 

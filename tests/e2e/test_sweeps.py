@@ -63,6 +63,29 @@ def test_explicit_members_follow_the_grid(stack):
         assert sweep.info.spec.early_stop.rule == "median"
 
 
+def test_median_stopping_ends_a_member_that_falls_behind_with_its_checkpoint(stack):
+    with stack.client() as c:
+        # The members share one worker or run side by side; either way the hopeless lr falls behind the median
+        # of the others (min_peers=1: one is enough) at some evaluation, while the good ones run to the end.
+        sweep = c.submit_sweep(base={**BASE, "max_steps": 60}, grid={"lr": [1, 1.5, 1e-5]}, early_stop="median",
+                               min_peers=1).wait(timeout=240)
+        good, better, hopeless = sweep.jobs
+        assert [j.state for j in sweep.jobs] == ["SUCCEEDED"] * 3, stack.logs()
+        assert hopeless.reason.startswith("stopped early at step ") and ", median " in hopeless.reason
+        assert hopeless.last_step < 60 and hopeless.checkpoint_step == hopeless.last_step
+        assert any(j.last_step == 60 and not j.reason for j in (good, better))
+
+
+def test_successive_halving_keeps_the_best_at_each_rung(stack):
+    with stack.client() as c:
+        sweep = c.submit_sweep(base={**BASE, "max_steps": 80}, grid={"lr": [1, 1e-5]}, early_stop="halving",
+                               min_steps=10, eta=2).wait(timeout=240)
+        good, hopeless = sweep.jobs
+        assert [j.state for j in sweep.jobs] == ["SUCCEEDED"] * 2, stack.logs()
+        assert "not among the best 1/2 of the 2 members at the step-" in hopeless.reason, hopeless.reason
+        assert hopeless.last_step < 80 and good.last_step == 80 and not good.reason
+
+
 @pytest.mark.parametrize("kwargs, field, words", [
     (dict(grid={"lr": [0.5, 0]}), "spec.axes[lr]", "value '0': must be in (0, 100], got 0"),
     (dict(grid={"num_steps": ["ten"]}), "spec.axes[num_steps]", "value 'ten': expected an integer"),

@@ -27,10 +27,11 @@ from gradserve.summary import add as add_to_summary
 from gradserve.v1 import jobs_pb2
 from gradserve_store.store import Fenced, JobStore, Lease, NotFound, Refused
 from gradserve_worker import hooks
+from gradserve_worker.earlystop import EarlyStop
 from gradserve_worker.errors import CannotTrain
 from gradserve_worker.events import to_event
 from gradserve_worker.joblog import job_log
-from gradserve_worker.trainer import CheckpointReady, StepMetrics, TrainConfig, TrainingDiverged, train
+from gradserve_worker.trainer import CheckpointReady, Evaluation, StepMetrics, TrainConfig, TrainingDiverged, train
 
 log = logging.getLogger("gradserve.worker")
 
@@ -179,9 +180,10 @@ def _run_attempt(job_store: JobStore, lease: Lease, keeper: LeaseKeeper, shutdow
     last_step = lease.checkpoint_step
     # Carried over from earlier attempts: what they trained counts too.
     summary = retrying(job_store.summary, job_id)
+    early: EarlyStop | None = None
 
     def should_stop() -> bool:
-        return keeper.lost.is_set() or shutdown.is_set() or cancel()
+        return keeper.lost.is_set() or shutdown.is_set() or cancel() or (early is not None and early())
 
     def on_event(report) -> None:
         nonlocal last_step
@@ -197,6 +199,8 @@ def _run_attempt(job_store: JobStore, lease: Lease, keeper: LeaseKeeper, shutdow
             return
         if isinstance(report, StepMetrics):
             last_step = report.step
+        if isinstance(report, Evaluation) and early is not None:
+            retrying(early.evaluated, report.step, report.loss, report.perplexity)
         event = to_event(report)
         changed = add_to_summary(summary, event)
         retrying(job_store.append_event, lease, event, summary if changed else None)
@@ -210,6 +214,8 @@ def _run_attempt(job_store: JobStore, lease: Lease, keeper: LeaseKeeper, shutdow
     try:
         spec = retrying(job_store.spec, job_id)
         config = TrainConfig.from_spec(spec)
+        if sweep := retrying(job_store.early_stop_of, job_id):
+            early = EarlyStop(job_store, job_id, *sweep, spec)
         if spec.dataset in SYNTHETIC_TASKS:
             text = ""  # the trainer generates these sequences from the seed
         else:
@@ -240,6 +246,9 @@ def _run_attempt(job_store: JobStore, lease: Lease, keeper: LeaseKeeper, shutdow
             end(jobs_pb2.SUCCEEDED)
         elif cancel.requested:
             end(jobs_pb2.CANCELLED, f"cancelled by request at step {result.steps}")
+        elif early is not None and early.reason:
+            # It trained as asked up to here, and keeps its checkpoint: a result, just a shorter one.
+            end(jobs_pb2.SUCCEEDED, early.reason)
         elif keeper.lost.is_set():
             log.warning("job %s: stopped at step %d without its lease", job_id, result.steps)
         else:
