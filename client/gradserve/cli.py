@@ -441,7 +441,7 @@ def print_error(console: Console, error: GradserveError, server: str, hints: Ite
     headline = "invalid " + ", ".join(dict.fromkeys(f for f, _ in violations)) if violations else str(error)
     console.print(Text.assemble(("error:", "bold red"), " ", headline), soft_wrap=True)
     for field, description in violations:
-        name = field.removeprefix("spec.")
+        name = field.removeprefix("spec.").removeprefix("base.")
         flag = f" (--{name.replace('_', '-')})" if name in specs.BY_NAME else ""
         _plain(console, f"  {field}{flag}: {description}")
     hints = list(hints)

@@ -17,12 +17,13 @@ import queue
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from typing import NamedTuple
 from pathlib import Path
+from typing import NamedTuple
 
 import grpc
 
 from gradserve import spec as specs
+from gradserve import sweeps
 from gradserve._channel import open_channel
 from gradserve.errors import InvalidArgument, Unavailable, from_rpc_error
 from gradserve.settings import ClientSettings
@@ -595,7 +596,7 @@ class Sweep:
     @property
     def values(self) -> list[dict[str, str]]:
         """Each member's own field values, as given, in the sweep's order."""
-        return [dict(m.values) for m in self.info.members]
+        return [sweeps.ordered(self.info.spec, m.values) for m in self.info.members]
 
     @property
     def done(self) -> bool:
@@ -691,7 +692,8 @@ class Sweep:
         for member in self.info.members:
             job, summary = member.job, member.job.summary
             rows.append({
-                "job_id": member.job_id, "name": job.name, **dict(member.values), "state": state_name(job.state),
+                "job_id": member.job_id, "name": job.name, **sweeps.ordered(self.info.spec, member.values),
+                "state": state_name(job.state),
                 "step": job.last_step, "train_loss": summary.train_loss if summary.step else None,
                 "train_perplexity": summary.train_perplexity if summary.step else None,
                 "val_loss": summary.best_val_loss if summary.best_step else None,

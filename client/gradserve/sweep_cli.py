@@ -69,7 +69,7 @@ class Board:
         board = cls(sweep)
         for m in sweep.members:
             job, s = m.job, m.job.summary
-            row = Row(m.job_id, dict(m.values), job.spec.max_steps, state_name(job.state) if job.id else "-",
+            row = Row(m.job_id, sweeps.ordered(sweep.spec, m.values), job.spec.max_steps, state_name(job.state) if job.id else "-",
                       job.last_step, reason=job.reason)
             if s.step:
                 row.train_loss, row.train_ppl, row.clip_fraction = s.train_loss, s.train_perplexity or None, s.clip_fraction

@@ -61,6 +61,15 @@ def members(spec: jobs_pb2.SweepSpec) -> list[dict[str, str]]:
     return grid + [dict(m.values) for m in spec.members]
 
 
+def ordered(spec: jobs_pb2.SweepSpec, values: Mapping[str, str]) -> dict[str, str]:
+    """A member's values in the order people wrote them: the axes' order, then the rest by name.
+
+    A proto map (Sweep.Member.values) keeps no order of its own.
+    """
+    first = [a.field for a in spec.axes if a.field in values]
+    return {k: values[k] for k in first + sorted(set(values) - set(first))}
+
+
 def member_count(spec: jobs_pb2.SweepSpec) -> int:
     count = 1 if spec.axes else 0
     for axis in spec.axes:
