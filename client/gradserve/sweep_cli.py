@@ -27,8 +27,8 @@ from gradserve.export import as_dict
 from gradserve import spec as specs
 from gradserve.v1 import jobs_pb2
 
-SWEEP_COLUMNS = ("member", "state", "step", "train loss", "train ppl", "val loss", "val ppl", "grad norm", "clip %",
-                 "job")
+SWEEP_COLUMNS = ("member", "state", "step", "train loss", "train ppl", "val loss", "val ppl", "val metric", "grad norm",
+                 "clip %", "job")
 SWEEPS_COLUMNS = ("id", "name", "members", "queued", "running", "succeeded", "failed", "cancelled", "best val loss",
                   "created")
 # How often the live table is drawn again while events arrive.
@@ -48,6 +48,7 @@ class Row:
     train_ppl: float | None = None
     val_loss: float | None = None
     val_ppl: float | None = None
+    val_metric: str = ""  # a synthetic task's own measure at that evaluation, e.g. "accuracy 0.93"
     grad_norm: float | None = None
     clip_fraction: float | None = None
     reason: str = ""
@@ -75,6 +76,7 @@ class Board:
                 row.train_loss, row.train_ppl, row.clip_fraction = s.train_loss, s.train_perplexity or None, s.clip_fraction
             if s.best_step:
                 row.val_loss, row.val_ppl = s.best_val_loss, s.best_val_perplexity or None
+                row.val_metric = _metric(s.metric, s.metric_value)
             board.rows[m.job_id] = row
         return board
 
@@ -89,7 +91,8 @@ class Board:
             row.step, row.train_loss, row.train_ppl = m.step, m.loss, m.perplexity or None
             row.grad_norm, row.clip_fraction = m.grad_norm, m.clip_fraction
         elif kind == "evaluation":
-            row.val_loss, row.val_ppl = event.evaluation.loss, event.evaluation.perplexity or None
+            e = event.evaluation
+            row.val_loss, row.val_ppl, row.val_metric = e.loss, e.perplexity or None, _metric(e.metric, e.value)
         elif kind == "status":
             row.state, row.reason = state_name(event.status.state), event.status.reason
             row.step = max(row.step, event.status.step)
@@ -108,7 +111,7 @@ class Board:
         cells = [{
             "member": r.label, "state": r.state, "step": f"{r.step}/{r.max_steps}",
             "train loss": _num(r.train_loss), "train ppl": _num(r.train_ppl), "val loss": _num(r.val_loss),
-            "val ppl": _num(r.val_ppl), "grad norm": _num(r.grad_norm),
+            "val ppl": _num(r.val_ppl), "val metric": r.val_metric or "-", "grad norm": _num(r.grad_norm),
             "clip %": "-" if r.clip_fraction is None else f"{100 * r.clip_fraction:.0f}", "job": r.job_id,
         } for r in self.ranked()]
         return fit_columns(cells, SWEEP_COLUMNS, width)
@@ -119,6 +122,10 @@ class Board:
     def best(self) -> Row | None:
         ranked = [r for r in self.ranked() if r.val_loss is not None and not math.isnan(r.val_loss)]
         return ranked[0] if ranked else None
+
+
+def _metric(name: str, value: float) -> str:
+    return f"{name} {value:.3g}" if name else ""
 
 
 def _num(x: float | None) -> str:
