@@ -1200,6 +1200,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from gradserve import sweep_cli  # it builds on this module's helpers
     sweep_cli.add_commands(subcommand)
+    from gradserve import compare  # the same: it draws on this module's helpers
+    compare.add_command(subcommand)
     return parser
 
 
