@@ -5,8 +5,8 @@
 
 or from Python (matplotlib comes with the `plot` extra: pip install 'gradserve[plot]'):
 
-    from gradserve.compare import Run, compare_runs
-    runs = [Run.of(job, list(job.events(follow=False)), values) for job, values in zip(sweep.jobs, sweep.values)]
+    from gradserve.compare import compare_runs, fetch_runs
+    runs = fetch_runs(client, sweep_id=sweep.id)     # or job_ids=[...]; each job's history so far
     compare_runs(runs).savefig("compare.png")
 
 One colour per job throughout, and each job named by its sweep values
@@ -60,17 +60,24 @@ class Run:
 
     @classmethod
     def of(cls, job: jobs_pb2.Job | Job, events: Iterable[jobs_pb2.Event],
-           values: Mapping[str, str] | None = None) -> Run:
+           values: Mapping[str, str] | None = None, order: Sequence[str] = ()) -> Run:
         """`job` (a record or a handle) with its events; `values`, a sweep member's own fields, name it."""
         info = job.info if hasattr(job, "info") else job
         events = list(events)
-        return cls(info, plot.RunHistory.from_events(events), member_label(info, values), len(events))
+        return cls(info, plot.RunHistory.from_events(events), member_label(info, values, order), len(events))
 
 
-def member_label(job: jobs_pb2.Job, values: Mapping[str, str] | None = None) -> str:
-    """What tells this job apart: a member's sweep values, else the name it was given, else its id."""
+def member_label(job: jobs_pb2.Job, values: Mapping[str, str] | None = None, order: Sequence[str] = ()) -> str:
+    """What tells this job apart: a member's sweep values, else the name it was given, else its id.
+
+    The values come from a protobuf map, whose order differs from one process
+    to the next; so the fields in `order` (the sweep's axes) come first, in
+    that order, and the rest alphabetically, for the same label every time.
+    """
     if values:
-        return " ".join(f"{k}={v}" for k, v in values.items())
+        rank = {name: i for i, name in enumerate(order)}
+        names = sorted(values, key=lambda name: (rank.get(name, len(rank)), name))
+        return " ".join(f"{name}={values[name]}" for name in names)
     return job.name or job.id
 
 
@@ -256,11 +263,12 @@ def _table(ax, runs: Sequence[Run], colours) -> None:
 # ------------------------------------------------------------------ the command
 
 
-def fetch_runs(client, job_ids: Sequence[str], sweep_id: str) -> list[Run]:
+def fetch_runs(client, job_ids: Sequence[str] = (), sweep_id: str = "") -> list[Run]:
     """The runs to draw: a sweep's members in its order, or the jobs given (a member named by its sweep values)."""
     if sweep_id:
         sweep = client.get_sweep(sweep_id)
-        return [Run.of(job, job.events(follow=False), values) for job, values in zip(sweep.jobs, sweep.values)]
+        axes = _axes(sweep.info)
+        return [Run.of(job, job.events(follow=False), values, axes) for job, values in zip(sweep.jobs, sweep.values)]
     runs, sweeps = [], {}
     for job_id in dict.fromkeys(job_ids):
         job = client.get_job(job_id)
@@ -270,8 +278,12 @@ def fetch_runs(client, job_ids: Sequence[str], sweep_id: str) -> list[Run]:
                 sweeps[job.info.sweep] = client.get_sweep(job.info.sweep).info
             values = next((m.values for m in sweeps[job.info.sweep].members if m.job_id == job.id), None)
         # The history so far: a running job is drawn as it stands, without waiting for it to end.
-        runs.append(Run.of(job, job.events(follow=False), values))
+        runs.append(Run.of(job, job.events(follow=False), values, _axes(sweeps.get(job.info.sweep))))
     return runs
+
+
+def _axes(sweep: jobs_pb2.Sweep | None) -> list[str]:
+    return [axis.field for axis in sweep.spec.axes] if sweep is not None else []
 
 
 def cmd_compare(ctx) -> int:

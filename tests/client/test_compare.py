@@ -86,11 +86,18 @@ def test_the_legend_names_members_by_their_sweep_values_and_other_jobs_by_name_o
 
     train_ax = fig.axes[0]
     labels = [t.get_text() for t in train_ax.get_legend().get_texts()]
-    assert labels == ["num_steps=4 lr=0.5", "num_steps=16 lr=0.5", "baseline", unnamed.job.id]
+    assert labels == ["lr=0.5 num_steps=4", "lr=0.5 num_steps=16", "baseline", unnamed.job.id]
     assert [ax.get_title() for ax in heatmap_axes(fig)] == labels
     # The validation curves use the same colour for the same job.
     val_ax = fig.axes[1]
     assert [line.get_color() for line in val_ax.get_lines()] == [line.get_color() for line in train_ax.get_lines()]
+
+
+def test_a_members_label_puts_the_sweeps_axes_first_in_their_order_then_the_rest_alphabetically():
+    # A protobuf map's order changes from one process to the next; the label must not.
+    values = {"truncation_keep": "0.8", "truncation": "randomized", "lr": "1", "num_steps": "5"}
+    label = compare.member_label(job_record("x", num_steps=5), values, order=["truncation", "num_steps"])
+    assert label == "truncation=randomized num_steps=5 lr=1 truncation_keep=0.8"
 
 
 def test_two_jobs_with_the_same_name_are_told_apart_by_their_ids():
@@ -127,7 +134,7 @@ def test_the_table_has_one_row_per_job_with_its_final_numbers():
     runs[1].job.summary.best_step = 0
 
     rows = compare.table_rows(runs)
-    assert rows[0] == {"job": "num_steps=4 lr=0.5", "state": "SUCCEEDED", "step": "400/400",
+    assert rows[0] == {"job": "lr=0.5 num_steps=4", "state": "SUCCEEDED", "step": "400/400",
                        "final train loss": "1.25", "best val loss": "1.5", "at step": "300", "val accuracy": "0.875",
                        "clip %": "25", "tokens/s": "12,346"}
     assert (rows[1]["state"], rows[1]["best val loss"], rows[1]["at step"], rows[1]["val accuracy"]) == \
@@ -163,10 +170,10 @@ class FakeJob:
 
 
 class FakeSweep:
-    def __init__(self, jobs, values):
+    def __init__(self, jobs, values, axes=()):
         self.jobs, self.values = jobs, values
-        self.info = jobs_pb2.Sweep(id=SWEEP_ID, members=[
-            jobs_pb2.Sweep.Member(job_id=j.id, values=v) for j, v in zip(jobs, values)])
+        self.info = jobs_pb2.Sweep(id=SWEEP_ID, spec=jobs_pb2.SweepSpec(axes=[jobs_pb2.SweepAxis(field=f) for f in axes]),
+                                   members=[jobs_pb2.Sweep.Member(job_id=j.id, values=v) for j, v in zip(jobs, values)])
 
 
 class FakeClient:
@@ -192,7 +199,8 @@ class FakeClient:
 def fake_stack():
     jobs = [FakeJob(job_record(s, num_steps=n, sweep=SWEEP_ID, state=jobs_pb2.RUNNING), run_events(n, 1.0))
             for s, n in (("a", 4), ("b", 16))]
-    return jobs, FakeSweep(jobs, [{"num_steps": "4"}, {"num_steps": "16"}])
+    return jobs, FakeSweep(jobs, [{"seed": "1", "num_steps": "4"}, {"seed": "1", "num_steps": "16"}],
+                           axes=["seed", "num_steps"])
 
 
 def main(client, *argv: str) -> int:
@@ -209,7 +217,7 @@ def test_compare_sweep_reads_each_members_history_without_following_and_says_wha
     assert out.read_bytes()[:8] == PNG_MAGIC
     printed = capsys.readouterr().out
     assert f"wrote {out}: 2 jobs, 16 metrics, 4 evaluations, 4 probes" in printed
-    assert f"{jobs[1].id}  num_steps=16: RUNNING at step 400, 8 metrics, 2 evaluations, 2 probes" in printed
+    assert f"{jobs[1].id}  seed=1 num_steps=16: RUNNING at step 400, 8 metrics, 2 evaluations, 2 probes" in printed
 
 
 def test_a_sweep_member_named_alone_is_labelled_by_its_sweep_values(tmp_path, capsys):
@@ -221,7 +229,7 @@ def test_a_sweep_member_named_alone_is_labelled_by_its_sweep_values(tmp_path, ca
 
     assert code == cli.EXIT_OK
     printed = capsys.readouterr().out
-    assert '"label": "num_steps=16"' in printed and '"label": "alone"' in printed
+    assert '"label": "seed=1 num_steps=16"' in printed and '"label": "alone"' in printed
 
 
 @pytest.mark.parametrize("argv, words", [
