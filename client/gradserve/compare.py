@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import errno
 import math
+import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,8 @@ FIGURE_WIDTH = 14.0
 DPI = 100
 # Inches of figure height per part: curves, one row of heatmaps, one table row.
 CURVES_HEIGHT, HEATMAP_ROW_HEIGHT, TABLE_ROW_HEIGHT = 3.6, 3.0, 0.3
+# Longer labels wrap, so that neighbouring heatmaps' titles do not run into each other.
+HEATMAP_TITLE_CHARS = 34
 TABLE_COLUMNS = ("job", "state", "step", "final train loss", "best val loss", "at step", "clip %", "tokens/s")
 
 
@@ -137,6 +140,7 @@ def compare_runs(runs: Sequence[Run], title: str = ""):
     loss_fig, grad_fig, heat_fig, table_fig = fig.subfigures(4, 1, height_ratios=heights)
     train_ax, val_ax = loss_fig.subplots(1, 2, sharex=True)
     _loss_panels(train_ax, val_ax, runs, colours)
+    _legend(loss_fig, runs, colours)
     _grad_panel(grad_fig.subplots(), runs, colours)
     _heatmaps(mpl, heat_fig, runs, colours)
     _table(table_fig.subplots(), runs, colours)
@@ -166,10 +170,15 @@ def _loss_panels(train_ax, val_ax, runs: Sequence[Run], colours) -> None:
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
         ax.grid(alpha=0.3)
-    # One legend serves every panel: the colours are the same throughout.
-    if train_ax.get_lines() or val_ax.get_lines():
-        source = train_ax if train_ax.get_lines() else val_ax
-        source.legend(loc="best", fontsize="small")
+
+
+def _legend(subfig, runs: Sequence[Run], colours) -> None:
+    """One legend beside the loss panels serves the whole figure (the colours are the same throughout), and names
+    every job, those with nothing drawn yet too."""
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=colour, label=run.label) for run, colour in zip(runs, colours)]
+    subfig.legend(handles=handles, loc="outside right upper", fontsize="small")
 
 
 def _grad_panel(ax, runs: Sequence[Run], colours) -> None:
@@ -228,7 +237,7 @@ def _heatmaps(mpl, subfig, runs: Sequence[Run], colours) -> None:
     cmap = mpl.colormaps["viridis"].with_extremes(bad="lightgrey")
     mesh = None
     for ax, run, colour, (steps, norms) in zip(axes, runs, colours, profiles):
-        ax.set_title(run.label, fontsize="small", color=colour)
+        ax.set_title(textwrap.fill(run.label, HEATMAP_TITLE_CHARS), fontsize="small", color=colour)
         if norm is None or not steps:
             plot._empty(ax, "no probes yet")
             continue

@@ -84,13 +84,23 @@ def test_the_legend_names_members_by_their_sweep_values_and_other_jobs_by_name_o
     unnamed = compare.Run.of(job_record("d", num_steps=8), run_events(8, 1.0))
     fig = compare.compare_runs([*two_runs(), named, unnamed])
 
-    train_ax = fig.axes[0]
-    labels = [t.get_text() for t in train_ax.get_legend().get_texts()]
+    (legend,) = [legend for sub in fig.subfigs for legend in sub.legends]
+    labels = [t.get_text() for t in legend.get_texts()]
     assert labels == ["lr=0.5 num_steps=4", "lr=0.5 num_steps=16", "baseline", unnamed.job.id]
     assert [ax.get_title() for ax in heatmap_axes(fig)] == labels
-    # The validation curves use the same colour for the same job.
-    val_ax = fig.axes[1]
-    assert [line.get_color() for line in val_ax.get_lines()] == [line.get_color() for line in train_ax.get_lines()]
+    # Each job has one colour: its legend entry, training curve and validation curve.
+    train_ax, val_ax = fig.axes[:2]
+    colours = [line.get_color() for line in legend.get_lines()]
+    assert [line.get_color() for line in train_ax.get_lines()] == colours
+    assert [line.get_color() for line in val_ax.get_lines()] == colours
+    assert len(set(colours)) == 4
+
+
+def test_a_job_with_nothing_drawn_yet_is_still_in_the_legend():
+    queued = compare.Run.of(job_record("q", num_steps=8, name="waiting", state=jobs_pb2.QUEUED), [])
+    fig = compare.compare_runs([*two_runs(), queued])
+    (legend,) = [legend for sub in fig.subfigs for legend in sub.legends]
+    assert [t.get_text() for t in legend.get_texts()][-1] == "waiting"
 
 
 def test_a_members_label_puts_the_sweeps_axes_first_in_their_order_then_the_rest_alphabetically():
