@@ -200,7 +200,8 @@ def _grad_panel(ax, runs: Sequence[Run], colours) -> None:
         # One threshold for all: one grey line, not one per job, each hidden under the next.
         clip_norm = clip_norms.pop()
         if clip_norm > 0:
-            ax.axhline(clip_norm, color="grey", linestyle="--", linewidth=1, label=f"clip_norm = {clip_norm:g} (all jobs)")
+            ax.axhline(clip_norm, color="grey", linestyle="--", linewidth=1,
+                       label=f"clip_norm = {clip_norm:g} (all jobs)")
     else:
         for run, colour in drawn:
             if run.job.spec.clip_norm > 0:

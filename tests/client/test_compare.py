@@ -34,7 +34,7 @@ def job_record(suffix: str, *, num_steps: int, clip_norm: float = 1.0, name: str
 
 
 def run_events(window: int, scale: float, clipped_every: int = 100) -> list[jobs_pb2.Event]:
-    """Metrics every 50 steps (clipped at every `clipped_every`th), and probes whose norms are scale x 2^-(steps back)."""
+    """Metrics every 50 steps (clipped every `clipped_every`), probes whose norms are scale x 2^-(steps back)."""
     events = []
     for step in STEPS:
         events.append(jobs_pb2.Event(metrics=jobs_pb2.Metrics(step=step, loss=2.0 - step / 400, grad_norm=0.5 * scale,
@@ -182,7 +182,8 @@ class FakeJob:
 class FakeSweep:
     def __init__(self, jobs, values, axes=()):
         self.jobs, self.values = jobs, values
-        self.info = jobs_pb2.Sweep(id=SWEEP_ID, spec=jobs_pb2.SweepSpec(axes=[jobs_pb2.SweepAxis(field=f) for f in axes]),
+        spec = jobs_pb2.SweepSpec(axes=[jobs_pb2.SweepAxis(field=f) for f in axes])
+        self.info = jobs_pb2.Sweep(id=SWEEP_ID, spec=spec,
                                    members=[jobs_pb2.Sweep.Member(job_id=j.id, values=v) for j, v in zip(jobs, values)])
 
 

@@ -1,4 +1,4 @@
-"""`gradserve compare` through the real stack: the hint `gradserve sweeps` prints runs as printed and draws the sweep."""
+"""`gradserve compare` through the real stack: the hint `gradserve sweeps` prints works as printed."""
 
 from __future__ import annotations
 
