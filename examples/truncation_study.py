@@ -28,8 +28,8 @@ colour scale), and prints which settings learned the dependency: the held-out
 recall accuracy at the end against chance (1/8, what a model that remembers
 nothing scores).
 
-The default sizes finish in about five minutes on two CPU cores with two workers
-(`gradserve-server dev --workers 2`).
+The default sizes took 5½ minutes on two CPU cores with two workers
+(`gradserve-server dev --workers 2`); the numbers are in README.md, "Sweeps".
 """
 
 from __future__ import annotations
