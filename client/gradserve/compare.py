@@ -28,7 +28,6 @@ with the Agg canvas, never a window.
 
 from __future__ import annotations
 
-import argparse
 import errno
 import math
 import textwrap
@@ -273,14 +272,27 @@ def _table(ax, runs: Sequence[Run], colours) -> None:
 # ------------------------------------------------------------------ the command
 
 
-def fetch_runs(client, job_ids: Sequence[str] = (), sweep_id: str = "") -> list[Run]:
-    """The runs to draw: a sweep's members in its order, or the jobs given (a member named by its sweep values)."""
+class TooManyJobs(ValueError):
+    """More jobs were asked for than one figure can tell apart."""
+
+
+def fetch_runs(client, job_ids: Sequence[str] = (), sweep_id: str = "", max_jobs: int = MAX_JOBS) -> list[Run]:
+    """The runs to draw: a sweep's members in its order, or the jobs given (a member named by its sweep values).
+
+    More than `max_jobs` raises TooManyJobs before any history is fetched.
+    """
     if sweep_id:
         sweep = client.get_sweep(sweep_id)
+        if len(sweep.info.members) > max_jobs:
+            raise TooManyJobs(f"sweep {sweep_id} has {len(sweep.info.members)} members; compare draws at most "
+                              f"{max_jobs}: name the jobs to draw (JOB JOB ...)")
         axes = _axes(sweep.info)
         return [Run.of(job, job.events(follow=False), values, axes) for job, values in zip(sweep.jobs, sweep.values)]
+    job_ids = list(dict.fromkeys(job_ids))
+    if len(job_ids) > max_jobs:
+        raise TooManyJobs(f"{len(job_ids)} jobs were given; compare draws at most {max_jobs}")
     runs, sweeps = [], {}
-    for job_id in dict.fromkeys(job_ids):
+    for job_id in job_ids:
         job = client.get_job(job_id)
         values = None
         if job.info.sweep:
@@ -309,11 +321,11 @@ def cmd_compare(ctx) -> int:
     folder = a.output.parent
     if not folder.is_dir():
         raise FileNotFoundError(errno.ENOENT, "no such directory", str(folder))
-    with ctx.client() as client:
-        runs = fetch_runs(client, a.jobs, a.sweep)
-    if len(runs) > MAX_JOBS:
-        what = f"sweep {a.sweep} has {len(runs)} members" if a.sweep else f"{len(runs)} jobs were given"
-        _plain(ctx.err, f"error: {what}; compare draws at most {MAX_JOBS}: name the jobs to draw (JOB JOB ...)")
+    try:
+        with ctx.client() as client:
+            runs = fetch_runs(client, a.jobs, a.sweep)
+    except TooManyJobs as e:
+        _plain(ctx.err, f"error: {e}")
         return EXIT_FAILED
     compare_runs(runs, f"sweep {a.sweep}: {len(runs)} members" if a.sweep else "").savefig(a.output)
     if a.json:

@@ -274,14 +274,16 @@ def test_an_output_folder_that_does_not_exist_is_named_before_anything_is_fetche
     assert f"no such directory: {tmp_path / 'missing'}" in capsys.readouterr().err
 
 
-def test_more_jobs_than_a_figure_can_tell_apart_is_refused(tmp_path, capsys):
+def test_more_jobs_than_a_figure_can_tell_apart_is_refused_before_any_history_is_read(tmp_path, capsys):
     jobs = [FakeJob(job_record(f"k{i}", num_steps=4), run_events(4, 1.0)) for i in range(compare.MAX_JOBS + 1)]
+    sweep = FakeSweep(jobs, [{"seed": str(i)} for i in range(len(jobs))])
 
-    code = main(FakeClient(jobs), "compare", *[j.id for j in jobs], "-o", str(tmp_path / "c.png"))
-
-    assert code == cli.EXIT_FAILED
-    assert f"compare draws at most {compare.MAX_JOBS}" in capsys.readouterr().err
+    for argv in ([j.id for j in jobs], ["--sweep", SWEEP_ID]):
+        code = main(FakeClient(jobs, sweep), "compare", *argv, "-o", str(tmp_path / "c.png"))
+        assert code == cli.EXIT_FAILED
+        assert f"compare draws at most {compare.MAX_JOBS}" in capsys.readouterr().err
     assert not (tmp_path / "c.png").exists()
+    assert all(j.follow is None for j in jobs), "no job's events were read"
 
 
 def test_compare_without_matplotlib_says_what_to_install(tmp_path, capsys, monkeypatch):
