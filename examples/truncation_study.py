@@ -45,7 +45,6 @@ from gradserve import plot
 from gradserve.compare import compare_runs, fetch_runs, member_label
 
 WINDOWS = (5, 10, 20, 50)
-AXES = ("truncation", "num_steps")  # how the members' labels read: the strategy, then the window
 # The dependency (seq_len + 10 = 30 steps) is longer than the windows of 5, 10 and 20 and shorter than 50.
 SEQ_LEN = 20
 DEPENDENCY = SEQ_LEN + 10
@@ -141,7 +140,7 @@ def main() -> int:
         sweep = client.submit_sweep(base=base, grid={"truncation": ["fixed"], "num_steps": list(WINDOWS)},
                                     members=[randomized_member(w) for w in WINDOWS], name="truncation study",
                                     tags={"study": "truncation"})
-        labels = {job.id: member_label(job.info, values, AXES) for job, values in zip(sweep.jobs, sweep.values)}
+        labels = {job.id: member_label(job.info, values) for job, values in zip(sweep.jobs, sweep.values)}
         print(f"sweep {sweep.id}: {len(labels)} members on builtin:copy, a dependency of {DEPENDENCY} steps in "
               f"sequences of {SEQ_LEN + 20}", flush=True)
         follow(sweep, labels)

@@ -37,6 +37,7 @@ from pathlib import Path
 
 from gradserve import plot
 from gradserve.client import Job, state_name
+from gradserve.sweeps import ordered
 from gradserve.v1 import jobs_pb2
 
 # More than this and the legend, the colours and the row of heatmaps stop being readable.
@@ -62,24 +63,18 @@ class Run:
 
     @classmethod
     def of(cls, job: jobs_pb2.Job | Job, events: Iterable[jobs_pb2.Event],
-           values: Mapping[str, str] | None = None, order: Sequence[str] = ()) -> Run:
-        """`job` (a record or a handle) with its events; `values`, a sweep member's own fields, name it."""
+           values: Mapping[str, str] | None = None) -> Run:
+        """`job` (a record or a handle) with its events; `values`, a sweep member's own fields in the sweep's
+        order (`Sweep.values`, `sweeps.ordered`), name it."""
         info = job.info if hasattr(job, "info") else job
         events = list(events)
-        return cls(info, plot.RunHistory.from_events(events), member_label(info, values, order), len(events))
+        return cls(info, plot.RunHistory.from_events(events), member_label(info, values), len(events))
 
 
-def member_label(job: jobs_pb2.Job, values: Mapping[str, str] | None = None, order: Sequence[str] = ()) -> str:
-    """What tells this job apart: a member's sweep values, else the name it was given, else its id.
-
-    The values come from a protobuf map, whose order differs from one process
-    to the next; so the fields in `order` (the sweep's axes) come first, in
-    that order, and the rest alphabetically, for the same label every time.
-    """
+def member_label(job: jobs_pb2.Job, values: Mapping[str, str] | None = None) -> str:
+    """What tells this job apart: a member's sweep values, else the name it was given, else its id."""
     if values:
-        rank = {name: i for i, name in enumerate(order)}
-        names = sorted(values, key=lambda name: (rank.get(name, len(rank)), name))
-        return " ".join(f"{name}={values[name]}" for name in names)
+        return " ".join(f"{name}={value}" for name, value in values.items())
     return job.name or job.id
 
 
@@ -286,8 +281,7 @@ def fetch_runs(client, job_ids: Sequence[str] = (), sweep_id: str = "", max_jobs
         if len(sweep.info.members) > max_jobs:
             raise TooManyJobs(f"sweep {sweep_id} has {len(sweep.info.members)} members; compare draws at most "
                               f"{max_jobs}: name the jobs to draw (JOB JOB ...)")
-        axes = _axes(sweep.info)
-        return [Run.of(job, job.events(follow=False), values, axes) for job, values in zip(sweep.jobs, sweep.values)]
+        return [Run.of(job, job.events(follow=False), values) for job, values in zip(sweep.jobs, sweep.values)]
     job_ids = list(dict.fromkeys(job_ids))
     if len(job_ids) > max_jobs:
         raise TooManyJobs(f"{len(job_ids)} jobs were given; compare draws at most {max_jobs}")
@@ -298,14 +292,11 @@ def fetch_runs(client, job_ids: Sequence[str] = (), sweep_id: str = "", max_jobs
         if job.info.sweep:
             if job.info.sweep not in sweeps:
                 sweeps[job.info.sweep] = client.get_sweep(job.info.sweep).info
-            values = next((m.values for m in sweeps[job.info.sweep].members if m.job_id == job.id), None)
+            sweep = sweeps[job.info.sweep]
+            values = next((ordered(sweep.spec, m.values) for m in sweep.members if m.job_id == job.id), None)
         # The history so far: a running job is drawn as it stands, without waiting for it to end.
-        runs.append(Run.of(job, job.events(follow=False), values, _axes(sweeps.get(job.info.sweep))))
+        runs.append(Run.of(job, job.events(follow=False), values))
     return runs
-
-
-def _axes(sweep: jobs_pb2.Sweep | None) -> list[str]:
-    return [axis.field for axis in sweep.spec.axes] if sweep is not None else []
 
 
 def cmd_compare(ctx) -> int:
