@@ -28,8 +28,9 @@ colour scale), and prints which settings learned the dependency: the held-out
 recall accuracy at the end against chance (1/8, what a model that remembers
 nothing scores).
 
-The default sizes took 5½ minutes on two CPU cores with two workers
-(`gradserve-server dev --workers 2`); the numbers are in README.md, "Sweeps".
+The default sizes took 5½ to 6 minutes on two CPU cores shared with other
+work, with two workers (`gradserve-server dev --workers 2`); the numbers are
+in README.md, "Sweeps", and came out the same on every run (the seed fixes them).
 """
 
 from __future__ import annotations
@@ -52,8 +53,9 @@ DPI = 80
 BASE = dict(
     dataset="builtin:copy", seq_len=SEQ_LEN, model="lstm", hidden_size=64, batch_size=64,
     optimizer="adam", lr=0.01, clip_norm=1.0, max_steps=2000,
-    # Chrono initialisation (forget-gate biases for memories up to the sequence's length) lets full BPTT solve the
-    # task in a couple of thousand steps instead of sitting at chance for many more; every member gets it.
+    # Chrono initialisation (forget-gate biases for memories up to the sequence's length) is what lets full BPTT
+    # solve the task within the study's time: with torch's default init it was at 0.30 accuracy after 3,000 steps,
+    # with chrono at 0.91 after 2,000. Every member gets it.
     init="chrono", max_dependency=SEQ_LEN + 20,
     log_every=50, eval_every=200, probe_every=200, checkpoint_every=2000,
 )
@@ -92,7 +94,7 @@ def follow(sweep: gradserve.Sweep, labels: dict[str, str]) -> None:
 
 
 def save(fig, path: str) -> None:
-    """The figure at screen resolution; as a PNG in 256 colours, a third of the size with nothing visible lost."""
+    """The figure at screen resolution; as a PNG in 256 colours, under a third of the size, nothing visible lost."""
     if not path.lower().endswith(".png"):
         fig.savefig(path, dpi=DPI)
         return
