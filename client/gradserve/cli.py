@@ -11,6 +11,10 @@
     gradserve generate JOB --prefix "time traveller" [--num-tokens 100] [--temperature 0] [--seed 0]
     gradserve plot JOB -o run.png                      # needs the plot extra: pip install 'gradserve[plot]'
     gradserve workers
+    gradserve sweep --dataset D --grid lr=0.5,1,2 --grid num_steps=5,35 --follow   # one job per combination
+    gradserve sweeps [SWEEP] [--follow]                # your sweeps, or one sweep's members by held-out loss
+    gradserve cancel SWEEP                             # every member still queued or running
+    gradserve compare JOB [JOB ...] | --sweep SWEEP -o compare.png
 
 Global options go before or after the command: --server HOST:PORT (env
 GRADSERVE_SERVER, default 127.0.0.1:50051) and --json, which prints JSON

@@ -159,7 +159,7 @@ def _loss_panels(train_ax, val_ax, runs: Sequence[Run], colours) -> None:
                         markersize=3, label=run.label)
     for ax, what in ((train_ax, "metrics"), (val_ax, "evaluations")):
         if not ax.get_lines():
-            plot._empty(ax, f"no {what} yet")
+            plot.empty(ax, f"no {what} yet")
             continue
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
@@ -180,7 +180,7 @@ def _grad_panel(ax, runs: Sequence[Run], colours) -> None:
                  loc="left", fontsize="medium")
     drawn = [(run, colour) for run, colour in zip(runs, colours) if run.history.metrics]
     if not drawn:
-        plot._empty(ax, "no metrics yet")
+        plot.empty(ax, "no metrics yet")
         return
     # The curves go unlabelled: the loss panel's legend names the colours; this one names the thresholds.
     for run, colour in drawn:
@@ -222,27 +222,19 @@ def shared_norm(mpl, matrices):
 
 
 def _heatmaps(mpl, subfig, runs: Sequence[Run], colours) -> None:
-    np = mpl.np
     profiles = [plot.profile_matrix(run.history.probes) for run in runs]
     norm = shared_norm(mpl, [norms for _, norms in profiles])
     columns = min(len(runs), HEATMAP_COLUMNS)
     axes = subfig.subplots(math.ceil(len(runs) / columns), columns, squeeze=False).ravel()
     subfig.suptitle(f"‖∂L/∂h_t‖ through the window (layer {plot.PROFILE_LAYER}), one colour scale for all; "
                     "x: position t in the window (0 = oldest), y: step", fontsize="medium")
-    cmap = mpl.colormaps["viridis"].with_extremes(bad="lightgrey")
     mesh = None
     for ax, run, colour, (steps, norms) in zip(axes, runs, colours, profiles):
         ax.set_title(textwrap.fill(run.label, HEATMAP_TITLE_CHARS), fontsize="small", color=colour)
         if norm is None or not steps:
-            plot._empty(ax, "no probes yet")
+            plot.empty(ax, "no probes yet")
             continue
-        # Cell edges halfway between the probe steps, as `gradserve plot` draws them.
-        s = np.asarray(steps, dtype=float)
-        gap = np.diff(s).min() if len(s) > 1 else 1.0
-        y_edges = np.concatenate([[s[0] - gap / 2], (s[:-1] + s[1:]) / 2, [s[-1] + gap / 2]])
-        x_edges = np.arange(norms.shape[1] + 1) - 0.5
-        masked = np.ma.masked_where(~(np.isfinite(norms) & (norms > 0)), norms)
-        mesh = ax.pcolormesh(x_edges, y_edges, masked, norm=norm, cmap=cmap, shading="flat")
+        mesh = plot.profile_mesh(mpl, ax, steps, norms, norm)
     for ax in axes[len(runs):]:
         ax.set_axis_off()
     if mesh is not None:
