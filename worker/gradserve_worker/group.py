@@ -210,10 +210,13 @@ ACTIVATIONS_ = {"tanh": torch.tanh_, "relu": torch.relu_}
 class StackedRecurrence(torch.autograd.Function):
     r"""models.ScratchRecurrence for G weight matrices at once: h_t = act(xw_t + h_{t−1} W_hh), per member.
 
-    Inputs: xw (T, G, B, H), h0 (G, B, H), W_hh (G, H, H), the activation's
-    name. Output: hs (T, G, B, H). The backward is the same recursion with
+    Inputs: xw (G, T, B, H), h0 (G, B, H), W_hh (G, H, H), the activation's
+    name. Output: hs (G, T, B, H). The backward is the same recursion with
     batched products; ∂W_hh is one batched product over the window,
-    [h_0; …; h_{T−1}]^T [∂L/∂z_1; …; ∂L/∂z_T] per member.
+    [h_0; …; h_{T−1}]^T [∂L/∂z_1; …; ∂L/∂z_T] per member. Step t of every
+    member is a strided slice, which the batched products read and write in
+    place: the layout is the output layer's and the input lookup's, so no
+    window-sized tensor is ever transposed.
     """
 
     @staticmethod
@@ -221,9 +224,9 @@ class StackedRecurrence(torch.autograd.Function):
         hs = torch.empty_like(xw)
         h = h0
         activation_ = ACTIVATIONS_[nonlinearity]
-        for t in range(len(xw)):
-            torch.baddbmm(xw[t], h, W_hh, out=hs[t])
-            h = activation_(hs[t])
+        for t in range(xw.shape[1]):
+            torch.baddbmm(xw[:, t], h, W_hh, out=hs[:, t])
+            h = activation_(hs[:, t])
         ctx.nonlinearity = nonlinearity
         ctx.save_for_backward(h0, W_hh, hs)
         return hs
@@ -231,41 +234,48 @@ class StackedRecurrence(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_hs: torch.Tensor):
         h0, W_hh, hs = ctx.saved_tensors
-        T, G, B, H = hs.shape
+        G, T, B, H = hs.shape
         grad_z = torch.empty_like(hs)
         if ctx.nonlinearity == "tanh":
             def through_activation(grad_h, t):
-                torch.ops.aten.tanh_backward.grad_input(grad_h, hs[t], grad_input=grad_z[t])
+                torch.ops.aten.tanh_backward.grad_input(grad_h, hs[:, t], grad_input=grad_z[:, t])
         else:
             def through_activation(grad_h, t):
-                torch.ops.aten.threshold_backward.grad_input(grad_h, hs[t], 0, grad_input=grad_z[t])
+                torch.ops.aten.threshold_backward.grad_input(grad_h, hs[:, t], 0, grad_input=grad_z[:, t])
         W_hh_T = W_hh.transpose(1, 2)
-        grad_h = grad_hs[T - 1]
+        grad_h = grad_hs[:, T - 1]
         for t in range(T - 1, 0, -1):
             through_activation(grad_h, t)
-            grad_h = torch.baddbmm(grad_hs[t - 1], grad_z[t], W_hh_T)
+            grad_h = torch.baddbmm(grad_hs[:, t - 1], grad_z[:, t], W_hh_T)
         through_activation(grad_h, 0)
-        grad_h0 = torch.bmm(grad_z[0], W_hh_T) if ctx.needs_input_grad[1] else None
+        grad_h0 = torch.bmm(grad_z[:, 0], W_hh_T) if ctx.needs_input_grad[1] else None
         grad_W_hh = None
         if ctx.needs_input_grad[2]:
-            before = hs[:-1].permute(1, 3, 0, 2).reshape(G, H, (T - 1) * B)  # per member [h_1; …; h_{T−1}]^T
-            after = grad_z[1:].transpose(0, 1).reshape(G, (T - 1) * B, H)
-            grad_W_hh = torch.baddbmm(torch.bmm(h0.transpose(1, 2), grad_z[0]), before, after)
+            # Steps and sequences of one member are contiguous, so these are views.
+            before = hs[:, :-1].reshape(G, (T - 1) * B, H).transpose(1, 2)
+            after = grad_z[:, 1:].reshape(G, (T - 1) * B, H)
+            grad_W_hh = torch.baddbmm(torch.bmm(h0.transpose(1, 2), grad_z[:, 0]), before, after)
         return grad_z, grad_h0, grad_W_hh, None
 
 
-def _time_major(x: torch.Tensor) -> torch.Tensor:
-    """(G, T, ...) -> (T, G, ...), contiguous: step t of every member is one slab."""
-    return x.transpose(0, 1).contiguous()
+def _lookup(table: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """Row X[t, b] of each member's table (G, N, D): (G, T, B, D).
+
+    One embedding over the members' tables laid end to end: its backward is
+    the embedding's, a row accumulation, far cheaper than indexing's.
+    """
+    G, N, D = table.shape
+    offsets = torch.arange(G, device=X.device).view(G, 1, 1) * N
+    return F.embedding(X.unsqueeze(0) + offsets, table.reshape(G * N, D))
 
 
 class _Stack:
-    """The members' models as one: forward(X, state, xi) runs all of them on one window.
+    """The members' models as one: forward(w, X, state, xi) runs all of them on one window.
 
     `state` is each member's state stacked on a leading G dimension: (h,)
     with h (G, B, H) for rnn_scratch; (h,) or (h, c) with (G, L, B, H) for the
-    torch layers. Outputs are (G, T*B, V), member g's rows ordered as its own
-    model orders them.
+    torch layers. Activations are (G, T, B, ...), so member g's outputs,
+    (G, T*B, V), are ordered as its own model orders them.
     """
 
     def __init__(self, members: list[_Member], device: torch.device):
@@ -284,6 +294,7 @@ class _Stack:
     # -- weights, stacked once per step ---------------------------------------
 
     def stack_weights(self) -> dict:
+        """Every member's parameters stacked, (G, ...) each; the products' operands oriented as x @ W."""
         models = [m.model for m in self.members]
 
         def stack(get):
@@ -295,13 +306,11 @@ class _Stack:
             tied = models[0].W_hq is None
             w["out"] = (w["emb"].transpose(1, 2) if tied else stack(lambda m: m.W_hq), stack(lambda m: m.b_q))
             return w
-        # Layer l as (W_ih^T, W_hh^T, b_ih, b_hh), each (G, ...).
-        w["layers"] = [
-            tuple(stack(lambda m, name=name: getattr(m.rnn, f"{name}_l{layer}")) for name in
-                  ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
-            for layer in range(self.num_layers)
-        ]
-        w["layers"] = [(w_ih.transpose(1, 2), w_hh.transpose(1, 2), b_ih, b_hh) for w_ih, w_hh, b_ih, b_hh in w["layers"]]
+        w["layers"] = []
+        for layer in range(self.num_layers):
+            w_ih, w_hh, b_ih, b_hh = (stack(lambda m, name=name: getattr(m.rnn, f"{name}_l{layer}"))
+                                      for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+            w["layers"].append((w_ih.transpose(1, 2), w_hh.transpose(1, 2), b_ih, b_hh))
         w["out"] = (stack(lambda m: m.linear.weight).transpose(1, 2), stack(lambda m: m.linear.bias))
         return w
 
@@ -325,12 +334,12 @@ class _Stack:
         return torch.stack(out)
 
     def xi(self, steps: int, batch_size: int) -> torch.Tensor:
-        """Randomized truncation's ξ of every member for a window, (T, G, B, 1), each from its own generator."""
+        """Randomized truncation's ξ of every member for a window, (G, T, B, 1), each from its own generator."""
         draws = []
         for member in self.members:
             with _own_random(member, self.device):
                 draws.append(sample_xi(steps, batch_size, member.config.truncation_keep, self.device))
-        return torch.stack(draws, dim=1)
+        return torch.stack(draws)
 
     # -- the forward ----------------------------------------------------------
 
@@ -341,7 +350,7 @@ class _Stack:
         dtype = w["out"][1].dtype
         # The draws in the order a member's own forward makes them: embedding, between layers, output.
         if self.embedded:
-            x = w["emb"][:, X]  # (G, T, B, E)
+            x = _lookup(w["emb"], X)  # (G, T, B, E)
             m = self.masks(self.emb_dropout, (T, B, x.shape[-1]), dtype)
             x = x * m if m is not None else x
         else:
@@ -356,16 +365,14 @@ class _Stack:
                        for i in range(self.num_layers - 1)]
         states = [s.unsqueeze(1) for s in state] if self.scratch else list(state)  # (G, L, B, H) each
         ends = [[] for _ in state]
-        for layer, (w_ih_T, w_hh_T, b_ih, b_hh) in enumerate(w["layers"]):
-            layer_state = tuple(s[:, layer] for s in states)
+        for layer, (w_ih, w_hh, b_ih, b_hh) in enumerate(w["layers"]):
             if layer:
                 drop = between[layer - 1]
                 x = x * drop if drop is not None else x
-            xw = self._input_terms(x, X, w_ih_T, b_ih, b_hh)  # (T, G, B, gates·H)
-            hs, end = self._layer(xw, layer_state, w_hh_T, b_hh, xi)
+            xw = self._input_terms(x, X, w_ih, b_ih, b_hh)  # (G, T, B, gates·H)
+            x, end = self._layer(xw, tuple(s[:, layer] for s in states), w_hh, b_hh, xi)
             for i, e in enumerate(end):
                 ends[i].append(e)
-            x = hs.transpose(0, 1)  # (G, T, B, H), the next layer's input
         m = self.masks(self.out_dropout, (T, B, self.hidden_size), dtype)
         x = x * m if m is not None else x
         W_out, b_out = w["out"]
@@ -373,8 +380,8 @@ class _Stack:
         end_state = tuple(e[0] if self.scratch else torch.stack(e, dim=1) for e in ends)
         return outputs, end_state
 
-    def _input_terms(self, x, X, w_ih_T, b_ih, b_hh) -> torch.Tensor:
-        """x_t W_ih^T + the biases that add to it, for every step: (T, G, B, gates·H).
+    def _input_terms(self, x, X, w_ih, b_ih, b_hh) -> torch.Tensor:
+        """x_t W_ih^T + the biases that add to it, for every step: (G, T, B, gates·H).
 
         b_ih and b_hh are added one after the other, not as (b_ih + b_hh): the
         sum's backward hands both the same gradient tensor, and its per-member
@@ -382,39 +389,41 @@ class _Stack:
         The GRU's b_hh stays inside r ⊙ (h W_hn^T + b_hn) instead.
         """
         if x is None:  # one-hot input: a row lookup in W_ih^T
-            xw = w_ih_T[:, X] + b_ih[:, None, None]
+            xw = _lookup(w_ih, X) + b_ih[:, None, None]
         else:
             G, T, B, _ = x.shape
-            xw = torch.baddbmm(b_ih.unsqueeze(1), x.reshape(G, T * B, -1), w_ih_T).view(G, T, B, -1)
+            xw = torch.baddbmm(b_ih.unsqueeze(1), x.reshape(G, T * B, -1), w_ih).view(G, T, B, -1)
         if b_hh is not None and self.kind != "gru":
             xw = xw + b_hh[:, None, None]
-        return _time_major(xw)
+        return xw
 
-    def _layer(self, xw, state, w_hh_T, b_hh, xi):
-        """One layer over the window: (hs (T, G, B, H), end state of the layer)."""
+    def _layer(self, xw, state, w_hh, b_hh, xi):
+        """One layer over the window: (hs (G, T, B, H), end state of the layer)."""
         if self.kind == "rnn" and xi is None:
-            hs = StackedRecurrence.apply(xw, state[0], w_hh_T, self.nonlinearity)
-            return hs, (hs[-1],)
+            hs = StackedRecurrence.apply(xw, state[0], w_hh, self.nonlinearity)
+            return hs, (hs[:, -1],)
         steps = []
-        for t in range(len(xw)):
+        # unbind, not xw[:, t]: one backward that stacks the steps' gradients, where a select per step would
+        # each fill a window-sized gradient with zeros.
+        for t, xw_t in enumerate(xw.unbind(1)):
             if xi is not None and t:
-                state = ScaleGrad.apply(xi[t], *state)
-            state = self._cell(xw[t], state, w_hh_T, b_hh)
+                state = ScaleGrad.apply(xi[:, t], *state)
+            state = self._cell(xw_t, state, w_hh, b_hh)
             steps.append(state[0])
-        return torch.stack(steps), state
+        return torch.stack(steps, dim=1), state
 
-    def _cell(self, xw_t, state, w_hh_T, b_hh):
+    def _cell(self, xw_t, state, w_hh, b_hh):
         if self.kind == "rnn":
-            h = torch.baddbmm(xw_t, state[0], w_hh_T)
+            h = torch.baddbmm(xw_t, state[0], w_hh)
             return (torch.tanh(h) if self.nonlinearity == "tanh" else torch.relu(h),)
         if self.kind == "lstm":  # gates i, f, g, o, as torch stacks them
             h, c = state
-            i, f, g, o = torch.baddbmm(xw_t, h, w_hh_T).chunk(4, -1)
+            i, f, g, o = torch.baddbmm(xw_t, h, w_hh).chunk(4, -1)
             c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
             return torch.sigmoid(o) * torch.tanh(c), c
         (h,) = state  # gru: gates r, z, n
         i_r, i_z, i_n = xw_t.chunk(3, -1)
-        h_r, h_z, h_n = torch.baddbmm(b_hh.unsqueeze(1), h, w_hh_T).chunk(3, -1)
+        h_r, h_z, h_n = torch.baddbmm(b_hh.unsqueeze(1), h, w_hh).chunk(3, -1)
         r = torch.sigmoid(i_r + h_r)
         z = torch.sigmoid(i_z + h_z)
         n = torch.tanh(i_n + r * h_n)
