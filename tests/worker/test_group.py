@@ -137,10 +137,11 @@ def poisoned(monkeypatch):
 # equality with train()
 
 
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "looped"])
 @pytest.mark.parametrize("truncation", TRUNCATIONS)
 @pytest.mark.parametrize("model", MODELS)
 def test_each_member_equals_its_own_run_while_one_clips_one_does_not_and_one_diverges(text, poisoned, model,
-                                                                                      truncation):
+                                                                                      truncation, batched):
     shared = {"model": model, "truncation": truncation, **TRUNCATIONS[truncation]}
     configs = [
         small(**shared, lr=1.0, clip_norm=0.05),  # clips at every step
@@ -149,7 +150,7 @@ def test_each_member_equals_its_own_run_while_one_clips_one_does_not_and_one_div
         small(**{**shared, "truncation_keep": 0.9}, lr=0.5, clip_norm=1.0) if truncation == "randomized"
         else small(**shared, lr=0.5, clip_norm=1.0, weight_decay=0.01),
     ]
-    events, outcomes = together(configs, text)
+    events, outcomes = together(configs, text, batched=batched)
 
     assert [o.status for o in outcomes] == ["finished", "finished", "diverged", "finished"]
     for config, mine, outcome in zip(configs, events, outcomes):
@@ -167,8 +168,9 @@ def test_each_member_equals_its_own_run_while_one_clips_one_does_not_and_one_div
     assert all(clipped[0]) and not any(clipped[1])
 
 
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "looped"])
 @pytest.mark.parametrize("model", MODELS)
-def test_dropout_embeddings_and_layers_draw_what_each_member_draws_alone(text, model):
+def test_dropout_embeddings_and_layers_draw_what_each_member_draws_alone(text, model, batched):
     """Members with different dropout p draw their masks (and ξ) from their own generators, in their own order."""
     layers = 1 if model == "rnn_scratch" else 2
     shared = {"model": model, "num_layers": layers, "embedding_size": 5, "truncation": "randomized"}
@@ -177,7 +179,7 @@ def test_dropout_embeddings_and_layers_draw_what_each_member_draws_alone(text, m
         small(**shared, lr=0.5, dropout=0.0, embedding_dropout=0.2, truncation_keep=0.8),
         small(**shared, lr=2.0, dropout=0.5, embedding_dropout=0.1, truncation_keep=0.9),
     ]
-    events, outcomes = together(configs, text)
+    events, _ = together(configs, text, batched=batched)
     for config, mine in zip(configs, events):
         assert_same_events(mine, alone(config, text)[0])
 
@@ -234,7 +236,7 @@ def test_a_stopped_member_ends_with_its_checkpoint_while_the_others_go_on(text):
 # checkpoints and resume
 
 
-@pytest.mark.parametrize("model, partition", [("rnn_scratch", "sequential"), ("lstm", "random")])
+@pytest.mark.parametrize("model, partition", [("rnn_scratch", "sequential"), ("lstm", "random"), ("gru", "sequential")])
 def test_a_group_resumed_from_its_members_checkpoints_continues_as_if_never_stopped(text, model, partition):
     configs = [small(model=model, partition=partition, lr=lr, clip_norm=clip, checkpoint_every=3, max_steps=7,
                      embedding_size=4, dropout=p)

@@ -126,6 +126,12 @@ def group_key(config: TrainConfig) -> tuple | None:
     return tuple(key)
 
 
+# The models whose batched step measured faster on the CPU than their members' own models run in turn
+# (bench/sweep.py, BENCHMARKS.md): rnn_scratch and rnn replace per-step products by batched ones and keep their
+# hand-written backward; gru and lstm cells written out in torch ops lose to torch's fused kernels. No GPU has
+# measured it yet, so CUDA follows the CPU.
+BATCHED_BY_DEFAULT = frozenset({"rnn_scratch", "rnn"})
+
 # -----------------------------------------------------------------------------
 # what train_group reports
 
@@ -454,6 +460,31 @@ def _losses(outputs: torch.Tensor, window) -> torch.Tensor:
     return per_token.view(G, -1).mean(1)
 
 
+def _looped(members: list[_Member], window, state, keep: bool, device) -> tuple[torch.Tensor, tuple]:
+    """Each member's own model on the window, one after another: (losses (G,), carried state stacked).
+
+    This is train()'s own forward (truncation.run_window, the torch layers'
+    fused kernels), each member drawing from its own generator; only the
+    backward is shared.
+    """
+    losses, carried = [], []
+    for g, m in enumerate(members):
+        with _own_random(m, device):
+            keep_g = m.config.truncation_keep if keep else None
+            outputs, carried_g, _ = run_window(m.model, window.X, _member_state(state, g), window.carry_at, keep_g)
+        losses.append(TextStream._loss(outputs, window))
+        carried.append(carried_g)
+    return torch.stack(losses), tuple(torch.stack(parts) for parts in zip(*carried))
+
+
+def _window_losses(stack: _Stack, window, state, keep: bool, batched: bool, device) -> tuple[torch.Tensor, tuple]:
+    """Every member's loss on the window, (G,), and the carried state, by the batched model or member by member."""
+    if not batched:
+        return _looped(stack.members, window, state, keep, device)
+    outputs, carried = _run_window(stack, stack.stack_weights(), window, state, keep)
+    return _losses(outputs, window), carried
+
+
 # -----------------------------------------------------------------------------
 # what a member's checkpoint and probe see of the shared stream
 
@@ -492,6 +523,7 @@ def train_group(
     *,
     should_stop: Callable[[int], bool] = lambda i: False,
     resume: Sequence[bytes | None] | None = None,
+    batched: bool | None = None,
 ) -> list[MemberOutcome]:
     """Train configs[i] for every i as train(configs[i], text, ...) would, all in one batched step.
 
@@ -500,6 +532,12 @@ def train_group(
     member, holds the checkpoints to continue from (a CheckpointReady's data,
     trainer format): all members resume, from checkpoints of the same step, or
     none does. Returns one MemberOutcome per config, in order.
+
+    `batched` chooses the forward: True runs the members as one stacked model
+    (batched products), False runs each member's own model in turn (torch's
+    fused layers) and shares only the backward and the loop. None takes
+    whichever BENCHMARKS.md measured faster for the model on this device
+    (BATCHED_BY_DEFAULT).
 
     Raises CannotTrain when the configs do not share a group_key (or one has
     none), when a config or the text is invalid, or when the checkpoints do not
@@ -541,6 +579,8 @@ def train_group(
     if active and ckpts[0] is not None and ckpts[0]["state"]:
         state = tuple(torch.stack(s).to(device) for s in zip(*(ckpts[m.index]["state"] for m in active)))
     keep = configs[0].truncation == "randomized"
+    if batched is None:
+        batched = configs[0].model in BATCHED_BY_DEFAULT
     zero_state = None
 
     while active:
@@ -553,9 +593,7 @@ def train_group(
         if fresh or state is None:
             state = zero_state
         start = state
-        w = stack.stack_weights()
-        outputs, carried = _run_window(stack, w, window, state, keep)
-        losses = _losses(outputs, window)
+        losses, carried = _window_losses(stack, window, state, keep, batched, device)
         for m in active:
             m.optimizer.zero_grad(set_to_none=True)
         losses.sum().backward()
@@ -612,7 +650,7 @@ def _member(i: int, config: TrainConfig, ckpt: dict | None, stream: TextStream, 
         if device.type == "cuda":
             saved = ckpt["rng"]["cuda"]
             rng["cuda"] = saved[device.index or 0] if saved else torch.cuda.get_rng_state(device)
-    why = f"trained in a group of {size}: one batched step for all its members"
+    why = f"trained in a group of {size}: one backward for all its members"
     report = _labelled(lambda event: on_event(i, event), "eager", why)
     return _Member(index=i, config=config, model=model, optimizer=optimizer, on_event=report, rng=rng, lr=lr,
                    spectral=spectral, plateau=plateau, best=best,
