@@ -227,12 +227,11 @@ class StackedRecurrence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, xw: torch.Tensor, h0: torch.Tensor, W_hh: torch.Tensor, nonlinearity: str) -> torch.Tensor:
-        hs = torch.empty_like(xw)
+        hs = xw.clone()  # one copy of the window, then each step's product accumulates into its slice
         h = h0
         activation_ = ACTIVATIONS_[nonlinearity]
         for t in range(xw.shape[1]):
-            torch.baddbmm(xw[:, t], h, W_hh, out=hs[:, t])
-            h = activation_(hs[:, t])
+            h = activation_(hs[:, t].baddbmm_(h, W_hh))
         ctx.nonlinearity = nonlinearity
         ctx.save_for_backward(h0, W_hh, hs)
         return hs
@@ -250,9 +249,10 @@ class StackedRecurrence(torch.autograd.Function):
                 torch.ops.aten.threshold_backward.grad_input(grad_h, hs[:, t], 0, grad_input=grad_z[:, t])
         W_hh_T = W_hh.transpose(1, 2)
         grad_h = grad_hs[:, T - 1]
+        buffers = (torch.empty_like(h0), torch.empty_like(h0))  # ∂L/∂h_t of two steps: no allocation per step
         for t in range(T - 1, 0, -1):
             through_activation(grad_h, t)
-            grad_h = torch.baddbmm(grad_hs[:, t - 1], grad_z[:, t], W_hh_T)
+            grad_h = torch.baddbmm(grad_hs[:, t - 1], grad_z[:, t], W_hh_T, out=buffers[t % 2])
         through_activation(grad_h, 0)
         grad_h0 = torch.bmm(grad_z[:, 0], W_hh_T) if ctx.needs_input_grad[1] else None
         grad_W_hh = None
