@@ -1,4 +1,4 @@
-"""Several jobs of a sweep trained as one model: a batched step for members that differ only in values.
+"""Several jobs of a sweep trained as one: one step, one backward, for members that differ only in values.
 
     key = group_key(config)          # None: this config trains alone, with trainer.train
     outcomes = train_group(configs, text, on_event, should_stop=..., resume=[...])
@@ -6,17 +6,27 @@
 Members whose configs have the same group_key share everything that decides a
 tensor's shape or the data a step trains on. Each member is still an ordinary
 model of its own, built exactly as trainer.train builds it, with its own
-optimizer; at every step their parameters are stacked along a leading
-dimension G (torch.stack, whose backward hands each member its own slice of
-the gradient) and one batched forward and one backward serve them all:
-torch.bmm/baddbmm products for the recurrence and the output layer, and for
-rnn_scratch and rnn the chapter's hand-written BPTT backward (StackedRecurrence,
-models.ScratchRecurrence with a batch of weight matrices). Everything after
-the backward is per member and is trainer.train's own code: the global norm
-over the member's parameters, its clipping, its lr and schedule, its optimizer
-step, its events, its checkpoints. So a member trained in a group computes
-what train() computes for it alone, up to floating-point rounding (a test
-holds them to 1e-10 in float64).
+optimizer. A step runs the window through all of them in one of two ways:
+
+batched (rnn_scratch and rnn by default)
+    Their parameters are stacked along a leading dimension G (torch.stack,
+    whose backward hands each member its own slice of the gradient) and one
+    stacked model runs them all: torch.bmm/baddbmm products for the
+    recurrence and the output layer, and for rnn_scratch and rnn the
+    chapter's hand-written BPTT backward with a batch of weight matrices
+    (StackedRecurrence); gru and lstm cells written out in torch ops.
+looped (gru and lstm by default)
+    Each member's own model runs the window in turn, train()'s forward with
+    torch's fused layers, and only the loss and the backward are shared. The
+    stacked gru and lstm cells measured slower than this on the CPU
+    (BENCHMARKS.md), an autograd node per gate and step against one fused kernel.
+
+One backward of the members' summed losses gives each member the gradient of
+its own loss. Everything after it is per member and is trainer.train's own
+code: the global norm over the member's parameters, its clipping, its lr and
+schedule, its optimizer step, its events, its checkpoints. So a member
+trained in a group computes what train() computes for it alone, up to
+floating-point rounding (tests/worker/test_group.py holds them to 1e-10 in float64).
 
 What members may differ in (MEMBER_VALUES): lr, clip_norm, weight_decay,
 optimizer and schedule settings, dropout p, truncation_keep, the init scheme,
