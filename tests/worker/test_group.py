@@ -169,11 +169,17 @@ def test_each_member_equals_its_own_run_while_one_clips_one_does_not_and_one_div
 
 
 @pytest.mark.parametrize("batched", [True, False], ids=["batched", "looped"])
+@pytest.mark.parametrize("truncation", ["randomized", "tbptt"])
 @pytest.mark.parametrize("model", MODELS)
-def test_dropout_embeddings_and_layers_draw_what_each_member_draws_alone(text, model, batched):
-    """Members with different dropout p draw their masks (and ξ) from their own generators, in their own order."""
+def test_dropout_embeddings_and_layers_draw_what_each_member_draws_alone(text, model, truncation, batched):
+    """Members with different dropout p draw their masks (and ξ) from their own generators, in their own order.
+
+    Randomized truncation steps through time, and draws a mask per step and layer; tbptt runs whole layers
+    (the models' fast paths), and draws one mask per layer.
+    """
     layers = 1 if model == "rnn_scratch" else 2
-    shared = {"model": model, "num_layers": layers, "embedding_size": 5, "truncation": "randomized"}
+    shared = {"model": model, "num_layers": layers, "embedding_size": 5, "truncation": truncation,
+              **TRUNCATIONS["tbptt"]}
     configs = [
         small(**shared, lr=1.0, dropout=0.3, embedding_dropout=0.0, truncation_keep=0.5),
         small(**shared, lr=0.5, dropout=0.0, embedding_dropout=0.2, truncation_keep=0.8),

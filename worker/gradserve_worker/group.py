@@ -274,6 +274,69 @@ class StackedRecurrence(torch.autograd.Function):
         return grad_z, grad_h0, grad_W_hh, None
 
 
+class StackedLSTM(torch.autograd.Function):
+    r"""One LSTM layer over a window for G members: nn.LSTM's cell, with the backward written out.
+
+    Inputs: xw (G, T, B, 4H) = x_t W_ih^T + b_ih + b_hh for every step, h0 and
+    c0 (G, B, H), W_hh^T (G, H, 4H). Outputs: hs (G, T, B, H) and c_T (G, B, H).
+    With gates i, f, g, o (torch's order) after their activations,
+
+        c_t = f ⊙ c_{t−1} + i ⊙ g,    h_t = o ⊙ tanh(c_t)
+
+    and the backward walks the steps in reverse with
+
+        ∂c_t += ∂h_t ⊙ o ⊙ (1 − tanh²c_t),   ∂c_{t−1} = ∂c_t ⊙ f,   ∂h_{t−1} = ∂z_t W_hh
+        ∂z_t = [∂c_t ⊙ g ⊙ i(1−i), ∂c_t ⊙ c_{t−1} ⊙ f(1−f), ∂c_t ⊙ i ⊙ (1−g²), ∂h_t ⊙ tanh c_t ⊙ o(1−o)]
+
+    forming ∂W_hh once, as one product over the window, as StackedRecurrence does:
+    autograd through the cell would add a (G, H, 4H) product into it at every step.
+    """
+
+    @staticmethod
+    def forward(ctx, xw: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, W_hh: torch.Tensor):
+        G, T, B, H4 = xw.shape
+        H = H4 // 4
+        gates = xw.clone()  # each step's product accumulates into its slice, then its activations replace it
+        hs, cs = xw.new_empty(G, T, B, H), xw.new_empty(G, T, B, H)
+        h, c = h0, c0
+        for t in range(T):
+            z = gates[:, t].baddbmm_(h, W_hh)
+            z[..., : 2 * H].sigmoid_()
+            z[..., 2 * H : 3 * H].tanh_()
+            z[..., 3 * H :].sigmoid_()
+            i, f, g, o = z.split(H, -1)
+            c = torch.mul(f, c, out=cs[:, t]).addcmul_(i, g)
+            h = torch.mul(o, torch.tanh(c), out=hs[:, t])
+        ctx.save_for_backward(h0, c0, W_hh, gates, hs, cs)
+        return hs, cs[:, -1].clone()
+
+    @staticmethod
+    def backward(ctx, grad_hs: torch.Tensor, grad_c: torch.Tensor | None):
+        h0, c0, W_hh, gates, hs, cs = ctx.saved_tensors
+        G, T, B, H = hs.shape
+        grad_z = torch.empty_like(gates)
+        W_hh_T = W_hh.transpose(1, 2)
+        grad_h = grad_hs[:, T - 1]
+        grad_c = torch.zeros_like(c0) if grad_c is None else grad_c.clone()
+        for t in range(T - 1, -1, -1):
+            i, f, g, o = gates[:, t].split(H, -1)
+            d_i, d_f, d_g, d_o = grad_z[:, t].split(H, -1)
+            tanh_c = torch.tanh(cs[:, t])
+            torch.mul(grad_h, tanh_c, out=d_o).mul_(o * (1 - o))
+            grad_c.addcmul_(grad_h * o, 1 - tanh_c * tanh_c)
+            torch.mul(grad_c, g, out=d_i).mul_(i * (1 - i))
+            torch.mul(grad_c, cs[:, t - 1] if t else c0, out=d_f).mul_(f * (1 - f))
+            torch.mul(grad_c, i, out=d_g).mul_(1 - g * g)
+            grad_c = grad_c.mul_(f)
+            if t:
+                grad_h = torch.baddbmm(grad_hs[:, t - 1], grad_z[:, t], W_hh_T)
+        grad_h0 = torch.bmm(grad_z[:, 0], W_hh_T)
+        before = hs[:, :-1].reshape(G, (T - 1) * B, H).transpose(1, 2)
+        after = grad_z[:, 1:].reshape(G, (T - 1) * B, 4 * H)
+        grad_W_hh = torch.baddbmm(torch.bmm(h0.transpose(1, 2), grad_z[:, 0]), before, after)
+        return grad_z, grad_h0, grad_c, grad_W_hh
+
+
 def _lookup(table: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
     """Row X[t, b] of each member's table (G, N, D): (G, T, B, D).
 
@@ -418,6 +481,9 @@ class _Stack:
         if self.kind == "rnn" and xi is None:
             hs = StackedRecurrence.apply(xw, state[0], w_hh, self.nonlinearity)
             return hs, (hs[:, -1],)
+        if self.kind == "lstm" and xi is None:
+            hs, c = StackedLSTM.apply(xw, state[0], state[1], w_hh)
+            return hs, (hs[:, -1], c)
         steps = []
         # unbind, not xw[:, t]: one backward that stacks the steps' gradients, where a select per step would
         # each fill a window-sized gradient with zeros.
