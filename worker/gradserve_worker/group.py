@@ -467,14 +467,14 @@ class _Stack:
         slices would then be one buffer that clipping scales twice in place.
         The GRU's b_hh stays inside r ⊙ (h W_hn^T + b_hn) instead.
         """
-        if x is None:  # one-hot input: a row lookup in W_ih^T
-            xw = _lookup(w_ih, X) + b_ih[:, None, None]
-        else:
-            G, T, B, _ = x.shape
-            xw = torch.baddbmm(b_ih.unsqueeze(1), x.reshape(G, T * B, -1), w_ih).view(G, T, B, -1)
-        if b_hh is not None and self.kind != "gru":
-            xw = xw + b_hh[:, None, None]
-        return xw
+        folds_b_hh = b_hh is not None and self.kind != "gru"
+        if x is None:
+            # One-hot input: a row lookup in W_ih^T, whose rows take the biases first (V rows, not T·B of them).
+            table = w_ih + b_ih.unsqueeze(1)
+            return _lookup(table + b_hh.unsqueeze(1) if folds_b_hh else table, X)
+        G, T, B, _ = x.shape
+        xw = torch.baddbmm(b_ih.unsqueeze(1), x.reshape(G, T * B, -1), w_ih).view(G, T, B, -1)
+        return xw + b_hh[:, None, None] if folds_b_hh else xw
 
     def _layer(self, xw, state, w_hh, b_hh, xi):
         """One layer over the window: (hs (G, T, B, H), end state of the layer)."""
