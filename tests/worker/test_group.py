@@ -90,11 +90,12 @@ def assert_same_events(mine: list, theirs: list) -> None:
     assert [(type(e).__name__, e.step) for e in mine] == [(type(e).__name__, e.step) for e in theirs]
     for a, b in zip(mine, theirs):
         if isinstance(a, StepMetrics):
-            assert a.loss == pytest.approx(b.loss, rel=TOLERANCE)
-            assert a.grad_norm == pytest.approx(b.grad_norm, rel=TOLERANCE)
+            assert a.loss == pytest.approx(b.loss, rel=TOLERANCE, nan_ok=True)
+            assert a.grad_norm == pytest.approx(b.grad_norm, rel=TOLERANCE, nan_ok=True)
             assert (a.clipped, a.clip_fraction, a.lr, a.epoch, a.tokens) == (b.clipped, b.clip_fraction, b.lr, b.epoch,
                                                                              b.tokens)
-            assert a.param_grad_norms == pytest.approx(b.param_grad_norms, rel=TOLERANCE)
+            assert (a.skipped_steps, a.nonfinite_grads) == (b.skipped_steps, b.nonfinite_grads)
+            assert a.param_grad_norms == pytest.approx(b.param_grad_norms, rel=TOLERANCE, nan_ok=True)
         elif isinstance(a, Evaluation):
             assert a.loss == pytest.approx(b.loss, rel=TOLERANCE)
         elif isinstance(a, Probe):
@@ -213,6 +214,16 @@ def test_evaluations_probes_and_best_checkpoints_are_each_members_own(text):
     for config, mine in zip(configs, events):
         assert any(isinstance(e, Probe) for e in mine)
         assert any(isinstance(e, CheckpointReady) and e.best_loss is not None for e in mine)
+        assert_same_events(mine, alone(config, text)[0])
+
+
+@pytest.mark.parametrize("model", ["rnn_scratch", "lstm"])
+def test_a_member_that_skips_a_non_finite_step_goes_on_as_it_does_alone(text, poisoned, model):
+    configs = [small(model=model, lr=POISONED_LR, on_nonfinite="skip"), small(model=model, lr=1.0)]
+    events, outcomes = together(configs, text)
+    assert [o.status for o in outcomes] == ["finished", "finished"]
+    assert sum(e.skipped_steps for e in events[0] if isinstance(e, StepMetrics)) == 1
+    for config, mine in zip(configs, events):
         assert_same_events(mine, alone(config, text)[0])
 
 
