@@ -62,8 +62,9 @@ stopped=True), and reaching its own max_steps finishes it.
 
 Events: on_event(i, event) gets member i's events, the dataclasses of
 trainer.py in the order train() reports them. A StepMetrics' seconds are the
-wall time of the group's steps, so its tokens_per_sec is the member's share
-and the group's throughput is the sum over members. CheckpointReady carries
+group's shared forward and backward plus the member's own update, so its
+tokens_per_sec is the member's own rate inside the group; the group's
+throughput is about the sum over its members. CheckpointReady carries
 bytes in trainer's checkpoint format: load_checkpoint, generation and a
 single job's resume all take a member's checkpoint, and train_group's
 `resume` stacks members' checkpoints (all at the same step) back into a group.
