@@ -20,7 +20,7 @@ with its parent and torch's per-process runtime, thread pools and allocator
 included, because that is what an operator's budget has to hold.
 
 The first row trains a tiny model, so its peak is the process's own fixed
-cost, which the estimate counts as gradserve.spec._PROCESS_BYTES. The peak
+cost, which the estimate counts as gradserve.spec.PROCESS_BYTES. The peak
 keeps creeping up over a long job (the allocator's heap fragments; see
 BENCHMARKS.md), which the estimate's margin over these short runs pays for.
 

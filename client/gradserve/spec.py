@@ -36,7 +36,7 @@ class Model:
 # activation_floats: counted as the tensors autograd saves
 # (tests/worker/test_memory_estimate.py), and fitted to the peaks
 # bench/memory.py measures in a worker's forked child (BENCHMARKS.md), where
-# the estimate with _PROCESS_BYTES is 1.34x or more above each 10-step peak.
+# the estimate with PROCESS_BYTES is 1.34x or more above each 10-step peak.
 # The backward allocates gradient buffers besides the saved activations,
 # gradient probes replay a window, and the allocator keeps freed blocks in a
 # heap that fragments, so the peak creeps up over a long job: rnn and
@@ -397,11 +397,16 @@ _FLOAT_BYTES = 4
 # bench/memory.py's forked child (BENCHMARKS.md's first row), 283 MiB in a real
 # worker's pool child over a 3,000-step job. Counted with a third to spare.
 # (Two torch threads there; sixteen added about 1 MiB.)
-_PROCESS_BYTES = 384 * 2**20
+PROCESS_BYTES = 384 * 2**20
 # Floats a training step holds at its peak per time step and sequence of the
 # backward window per vocabulary entry (one-hot input, logits, their softmax and
 # gradients); per hidden unit, each model's activation_floats (MODELS).
 _VOCAB_FLOATS = 6
+
+
+def shared_process_bytes(estimates: list[int], process_bytes: int = PROCESS_BYTES) -> int:
+    """The memory of jobs that train in one process (a sweep's group): each one's estimate, the process counted once."""
+    return sum(max(e - process_bytes, 0) for e in estimates) + process_bytes
 
 
 def parameter_count(spec, vocab_size: int) -> int:
@@ -431,7 +436,7 @@ def backprop_window(spec, steps_per_sequence: int) -> int:
 def memory_estimate_bytes(spec, vocab_size: int, window: int) -> int:
     """An estimate, on the generous side, of a job's memory at its peak.
 
-    That is the training process's own (_PROCESS_BYTES), then weights,
+    That is the training process's own (PROCESS_BYTES), then weights,
     gradients, optimizer state, a checkpoint's serialized copy (twice:
     torch.save's buffer and the bytes taken from it) and one backward window's
     activations.
@@ -440,4 +445,4 @@ def memory_estimate_bytes(spec, vocab_size: int, window: int) -> int:
     weights = parameter_count(spec, vocab_size) * (4 + optimizer_slots)
     per_step = (spec.num_layers * spec.hidden_size * MODELS[spec.model].activation_floats
                 + _VOCAB_FLOATS * vocab_size + 2 * spec.embedding_size)
-    return _PROCESS_BYTES + _FLOAT_BYTES * (weights + spec.batch_size * window * per_step)
+    return PROCESS_BYTES + _FLOAT_BYTES * (weights + spec.batch_size * window * per_step)

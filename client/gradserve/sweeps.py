@@ -9,6 +9,7 @@ and the CLI use the same rules to name a mistake before sending it.
 from __future__ import annotations
 
 import itertools
+import math
 import statistics
 from typing import Mapping
 
@@ -27,6 +28,54 @@ _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 _FLOATS = (FieldDescriptor.CPPTYPE_DOUBLE, FieldDescriptor.CPPTYPE_FLOAT)
 _INTS = (FieldDescriptor.CPPTYPE_INT32, FieldDescriptor.CPPTYPE_INT64, FieldDescriptor.CPPTYPE_UINT32,
          FieldDescriptor.CPPTYPE_UINT64)
+
+
+# The fields in which members that train as one batched model may differ: values, never a tensor's shape or the
+# data a step sees. Members that agree on every other field form a group (group_key).
+MEMBER_VALUES = frozenset({
+    "lr", "clip_norm", "weight_decay", "optimizer", "schedule", "lr_step_every", "lr_gamma", "min_lr",
+    "dropout", "embedding_dropout", "truncation_keep", "init", "init_range", "max_dependency",
+    "on_nonfinite", "truncation_tolerance",
+    "max_steps", "log_every", "checkpoint_every", "eval_every", "probe_every",
+})
+
+
+def group_key(spec: jobs_pb2.JobSpec) -> tuple | None:
+    """What members of one batched group share, for a complete spec: every field outside MEMBER_VALUES.
+
+    None for a spec that trains alone: truncation auto moves each member's
+    window on its own, and the synthetic tasks are not batched.
+    """
+    if spec.truncation == "auto" or spec.dataset in specs.SYNTHETIC_TASKS:
+        return None
+    return (("dataset", spec.dataset),
+            *((f.name, getattr(spec, f.name)) for f in specs.FIELDS if f.name not in MEMBER_VALUES))
+
+
+def groups(specs_: list[jobs_pb2.JobSpec], *, member_bytes: list[int], budget: int, slots: int) -> list[list[int]]:
+    """The members (by index) that train together, in order; a member that trains alone is a group of one.
+
+    Members with one group_key form a group, split into parts so that each
+    part's memory estimate fits `budget` and the sweep spreads over up to
+    `slots` tasks at once (the workers' concurrency): one batched model per
+    worker slot is faster than one slot holding everything.
+    """
+    by_key: dict[tuple, list[int]] = {}
+    out = []
+    for i, spec in enumerate(specs_):
+        key = group_key(spec)
+        if key is None:
+            out.append([i])
+        else:
+            by_key.setdefault(key, []).append(i)
+    for members in by_key.values():
+        # One process holds the part, so its own memory counts once (spec.shared_process_bytes).
+        largest = max(member_bytes[i] for i in members) - specs.PROCESS_BYTES
+        fits = max(1, (budget - specs.PROCESS_BYTES) // max(largest, 1))
+        share = max(1, round(max(slots, 1) * len(members) / len(specs_)))
+        size = min(fits, math.ceil(len(members) / share))
+        out += [members[i:i + size] for i in range(0, len(members), size)]
+    return sorted(out)
 
 
 def parse(name: str, text: str):

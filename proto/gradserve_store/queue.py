@@ -18,6 +18,8 @@ from gradserve_store.settings import DEFAULT_VISIBILITY_TIMEOUT_S
 from gradserve_store.store import JobStore
 
 TRAIN_TASK = "gradserve.train"
+# The first attempts of a sweep's members that train as one batched model, on one worker.
+TRAIN_GROUP_TASK = "gradserve.train_group"
 # Training queues: a job's device picks one (SubmitJob), and every job record names its own.
 CPU_QUEUE, GPU_QUEUE = "cpu", "gpu"
 QUEUES = (CPU_QUEUE, GPU_QUEUE)
@@ -59,3 +61,14 @@ def dispatch(celery: Celery, job_store: JobStore, job_id: str, attempt: int, que
     """Send the train task for this attempt of the job, then take the job out of the dispatch outbox."""
     celery.send_task(TRAIN_TASK, args=[job_id], kwargs={"attempt": attempt}, queue=queue)
     job_store.dispatched(job_id, attempt)
+
+
+def dispatch_group(celery: Celery, job_store: JobStore, job_ids: list[str], queue: str) -> None:
+    """Send one task for the first attempts of several jobs that train together, then take each out of the outbox.
+
+    Until then each is in the outbox as a job of its own: if this send is lost, a
+    server's reaper sends each its own train task, and they train apart.
+    """
+    celery.send_task(TRAIN_GROUP_TASK, args=[job_ids], queue=queue)
+    for job_id in job_ids:
+        job_store.dispatched(job_id, 1)

@@ -29,7 +29,8 @@ from gradserve.v1 import jobs_pb2, jobs_pb2_grpc
 from gradserve_server import auth, corpus, errors
 from gradserve_store import store
 from gradserve_server.decoding import StrictDecoding
-from gradserve_store.queue import CPU_QUEUE, GENERATE_QUEUE, GENERATE_TASK, GPU_QUEUE, dispatch, make_celery
+from gradserve_store.queue import (CPU_QUEUE, GENERATE_QUEUE, GENERATE_TASK, GPU_QUEUE, dispatch, dispatch_group,
+                                   make_celery)
 from gradserve_server.relay import DEFAULT_MAX_WATCHERS, DEFAULT_QUEUE_EVENTS, Relay
 from gradserve_store.settings import Shared
 
@@ -74,6 +75,12 @@ def _parse_cursor(cursor: str) -> tuple[int, int]:
             return parts
     raise errors.Invalid([("cursor", f"must be a cursor from an earlier event (like 1700000000000-0: two whole numbers "
                                f"up to {_CURSOR_PART_MAX}), got {cursor[:80]!r}")])
+
+
+def _budget(queue: str, workers: list[jobs_pb2.Worker]) -> int:
+    """The smallest memory budget among the live workers of `queue`; the default with none alive."""
+    budgets = [w.memory_budget_bytes for w in workers if queue in w.queues and w.memory_budget_bytes]
+    return min(budgets, default=specs.DEFAULT_MEMORY_BUDGET_BYTES)
 
 
 def _require_id(value: str, field: str, prefix: str) -> None:
@@ -296,17 +303,16 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
 
     @staticmethod
     def _check_memory(spec: jobs_pb2.JobSpec, vocab_size: int, steps_per_sequence: int, queue: str,
-                      workers: list[jobs_pb2.Worker]) -> None:
-        """Refuse a job that would not fit the smallest budget among the live workers of its queue.
+                      workers: list[jobs_pb2.Worker]) -> int:
+        """Refuse a job that would not fit the smallest budget among the live workers of its queue; its estimate.
 
         Any of them may take it. With none alive, the default budget stands in.
         """
         window = specs.backprop_window(spec, steps_per_sequence)
         estimate = specs.memory_estimate_bytes(spec, vocab_size, window)
-        budgets = [w.memory_budget_bytes for w in workers if queue in w.queues and w.memory_budget_bytes]
-        budget = min(budgets, default=specs.DEFAULT_MEMORY_BUDGET_BYTES)
+        budget = _budget(queue, workers)
         if estimate <= budget:
-            return
+            return estimate
         mib = 2**20
         field = "spec.truncation" if spec.truncation == "full" else "spec"
         hint = "use truncation fixed, or a shorter text" if spec.truncation == "full" else (
@@ -323,16 +329,16 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
             ]
         )
 
-    async def _admit(self, spec: jobs_pb2.JobSpec, context, workers: list[jobs_pb2.Worker]) -> str:
-        """The queue for a valid, complete spec, once its text is long enough and it fits the workers' memory."""
+    async def _admit(self, spec: jobs_pb2.JobSpec, context, workers: list[jobs_pb2.Worker]) -> tuple[str, int]:
+        """The queue for a valid, complete spec and its memory estimate, once its text is long enough and it fits
+        the workers' memory."""
         if spec.dataset in specs.SYNTHETIC_TASKS:
             vocab_size, steps_per_sequence = specs.TASKS[spec.dataset].symbols, specs.sequence_length(spec)
         else:
             tokens, vocab_size = await self._text_tokens(spec, context)
             steps_per_sequence = tokens // spec.batch_size
         queue = self._queue_for(spec.device, workers)
-        self._check_memory(spec, vocab_size, steps_per_sequence, queue, workers)
-        return queue
+        return queue, self._check_memory(spec, vocab_size, steps_per_sequence, queue, workers)
 
     async def _explain_waits(self, jobs: list[jobs_pb2.Job], workers: list[jobs_pb2.Worker] | None = None) -> None:
         """Say in each QUEUED job's `waiting` why it is not running yet; reads the workers only when one is queued."""
@@ -390,7 +396,7 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
             raise errors.Invalid(problems)
         # One look at the live workers serves both the routing and the memory budget.
         workers = await self._call(self.store.workers)
-        queue = await self._admit(spec, context, workers)
+        queue, _ = await self._admit(spec, context, workers)
         await self._check_quota()
         init = await self._init_from(request.init_from, spec) if request.HasField("init_from") else None
         job_id = store.new_job_id()
@@ -409,23 +415,34 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
         if problems:
             raise errors.Invalid(problems)
         workers = await self._call(self.store.workers)
-        sweep_id, members = store.new_sweep_id(), []
+        sweep_id, members, estimates = store.new_sweep_id(), [], []
         for i, values in enumerate(sweeps.members(sweep_spec)):
             spec = sweeps.member_spec(sweep_spec.base, values)
             try:
-                queue = await self._admit(spec, context, workers)
+                queue, estimate = await self._admit(spec, context, workers)
             except errors.Invalid as e:
                 # The member's own values say which one it is.
                 shown = " ".join(f"{k}={v}" for k, v in values.items())
                 raise errors.Invalid([(f"members[{i}] ({shown}): {f}", d) for f, d in e.violations]) from None
             member_labels = store.Labels(sweeps.member_name(request.name, values), dict(request.tags), "", sweep_id)
             members.append((store.new_job_id(), spec, queue, member_labels, values))
+            estimates.append(estimate)
         await self._check_quota(len(members))
         sweep = await self._call(self.store.create_sweep, sweep_id, sweep_spec, auth.current_tenant.get(),
                                  store.Labels(request.name, dict(request.tags), request.note), members)
-        for job_id, _, queue, _, _ in members:
-            await self._call(dispatch, self.celery, self.store, job_id, 1, queue)
-        log.info("sweep %s queued: %d members", sweep_id, len(members))
+        # Members that share shapes and data train as one batched model, in as many parts as fit the memory of the
+        # queue's workers and spread over their slots; the rest alone, side by side.
+        queues = {m[2] for m in members}
+        slots = sum(w.concurrency or 1 for w in workers if queues & set(w.queues))
+        parts = sweeps.groups([m[1] for m in members], member_bytes=estimates,
+                              budget=min(_budget(q, workers) for q in queues), slots=slots)
+        for part in parts:
+            ids = [members[i][0] for i in part]
+            if len(ids) == 1:
+                await self._call(dispatch, self.celery, self.store, ids[0], 1, members[part[0]][2])
+            else:
+                await self._call(dispatch_group, self.celery, self.store, ids, members[part[0]][2])
+        log.info("sweep %s queued: %d members in %d tasks", sweep_id, len(members), len(parts))
         await self._explain_waits([m.job for m in sweep.members], workers)
         return sweep
 

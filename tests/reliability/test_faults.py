@@ -198,6 +198,29 @@ def test_sigkill_of_the_training_worker_costs_at_most_one_checkpoint_interval(rs
              steps_recomputed=recomputed, lease_ttl_s=LEASE_TTL_S, seconds_to_resume=round(resumed_at - killed, 2))
 
 
+def test_sigkill_of_a_sweep_groups_worker_resumes_every_member_from_its_checkpoint(rstack, corpus_id):
+    max_steps = 1000
+    with rstack.client() as c:
+        # Two workers of one slot each: the three members go as a group of two and one alone.
+        sweep = c.submit_sweep(base=dict(dataset=corpus_id, max_steps=max_steps, **{**JOB, "model": "rnn_scratch"}),
+                               grid={"lr": [0.5, 1, 2]})
+        watches = [Watcher(rstack, job.id) for job in sweep.jobs]
+        watches[0].wait_for(metrics_at_least(250))
+        victim = sweep.jobs[0].refresh().worker
+        together = [j for j in sweep.jobs if j.refresh().worker == victim]
+        assert len(together) == 2, [j.info.worker for j in sweep.jobs]
+        rstack.kill_group(rstack.named[victim])
+        sweep.wait(timeout=240)
+    for job, watch in zip(sweep.jobs, watches):
+        events = watch.join()
+        assert job.state == "SUCCEEDED", rstack.logs()
+        check_stream(events, max_steps)
+        if job.id in {j.id for j in together}:
+            assert job.attempt == 2 and job.info.worker != victim
+            resumed = statuses(events)[3]
+            assert resumed.resumed_from_step > 0 and resumed.resumed_from_step % CHECKPOINT_EVERY == 0
+
+
 def test_sigkill_of_the_server_mid_stream_and_a_restart_lose_no_event(rstack, corpus_id):
     max_steps = 2000
     job_store = store.JobStore.from_url(rstack.redis_url)

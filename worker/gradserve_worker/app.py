@@ -1,8 +1,8 @@
-"""The worker's Celery application and its two tasks.
+"""The worker's Celery application and its tasks.
 
 The tasks are thin on purpose: training opens the job store and hands over to
-`runner.run_job`, generation to `generate.Generator`, both plain code that
-tests can call without Celery.
+`runner.run_job` (a sweep's group: `runner.run_group`), generation to
+`generate.Generator`, all plain code that tests can call without Celery.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import redis
 from celery import Celery
 from celery.exceptions import Reject
 
-from gradserve_store.queue import GENERATE_TASK, TRAIN_TASK, dispatch, make_celery
+from gradserve_store.queue import GENERATE_TASK, TRAIN_GROUP_TASK, TRAIN_TASK, dispatch, make_celery
 from gradserve_store.settings import Shared
 from gradserve_store.store import JobStore, NotFound
-from gradserve_worker.capacity import MemoryLedger, stored_job_bytes
+from gradserve_worker.capacity import MemoryLedger, group_bytes, stored_job_bytes
 
 # How long a job's writes keep retrying while Redis is unreachable (restarting,
 # say) before the attempt gives up and leaves the job to the reaper.
@@ -48,10 +48,30 @@ def create_app(settings: WorkerSettings) -> Celery:
 
     @app.task(name=TRAIN_TASK, bind=True)
     def train_job(self, job_id: str, attempt: int = 0) -> None:
-        import torch
-
         # Imported here so that the prefork parent never runs the trainer's module-level torch code.
         from gradserve_worker.runner import run_job
+
+        def run(job_store: JobStore, shutdown: threading.Event) -> None:
+            run_job(job_store, job_id, worker=settings.name, attempt=attempt, shutdown=shutdown,
+                    requeue=lambda job, number, queue: dispatch(self.app, job_store, job, number, queue),
+                    lease_ttl_s=settings.shared.lease_ttl_s, redis_retry_s=settings.redis_retry_s)
+
+        _train([job_id], run)
+
+    @app.task(name=TRAIN_GROUP_TASK, bind=True)
+    def train_group(self, job_ids: list[str]) -> None:
+        from gradserve_worker.runner import run_group
+
+        def run(job_store: JobStore, shutdown: threading.Event) -> None:
+            run_group(job_store, job_ids, worker=settings.name, shutdown=shutdown,
+                      requeue=lambda job, number, queue: dispatch(self.app, job_store, job, number, queue),
+                      lease_ttl_s=settings.shared.lease_ttl_s, redis_retry_s=settings.redis_retry_s)
+
+        _train(job_ids, run)
+
+    def _train(job_ids: list[str], run) -> None:
+        """run(job_store, shutdown) with torch's threads set, the jobs' memory reserved and SIGTERM caught."""
+        import torch
 
         # Two workers' thread pools on the same cores spin against each other
         # and can run a hundred times slower than either alone.
@@ -65,15 +85,14 @@ def create_app(settings: WorkerSettings) -> Celery:
         reserved = False
         try:
             if settings.ledger is not None:
-                # Before the claim: a job that waits here for memory stays QUEUED, free for another worker.
-                reserved = settings.ledger.reserve(job_id, _job_bytes(job_store, job_id), shutdown)
+                # Before the claim: jobs that wait here for memory stay QUEUED, free for another worker.
+                nbytes = group_bytes([_job_bytes(job_store, job_id) for job_id in job_ids], settings.device)
+                reserved = settings.ledger.reserve(job_ids[0], nbytes, shutdown)
                 if not reserved:
                     raise Reject("the worker is shutting down", requeue=True)
-            run_job(job_store, job_id, worker=settings.name, attempt=attempt, shutdown=shutdown,
-                    requeue=lambda job, number, queue: dispatch(self.app, job_store, job, number, queue),
-                    lease_ttl_s=settings.shared.lease_ttl_s, redis_retry_s=settings.redis_retry_s)
+            run(job_store, shutdown)
         except (redis.ConnectionError, redis.TimeoutError) as e:
-            # Redis stayed away before the job could be claimed: keep the task for when it is back.
+            # Redis stayed away before the jobs could be claimed: keep the task for when it is back.
             raise Reject(e, requeue=True) from e
         finally:
             if reserved:

@@ -48,6 +48,11 @@ def job_bytes(spec, vocab_size: int, steps_per_sequence: int, device: str) -> in
     return estimate + (CUDA_PROCESS_BYTES if device == "cuda" else 0)
 
 
+def group_bytes(per_job: list[int], device: str) -> int:
+    """The memory of jobs (each one's job_bytes) that train together in one process, whose own is counted once."""
+    return specs.shared_process_bytes(per_job, specs.PROCESS_BYTES + (CUDA_PROCESS_BYTES if device == "cuda" else 0))
+
+
 def stored_job_bytes(job_store, job_id: str, device: str) -> int:
     """job_bytes of a stored job, sized as the server sized it at submission (gradserve_server.service.SubmitJob)."""
     spec = job_store.spec(job_id)

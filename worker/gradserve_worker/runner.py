@@ -222,9 +222,13 @@ class Attempt:
                 self.job_id, jobs_pb2.JobState.Name(state), step, f": {reason}" if reason else "")
         self.retrying(self.store.finish, self.lease, state, reason=reason, step=step)
 
-    def prepare(self) -> tuple[TrainConfig, str, dict]:
-        """(config, text, train's keywords: resume, or init and its options) for this attempt."""
+    def prepare(self, texts: dict[str, str] | None = None) -> tuple[TrainConfig, str, dict]:
+        """(config, text, train's keywords: resume, or init and its options) for this attempt.
+
+        `texts`, by dataset id, holds texts already read (a group's members share one).
+        """
         retrying, job_id = self.retrying, self.job_id
+        texts = {} if texts is None else texts
         self.spec = spec = retrying(self.store.spec, job_id)
         config = TrainConfig.from_spec(spec)
         if sweep := retrying(self.store.early_stop_of, job_id):
@@ -232,7 +236,10 @@ class Attempt:
         if spec.dataset in SYNTHETIC_TASKS:
             text = ""  # the trainer generates these sequences from the seed
         else:
-            text = retrying(self.store.dataset_text, retrying(self.store.resolve_dataset, spec.dataset))
+            dataset_id = retrying(self.store.resolve_dataset, spec.dataset)
+            if dataset_id not in texts:
+                texts[dataset_id] = retrying(self.store.dataset_text, dataset_id)
+            text = texts[dataset_id]
         if self.lease.checkpoint_step:
             return config, text, {"resume": retrying(self.store.get_checkpoint, job_id)[1]}
         start_from = retrying(self.store.get_init, job_id)
@@ -283,6 +290,106 @@ def _run_attempt(job_store: JobStore, lease: Lease, keeper: LeaseKeeper, shutdow
         attempt.failed(e)
     else:
         attempt.finished(result, requeue)
+
+
+def run_group(job_store: JobStore, job_ids: list[str], worker: str, *, shutdown: threading.Event | None = None,
+              requeue: Callable[[str, int, str], None] | None = None, lease_ttl_s: float,
+              redis_retry_s: float) -> None:
+    """Run the first attempts of a sweep's members that share shapes and data as one batched model (group.py).
+
+    Each member is claimed, leased, fenced, logged and ended as run_job does
+    for a job; a member that cannot be claimed (cancelled, or taken by another
+    delivery) is left out. A member that starts from another job's checkpoint,
+    or a group the trainer refuses (group.train_group's CannotTrain), trains
+    alone, one after another. After a worker's death each member resumes on
+    its own, as a job, from its own checkpoint.
+    """
+    from gradserve_worker.group import train_group  # torch, which the prefork parent never imports
+
+    retrying = functools.partial(_retrying, redis_retry_s)
+    shutdown = shutdown or threading.Event()
+    leases = []
+    for job_id in job_ids:
+        try:
+            leases.append(retrying(job_store.claim, job_id, 1, worker, lease_ttl_s))
+        except (NotFound, Refused, Fenced) as e:
+            log.info("leaving %s out of its group: %s", job_id, e)
+    keepers = [LeaseKeeper(job_store, lease, lease_ttl_s).start() for lease in leases]
+    for lease in leases:
+        with contextlib.suppress(redis.RedisError):
+            job_store.set_worker_job(worker, lease.job_id)
+    try:
+        with contextlib.ExitStack() as logs:
+            for lease in leases:
+                logs.enter_context(job_log(job_store, lease))
+            attempts = [Attempt(job_store, lease, keeper, shutdown, retrying) for lease, keeper in zip(leases, keepers)]
+            _run_group(attempts, train_group, requeue)
+    except _UNREACHABLE as e:
+        log.error("group %s: redis unreachable for too long (%s); their leases will lapse and the reaper will queue "
+                  "each again", " ".join(job_ids), e)
+    finally:
+        for keeper in keepers:
+            keeper.stop()
+        for lease in leases:
+            with contextlib.suppress(redis.RedisError):
+                job_store.set_worker_job(worker, lease.job_id, running=False)
+    if requeue is not None:
+        for lease, keeper in zip(leases, keepers):
+            if keeper.lost.is_set():
+                _requeue_if_unclaimed(job_store, lease, requeue)
+
+
+def _run_group(attempts: list[Attempt], train_group: Callable, requeue: Callable | None) -> None:
+    texts: dict[str, str] = {}
+    ready = []
+    for attempt in attempts:
+        try:
+            ready.append((attempt, *attempt.prepare(texts)))
+        except Fenced as e:
+            log.warning("job %s: %s", attempt.job_id, e)
+        except Exception as e:
+            attempt.failed(e)
+    together = [r for r in ready if "init" not in r[3]]
+    resumes = [r[3].get("resume") for r in together]
+    if None in resumes and any(resumes):
+        together = []  # only some have checkpoints to resume from: each goes on alone
+    if len(together) > 1:
+        log.info("training %d members as one group: %s", len(together), " ".join(r[0].job_id for r in together))
+        members = [r[0] for r in together]
+
+        def on_event(i: int, report) -> None:
+            try:
+                members[i].on_event(report)
+            except Fenced as e:
+                # This member is another attempt's now; the rest of the group goes on without it.
+                log.warning("job %s: %s", members[i].job_id, e)
+                members[i].keeper.lost.set()
+
+        try:
+            outcomes = train_group([r[1] for r in together], together[0][2], on_event,
+                                   should_stop=lambda i: members[i].should_stop(),
+                                   resume=resumes if all(resumes) else None)
+        except CannotTrain as e:
+            log.warning("cannot train these members as one group (%s); training each alone", e)
+        else:
+            for attempt, outcome in zip(members, outcomes):
+                try:
+                    if outcome.diverged is not None:
+                        attempt.failed(outcome.diverged)
+                    else:
+                        attempt.finished(outcome.result, requeue)
+                except Fenced as e:
+                    log.warning("job %s: %s", attempt.job_id, e)
+            ready = [r for r in ready if r[0] not in members]
+    for attempt, config, text, start in ready:
+        try:
+            result = train(config, text, attempt.on_event, should_stop=attempt.should_stop, **start)
+        except Fenced as e:
+            log.warning("job %s: %s", attempt.job_id, e)
+        except Exception as e:
+            attempt.failed(e)
+        else:
+            attempt.finished(result, requeue)
 
 
 def _hand_back(job_store: JobStore, lease: Lease, step: int, requeue: Callable[[str, int, str], None] | None,
