@@ -89,8 +89,10 @@ QUERIES = {
     "sorted by val_loss, 2nd page": {"order_by": "val_loss", "pages": 2},
     "sorted by train_loss, state SUCCEEDED": {"order_by": "train_loss", "state": "SUCCEEDED"},
     "sorted by val_loss, state QUEUED (none has one)": {"order_by": "val_loss", "state": "QUEUED"},
+    "name contains \"run-\" (every job)": {"name": "run-"},
     "name contains \"run-99\" (1% of jobs, the newest among them)": {"name": "run-99"},
-    "name contains \"run-5000\" (one job, read every job for)": {"name": "run-5000"},
+    "name contains \"run-5000\" (one job)": {"name": "run-5000"},
+    "name contains \"run-5000\", sorted by val_loss": {"name": "run-5000", "order_by": "val_loss"},
 }
 
 
@@ -139,9 +141,11 @@ def render(r: dict) -> str:
     mib = 2**20
     lines += ["", "The filters run inside Redis: one Lua script walks the smallest index zset that applies "
               "(state, model, dataset, tag; the tenant's jobs when none does) and checks each slice of it against "
-              "the others, stopping at a full page, so only the page crosses the network. A name substring has no "
-              "index: a rare one reads every job's name, which the last row measures. An order by a metric walks "
-              "that metric's zset, or, when a filter's zset is far smaller, sorts that filter's jobs whole. Most "
+              "the others, stopping at a full page, so only the page crosses the network. A name substring is "
+              "checked as the walk goes; one that has not filled the page after a few thousand jobs is rare, "
+              "and Redis itself finds its jobs (a ZSCAN with MATCH over the tenant's named jobs), which then "
+              "drive the page. An order by a metric walks that metric's zset, or, when a filter's zset is far smaller, sorts that "
+              "filter's jobs whole. Most "
               "of each figure is the 50 job records themselves: reading, decoding and sending them.", "",
               f"**Retention.** Redis's `used_memory`: {t['used_memory_empty'] / mib:.1f} MiB before any job, "
               f"{t['used_memory_full'] / mib:.1f} MiB with the {r['jobs']:,} jobs (each a record, a summary and "

@@ -18,7 +18,8 @@ COMMANDS = [
     ("gradserve-worker", [], "gradserve-worker"),
 ]
 # Every subcommand of the CLI too: each builds its own parser and help text.
-CLI_COMMANDS = ["upload", "submit", "watch", "status", "list", "cancel", "download", "generate", "plot", "workers"]
+CLI_COMMANDS = ["upload", "submit", "watch", "status", "list", "cancel", "download", "generate", "plot", "workers",
+                "sweep", "sweeps", "compare"]
 
 
 def _run(*argv: str) -> subprocess.CompletedProcess:

@@ -17,6 +17,7 @@ _EXPORTS = {
     "TERMINAL_STATES": "gradserve.client",
     "Client": "gradserve.client",
     "Job": "gradserve.client",
+    "Sweep": "gradserve.client",
     "state_name": "gradserve.client",
     "GradserveError": "gradserve.errors",
     "InvalidArgument": "gradserve.errors",

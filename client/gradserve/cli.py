@@ -11,6 +11,10 @@
     gradserve generate JOB --prefix "time traveller" [--num-tokens 100] [--temperature 0] [--seed 0]
     gradserve plot JOB -o run.png                      # needs the plot extra: pip install 'gradserve[plot]'
     gradserve workers
+    gradserve sweep --dataset D --grid lr=0.5,1,2 --grid num_steps=5,35 --follow   # one job per combination
+    gradserve sweeps [SWEEP] [--follow]                # your sweeps, or one sweep's members by held-out loss
+    gradserve cancel SWEEP                             # every member still queued or running
+    gradserve compare JOB [JOB ...] | --sweep SWEEP -o compare.png
 
 Global options go before or after the command: --server HOST:PORT (env
 GRADSERVE_SERVER, default 127.0.0.1:50051) and --json, which prints JSON
@@ -441,7 +445,7 @@ def print_error(console: Console, error: GradserveError, server: str, hints: Ite
     headline = "invalid " + ", ".join(dict.fromkeys(f for f, _ in violations)) if violations else str(error)
     console.print(Text.assemble(("error:", "bold red"), " ", headline), soft_wrap=True)
     for field, description in violations:
-        name = field.removeprefix("spec.")
+        name = field.removeprefix("spec.").removeprefix("base.")
         flag = f" (--{name.replace('_', '-')})" if name in specs.BY_NAME else ""
         _plain(console, f"  {field}{flag}: {description}")
     hints = list(hints)
@@ -690,6 +694,8 @@ def cmd_logs(ctx: Context) -> int:
 def cmd_cancel(ctx: Context) -> int:
     # One rule: exit 0 whenever the job ends up not running, whether this
     # cancelled it, asked it to stop, or it had already ended by itself.
+    if ctx.args.job.startswith("sweep-"):
+        return cancel_sweep(ctx)
     with ctx.client() as client:
         job = client.get_job(ctx.args.job)
         if job.state not in TERMINAL_STATES or job.state == "CANCELLED":
@@ -706,6 +712,20 @@ def cmd_cancel(ctx: Context) -> int:
         _plain(ctx.out, f"{info.id} had already ended {job.state}; nothing to cancel")
     else:
         _plain(ctx.out, f"{info.id} {job.state}" + (f": {info.reason}" if info.reason else ""))
+    return EXIT_OK
+
+
+def cancel_sweep(ctx: Context) -> int:
+    with ctx.client() as client:
+        sweep = client.get_sweep(ctx.args.job).cancel()
+    info = sweep.info
+    if ctx.args.json:
+        print_json(ctx.out, as_dict(info))
+        return EXIT_OK
+    stopping = sum(1 for m in info.members if m.job.state == jobs_pb2.RUNNING)
+    _plain(ctx.out, f"{info.id}: {info.cancelled} members cancelled" +
+           (f", {stopping} stop at their next step" if stopping else "") +
+           (f"; {info.succeeded + info.failed} had already ended" if info.succeeded + info.failed else ""))
     return EXIT_OK
 
 
@@ -1125,10 +1145,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job", metavar="JOB")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines until the job ends")
 
-    p = subcommand("cancel", cmd_cancel, "cancel a job: at once if queued, at its next step if running",
+    p = subcommand("cancel", cmd_cancel, "cancel a job, or every member of a sweep: at once if queued, at the "
+                                         "next step if running",
                 epilog="exits 0 once the job is cancelled, asked to stop, or had already ended (the output says\n"
                        "which); 1 when it cannot be reached or found.")
-    p.add_argument("job", metavar="JOB")
+    p.add_argument("job", metavar="JOB|SWEEP")
 
     p = subcommand("delete", cmd_delete, "remove ended jobs: their records, events and checkpoints",
                 epilog="A QUEUED or RUNNING job is refused: cancel it first. Exits 0 when every job given was\n"
@@ -1180,6 +1201,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("datasets", nargs="+", metavar="DATASET")
 
     subcommand("workers", cmd_workers, "list the workers that are alive")
+
+    from gradserve import sweep_cli  # it builds on this module's helpers
+    sweep_cli.add_commands(subcommand)
+    from gradserve import compare  # the same: it draws on this module's helpers
+    compare.add_command(subcommand)
     return parser
 
 

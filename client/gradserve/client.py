@@ -13,13 +13,17 @@ from __future__ import annotations
 
 import codecs
 import os
+import queue
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 import grpc
 
 from gradserve import spec as specs
+from gradserve import sweeps
 from gradserve._channel import open_channel
 from gradserve.errors import InvalidArgument, Unavailable, from_rpc_error
 from gradserve.settings import ClientSettings
@@ -34,6 +38,8 @@ TERMINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
 RECONNECT_PAUSE_S = 0.2
 _RECONNECT_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL}
 _WAIT_POLL_S = 0.5
+# Events of a sweep's members read ahead of the caller; a member's reader waits when it is full.
+_SWEEP_QUEUE_EVENTS = 1024
 # Generation runs on a worker that may first have to load the model; the
 # server gives up a little before this deadline and says why.
 DEFAULT_GENERATE_TIMEOUT_S = 120.0
@@ -161,6 +167,18 @@ class Client:
         state. The model, sizes and vocabulary must match (the server names
         each that does not).
         """
+        message = self._spec_message(fields, spec)
+        request = jobs_pb2.SubmitJobRequest(spec=message, name=name, tags=tags or {}, note=note)
+        if init_from:
+            source, _, checkpoint = init_from.partition("@")
+            request.init_from.CopyFrom(jobs_pb2.InitFrom(job_id=source, checkpoint=checkpoint or "latest",
+                                                         optimizer=init_optimizer, state=init_state))
+        return Job(self, self._unary(self.stub.SubmitJob, request))
+
+    @staticmethod
+    def _spec_message(fields: dict, spec: jobs_pb2.JobSpec | None = None) -> jobs_pb2.JobSpec:
+        """`spec` (or an empty one) with `fields` set; a field that does not exist or whose value cannot be sent
+        is refused here, naming it."""
         unknown = sorted(set(fields) - set(jobs_pb2.JobSpec.DESCRIPTOR.fields_by_name))
         if unknown:
             raise TypeError(f"unknown job spec field(s): {', '.join(unknown)}; see gradserve.spec.FIELDS")
@@ -178,12 +196,7 @@ class Client:
                 allowed = f"must be {field.allowed}" if field else "has the wrong type"
                 reason = f"{allowed}, got {value!r}"
                 raise InvalidArgument(f"spec.{key} {reason}", None, [(f"spec.{key}", reason)]) from None
-        request = jobs_pb2.SubmitJobRequest(spec=message, name=name, tags=tags or {}, note=note)
-        if init_from:
-            source, _, checkpoint = init_from.partition("@")
-            request.init_from.CopyFrom(jobs_pb2.InitFrom(job_id=source, checkpoint=checkpoint or "latest",
-                                                         optimizer=init_optimizer, state=init_state))
-        return Job(self, self._unary(self.stub.SubmitJob, request))
+        return message
 
     def get_job(self, job_id: str) -> "Job":
         return Job(self, self._unary(self.stub.GetJob, jobs_pb2.GetJobRequest(job_id=job_id)))
@@ -233,6 +246,40 @@ class Client:
         """Workers whose heartbeat is current."""
         return list(self._unary(self.stub.ListWorkers, jobs_pb2.ListWorkersRequest()).workers)
 
+    # ---------------------------------------------------------------- sweeps
+
+    def submit_sweep(self, base: jobs_pb2.JobSpec | Mapping | None = None, *,
+                     grid: Mapping[str, list] | None = None, members: list[Mapping] | None = None,
+                     early_stop: str = "", min_steps: int = 0, min_peers: int = 0, eta: int = 0,
+                     name: str = "", tags: Mapping[str, str] | None = None, note: str = "") -> "Sweep":
+        """Submit one job per member: `base` (a JobSpec or its fields) with each combination of `grid`'s values
+        (the cartesian product, the last field varying fastest), then each of `members` (fields to set).
+
+        Values may be given as numbers, booleans or text. early_stop "median" or "halving" stops members whose
+        held-out loss falls behind (see jobs.proto's EarlyStop for min_steps, min_peers and eta). Members are
+        jobs: named after `name` and their values, tagged with `tags`, each with its own id and events.
+        """
+        spec = jobs_pb2.SweepSpec(early_stop=jobs_pb2.EarlyStop(rule=early_stop, min_steps=min_steps,
+                                                               min_peers=min_peers, eta=eta))
+        if isinstance(base, jobs_pb2.JobSpec):
+            spec.base.CopyFrom(base)
+        elif base:
+            spec.base.CopyFrom(self._spec_message(dict(base)))
+        for field, values in (grid or {}).items():
+            spec.axes.add(field=field, values=[_value_text(v) for v in values])
+        for values in members or []:
+            spec.members.add(values={k: _value_text(v) for k, v in values.items()})
+        request = jobs_pb2.SubmitSweepRequest(spec=spec, name=name, tags=tags or {}, note=note)
+        return Sweep(self, self._unary(self.stub.SubmitSweep, request))
+
+    def get_sweep(self, sweep_id: str) -> "Sweep":
+        return Sweep(self, self._unary(self.stub.GetSweep, jobs_pb2.GetSweepRequest(sweep_id=sweep_id)))
+
+    def list_sweeps(self, limit: int = 50, page_token: str = "") -> list[jobs_pb2.Sweep]:
+        """Your sweeps, newest first, with their members counted by state; `.next_page_token` as in list_jobs."""
+        reply = self._unary(self.stub.ListSweeps, jobs_pb2.ListSweepsRequest(limit=limit, page_token=page_token))
+        return JobPage(list(reply.sweeps), reply.next_page_token)
+
     @staticmethod
     def defaults() -> dict:
         """The spec's defaults, as the server fills them in."""
@@ -269,7 +316,7 @@ class Job:
 
     @property
     def reason(self) -> str:
-        """Why the job FAILED or was CANCELLED."""
+        """Why the job FAILED or was CANCELLED, or why a sweep's member SUCCEEDED before max_steps."""
         return self.info.reason
 
     @property
@@ -365,7 +412,8 @@ class Job:
                 raise TimeoutError(f"job {self.id} is still {state_name(self.info.state)} after {timeout:g} s")
             time.sleep(_WAIT_POLL_S)
 
-    def events(self, cursor: str | None = None, follow: bool = True) -> Iterator[jobs_pb2.Event]:
+    def events(self, cursor: str | None = None, follow: bool = True, *,
+               _merge: "_Merge | None" = None) -> Iterator[jobs_pb2.Event]:
         """Every event after `cursor` (all of them by default), then live ones until the job ends.
 
         With follow=False it ends after the events stored so far instead, even
@@ -385,6 +433,8 @@ class Job:
             call = self.client.stub.StreamEventBatches(
                 jobs_pb2.StreamEventsRequest(job_id=self.id, cursor=cursor, history_only=not follow)
             )
+            if _merge is not None and not _merge.register(self.id, call):
+                return
             try:
                 for event in (event for batch in call for event in batch.events):
                     if event.WhichOneof("kind") == "notice":
@@ -401,6 +451,8 @@ class Job:
                     # there was, or the job had ended before `cursor`. Only a notice reconnects.
                     return
             except grpc.RpcError as e:
+                if _merge is not None and _merge.stopped.is_set():
+                    return
                 error = from_rpc_error(e)
                 # A server busy with other watchers says when to try again; that counts as being cut off.
                 busy_for = getattr(error, "retry_after", None)
@@ -516,3 +568,166 @@ class Job:
         return step
 
 
+
+
+def _value_text(value) -> str:
+    """A sweep value as the server reads it: booleans as true/false, numbers and text as written."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+class Sweep:
+    """A handle on one sweep. `info` is the record as last fetched (jobs_pb2.Sweep); `refresh()` fetches it again."""
+
+    def __init__(self, client: Client, info: jobs_pb2.Sweep):
+        self.client = client
+        self.info = info
+
+    @property
+    def id(self) -> str:
+        return self.info.id
+
+    @property
+    def jobs(self) -> list[Job]:
+        """The members, as Job handles on their records as last fetched, in the sweep's order."""
+        return [Job(self.client, m.job) for m in self.info.members]
+
+    @property
+    def values(self) -> list[dict[str, str]]:
+        """Each member's own field values, as given, in the sweep's order."""
+        return [sweeps.ordered(self.info.spec, m.values) for m in self.info.members]
+
+    @property
+    def done(self) -> bool:
+        i = self.info
+        return len(i.members) == i.succeeded + i.failed + i.cancelled
+
+    def __repr__(self) -> str:
+        i = self.info
+        return (f"Sweep({i.id}, {len(i.members)} members: {i.queued} queued, {i.running} running, "
+                f"{i.succeeded} succeeded, {i.failed} failed, {i.cancelled} cancelled)")
+
+    def refresh(self) -> jobs_pb2.Sweep:
+        self.info = self.client.get_sweep(self.id).info
+        return self.info
+
+    def cancel(self) -> "Sweep":
+        """Cancel every member still queued or running. Returns this handle, updated."""
+        self.info = self.client._unary(self.client.stub.CancelSweep, jobs_pb2.CancelSweepRequest(sweep_id=self.id))
+        return self
+
+    def wait(self, timeout: float | None = None) -> "Sweep":
+        """Block until every member has ended; returns this handle. Raises TimeoutError after `timeout` s."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        down_since = None
+        while True:
+            try:
+                self.refresh()
+                down_since = None
+                if self.done:
+                    return self
+            except Unavailable:
+                down_since = down_since or time.monotonic()
+                if time.monotonic() - down_since > self.client.reconnect_timeout:
+                    raise
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"sweep {self.id} still has members queued or running after {timeout:g} s: "
+                                   f"{self!r}")
+            time.sleep(_WAIT_POLL_S)
+
+    def events(self, cursors: Mapping[str, str] | None = None, follow: bool = True) -> Iterator[jobs_pb2.Event]:
+        """Every member's events merged as they arrive, each naming its job (`event.job_id`), until all have ended.
+
+        Each member's events come in order, exactly once, as Job.events gives
+        them. To resume, pass `cursors`: for each job id, the cursor of the
+        last of its events you have; the others start from their first event.
+        """
+        cursors = dict(cursors or {})
+        merged: queue.Queue = queue.Queue(maxsize=_SWEEP_QUEUE_EVENTS)
+        control = _Merge()
+        stopped = control.stopped
+
+        def follow_member(job: Job) -> None:
+            try:
+                for event in job.events(cursors.get(job.id), follow, _merge=control):
+                    while not stopped.is_set():
+                        try:
+                            merged.put(event, timeout=0.2)
+                            break
+                        except queue.Full:
+                            continue
+                    if stopped.is_set():
+                        return
+                merged.put(_MemberEnded(job.id, None))
+            except Exception as e:  # handed to the reader, which raises it
+                merged.put(_MemberEnded(job.id, e))
+
+        threads = [threading.Thread(target=follow_member, args=(job,), daemon=True, name=f"sweep-events-{job.id}")
+                   for job in self.jobs]
+        for t in threads:
+            t.start()
+        try:
+            running = len(threads)
+            while running:
+                item = merged.get()
+                if isinstance(item, _MemberEnded):
+                    running -= 1
+                    if item.error is not None and not stopped.is_set():
+                        raise item.error
+                    continue
+                yield item
+        finally:
+            control.stop()
+
+    def table(self) -> list[dict]:
+        """One row per member, in the sweep's order: its id, name, values, state, step and latest results.
+
+        Fetches the sweep again first. The results come from each member's
+        summary: train loss and perplexity at the latest step, and the best
+        held-out loss and perplexity with their step (None where none yet).
+        """
+        self.refresh()
+        rows = []
+        for member in self.info.members:
+            job, summary = member.job, member.job.summary
+            rows.append({
+                "job_id": member.job_id, "name": job.name, **sweeps.ordered(self.info.spec, member.values),
+                "state": state_name(job.state),
+                "step": job.last_step, "train_loss": summary.train_loss if summary.step else None,
+                "train_perplexity": summary.train_perplexity if summary.step else None,
+                "val_loss": summary.best_val_loss if summary.best_step else None,
+                "val_perplexity": summary.best_val_perplexity if summary.best_step else None,
+                "best_step": summary.best_step or None, "reason": job.reason,
+            })
+        return rows
+
+
+class _Merge:
+    """The streams one Sweep.events call reads: stopping it cancels each, and any a member's reader opens later."""
+
+    def __init__(self):
+        self.stopped = threading.Event()
+        self._lock = threading.Lock()
+        self._calls: dict[str, grpc.Call] = {}
+
+    def register(self, job_id: str, call) -> bool:
+        """Keep `call` to cancel on stop; False (and the call cancelled) when already stopped."""
+        with self._lock:
+            if self.stopped.is_set():
+                call.cancel()
+                return False
+            self._calls[job_id] = call
+            return True
+
+    def stop(self) -> None:
+        with self._lock:
+            self.stopped.set()
+            calls = list(self._calls.values())
+        for call in calls:
+            call.cancel()
+
+
+class _MemberEnded(NamedTuple):
+    job_id: str
+    error: Exception | None

@@ -131,7 +131,7 @@ def plot_run(events: Iterable[jobs_pb2.Event], job: jobs_pb2.Job):
     return fig
 
 
-def _empty(ax, message: str) -> None:
+def empty(ax, message: str) -> None:
     ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, wrap=True)
     ax.set_xticks([])
     ax.set_yticks([])
@@ -140,7 +140,7 @@ def _empty(ax, message: str) -> None:
 def _loss_panel(mpl, ax, history: RunHistory, *, language_model: bool) -> None:
     ax.set_title("loss (nats per token)", loc="left", fontsize="medium")
     if not history.metrics and not history.evaluations:
-        _empty(ax, "no metrics yet: the first come after log_every steps")
+        empty(ax, "no metrics yet: the first come after log_every steps")
         return
     if history.metrics:
         ax.plot([m.step for m in history.metrics], [m.loss for m in history.metrics], color=TRAIN_COLOR,
@@ -162,7 +162,7 @@ def _loss_panel(mpl, ax, history: RunHistory, *, language_model: bool) -> None:
 def _grad_panel(loss_ax, ax, history: RunHistory, clip_norm: float) -> None:
     ax.set_title("gradient norm before clipping (global L2, at each logged step)", loc="left", fontsize="medium")
     if not history.metrics:
-        _empty(ax, "no metrics yet")
+        empty(ax, "no metrics yet")
         return
     ax.sharex(loss_ax)
     steps = [m.step for m in history.metrics]
@@ -182,22 +182,28 @@ def _grad_panel(loss_ax, ax, history: RunHistory, clip_norm: float) -> None:
     ax.legend(loc="best", fontsize="small")
 
 
-def _profile_panel(mpl, fig, ax, history: RunHistory, probe_every: int) -> None:
-    ax.set_title(f"‖∂L/∂h_t‖ through the window (layer {PROFILE_LAYER})", loc="left", fontsize="medium")
+def profile_mesh(mpl, ax, steps: list[int], norms, norm):
+    """Draw profile_matrix's (steps, norms) on `ax` as a heatmap on colour scale `norm`; returns the mesh."""
     np = mpl.np
-    steps, norms = profile_matrix(history.probes)
-    finite = norms[np.isfinite(norms) & (norms > 0)]
-    if not steps or not finite.size:
-        _empty(ax, f"no gradient-through-time probes yet: the trainer records one every {probe_every} steps")
-        return
     # Cell edges halfway between the probe steps, so uneven spacing (a final probe, say) is drawn true to scale.
     s = np.asarray(steps, dtype=float)
     gap = np.diff(s).min() if len(s) > 1 else 1.0
     y_edges = np.concatenate([[s[0] - gap / 2], (s[:-1] + s[1:]) / 2, [s[-1] + gap / 2]])
     x_edges = np.arange(norms.shape[1] + 1) - 0.5
     masked = np.ma.masked_where(~(np.isfinite(norms) & (norms > 0)), norms)
-    mesh = ax.pcolormesh(x_edges, y_edges, masked, norm=mpl.LogNorm(vmin=finite.min(), vmax=finite.max()),
+    return ax.pcolormesh(x_edges, y_edges, masked, norm=norm,
                          cmap=mpl.colormaps["viridis"].with_extremes(bad="lightgrey"), shading="flat")
+
+
+def _profile_panel(mpl, fig, ax, history: RunHistory, probe_every: int) -> None:
+    ax.set_title(f"‖∂L/∂h_t‖ through the window (layer {PROFILE_LAYER})", loc="left", fontsize="medium")
+    np = mpl.np
+    steps, norms = profile_matrix(history.probes)
+    finite = norms[np.isfinite(norms) & (norms > 0)]
+    if not steps or not finite.size:
+        empty(ax, f"no gradient-through-time probes yet: the trainer records one every {probe_every} steps")
+        return
+    mesh = profile_mesh(mpl, ax, steps, norms, mpl.LogNorm(vmin=finite.min(), vmax=finite.max()))
     colorbar = fig.colorbar(mesh, cax=ax.inset_axes([1.01, 0.0, 0.02, 1.0]))
     colorbar.set_label("‖∂L/∂h_t‖ (log scale)")
     advised = [p for p in history.probes if p.HasField("decay_rate")]

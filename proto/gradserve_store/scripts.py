@@ -144,8 +144,8 @@ return 1
 # left as it is.
 #   KEYS: job hash, event stream, latest, best and initial checkpoint hashes, log stream, tenant's jobs zset,
 #         tenant's active set, leases, dispatch,
-#         names hash, then every other zset of the tenant's that may hold the job (by state, model,
-#         dataset, tag, sort order)
+#         names hash, the tenant's names zset, then every other zset of the tenant's that may hold the job
+#         (by state, model, dataset, tag, sort order)
 #   ARGV: job id, then the states it may be deleted in
 #   Returns {1} deleted, {0, state} refused, {-1} no such job.
 DELETE = """
@@ -159,8 +159,10 @@ redis.call('ZREM', KEYS[7], ARGV[1])
 redis.call('SREM', KEYS[8], ARGV[1])
 redis.call('ZREM', KEYS[9], ARGV[1])
 redis.call('ZREM', KEYS[10], ARGV[1])
+local name = redis.call('HGET', KEYS[11], ARGV[1])
+if name and name ~= '' then redis.call('ZREM', KEYS[12], name .. string.char(0) .. ARGV[1]) end
 redis.call('HDEL', KEYS[11], ARGV[1])
-for i = 12, #KEYS do redis.call('ZREM', KEYS[i], ARGV[1]) end
+for i = 13, #KEYS do redis.call('ZREM', KEYS[i], ARGV[1]) end
 return {1}
 """
 
@@ -174,11 +176,17 @@ return {1}
 # the page is full: a selective filter costs its own few jobs. By a metric,
 # the tenant's zset of that metric (kept by APPEND) is walked instead, then
 # the jobs without it yet, newest first.
-#   KEYS: the tenant's jobs zset, the names hash (job id -> casefolded name), the zset of the metric
-#         ordered by (the jobs zset again for creation order), then one zset per filter
-#   ARGV: the query as JSON {name, after, before (creation times; absent: no bound), by_metric (bool),
+# A name that no small zset filter narrows is first checked that way too, for
+# a few thousand jobs; a name that has not filled the page by then is rare,
+# and a ZSCAN with MATCH over the tenant's named jobs (members "casefolded
+# name NUL id") finds its jobs in C. Fewer than the smallest filter's, they
+# drive the page, sorted here: a rare name costs one pass over the names in
+# Redis rather than a read of each.
+#   KEYS: the tenant's jobs zset, the names hash (job id -> casefolded name), the tenant's names zset, the zset
+#         of the metric ordered by (the jobs zset again for creation order), then one zset per filter
+#   ARGV: the query as JSON {name (casefolded), after, before (creation times; absent: no bound), by_metric (bool),
 #         desc (bool: highest or newest first), limit, token: where the previous page ended,
-#         {rank (0: had the metric, 1: had none), score, id}, or absent}
+#         {rank (0: had the metric, 1: had none), score, id}, or absent}; with a name, the MATCH pattern for it
 #   Returns the page's ids, then the next page's token as rank, score and id; all "" on the last page.
 LIST = """
 local q = cjson.decode(ARGV[1])
@@ -188,8 +196,31 @@ local lo_created, hi_created = tonumber(q.after or '-inf'), tonumber(q.before or
 
 -- The filter zsets by size: the smallest drives a walk in creation order, the rest check each slice.
 local filters = {}
-for i = 4, #KEYS do filters[#filters + 1] = {KEYS[i], redis.call('ZCARD', KEYS[i])} end
+for i = 5, #KEYS do filters[#filters + 1] = {KEYS[i], redis.call('ZCARD', KEYS[i])} end
 table.sort(filters, function(a, b) return a[2] < b[2] end)
+
+-- The name filter, checked one of two ways. While `named` is nil, each slice's names are read from the names
+-- hash (KEYS[2]) and searched; `budget`, when set, is how many more jobs a walk may check that way before it
+-- gives up (gave_up). scan_names() fills `named` (id -> creation time as Redis wrote it) and name_rows
+-- ({id, creation time}) with the jobs whose names match, from the names zset (KEYS[3]).
+local named, name_rows, budget, gave_up = nil, {}, nil, false
+local function scan_names()
+  named = {}
+  local cursor, nul = '0', string.char(0)
+  repeat
+    local got = redis.call('ZSCAN', KEYS[3], cursor, 'MATCH', ARGV[2], 'COUNT', 1000)
+    cursor = got[1]
+    for i = 1, #got[2], 2 do
+      local member = got[2][i]
+      local id = string.sub(member, string.find(member, nul, 1, true) + 1)
+      -- A SCAN may return a member twice.
+      if not named[id] then
+        named[id] = got[2][i + 1]
+        name_rows[#name_rows + 1] = {id, tonumber(got[2][i + 1])}
+      end
+    end
+  until cursor == '0'
+end
 
 local function keep(ids, skip_key, check_created)
   local ok = {}
@@ -207,7 +238,9 @@ local function keep(ids, skip_key, check_created)
       ok[i] = ok[i] and t ~= nil and t >= lo_created and t < hi_created
     end
   end
-  if q.name then
+  if named then
+    for i = 1, #ids do ok[i] = ok[i] and named[ids[i]] ~= nil end
+  elseif q.name then
     local names = redis.call('HMGET', KEYS[2], unpack(ids))
     for i = 1, #ids do ok[i] = ok[i] and string.find(names[i] or '', q.name, 1, true) ~= nil end
   end
@@ -224,6 +257,7 @@ local function walk(key, desc, lo, hi, token, check_created, drop)
   local function take(ids)
     if drop then ids = drop(ids) end
     if #ids == 0 then return false end
+    if budget then budget = budget - #ids end
     for _, id in ipairs(keep(ids, key, check_created)) do
       if #page == q.limit then return true end
       page[#page + 1] = id
@@ -251,6 +285,10 @@ local function walk(key, desc, lo, hi, token, check_created, drop)
     end
     if #got > 0 and take(got) then return true end
     if #got < slice then return false end
+    if budget and budget <= 0 then
+      gave_up = true
+      return false
+    end
     offset = offset + slice
   end
 end
@@ -261,18 +299,18 @@ local driver = filters[1] and filters[1][1] or KEYS[1]
 local token = q.token
 local more, last_rank, last_score = false, nil, nil
 
--- By a metric, with a filter much smaller than the metric's zset: its jobs in the creation range, with their
--- values, sorted here in the order the walks below would give, rather than walking the whole metric zset.
+-- By a metric, with a filter much smaller than the metric's zset: `ids`, its jobs in the creation range
+-- (`skip_key` the zset they came from, which need not be checked), with their values, sorted here in the order
+-- the walks below would give, rather than walking the whole metric zset.
 -- A sort key is {rank, value or creation time, id}; jobs without the metric come after, newest first.
-local function sorted_by_metric()
-  local ids = redis.call('ZREVRANGEBYSCORE', driver, hi, lo)
+local function sorted_by_metric(ids, skip_key)
   if #ids == 0 then return false end
   local values, created, rows = {}, {}, {}
   for start = 1, #ids, 256 do
     local chunk = {unpack(ids, start, math.min(#ids, start + 255))}
-    local v = redis.call('ZMSCORE', KEYS[3], unpack(chunk))
+    local v = redis.call('ZMSCORE', KEYS[4], unpack(chunk))
     local c = redis.call('ZMSCORE', KEYS[1], unpack(chunk))
-    for i, id in ipairs(keep(chunk, driver, false)) do rows[#rows + 1] = id end
+    for i, id in ipairs(keep(chunk, skip_key, false)) do rows[#rows + 1] = id end
     for i, id in ipairs(chunk) do values[id], created[id] = v[i], c[i] end
   end
   local function key(id)
@@ -304,24 +342,79 @@ local function sorted_by_metric()
   return false
 end
 
-if not q.by_metric then
-  more = walk(driver, q.desc, lo, hi, token, false)
-elseif driver ~= KEYS[1] and filters[1][2] <= 4096 and filters[1][2] * 4 < redis.call('ZCARD', KEYS[3]) then
-  more = sorted_by_metric()
-else
+-- In creation order, the jobs the name matched, within the creation range and after the token, checked
+-- against the other filters a slice at a time; the same order and token as a walk.
+local function walk_named()
+  local function before(a, b)
+    if a[2] ~= b[2] then if q.desc then return a[2] > b[2] else return a[2] < b[2] end end
+    if q.desc then return a[1] > b[1] else return a[1] < b[1] end
+  end
+  table.sort(name_rows, before)
+  local at = token and {token.id, tonumber(token.score)}
+  local ids = {}
+  for _, r in ipairs(name_rows) do
+    if r[2] >= lo_created and r[2] < hi_created and (not at or before(at, r)) then ids[#ids + 1] = r[1] end
+  end
+  for start = 1, #ids, 256 do
+    for _, id in ipairs(keep({unpack(ids, start, math.min(#ids, start + 255))}, nil, false)) do
+      if #page == q.limit then
+        last_rank, last_score = 0, named[page[#page]]
+        return true
+      end
+      page[#page + 1] = id
+    end
+  end
+  return false
+end
+
+-- One page by the filters' zsets and the metric, as described above; with the name checked as `named` says.
+local function by_zsets()
+  local small = filters[1] and filters[1][2] <= 4096
+  if not q.by_metric then
+    return walk(driver, q.desc, lo, hi, token, false)
+  elseif small and filters[1][2] * 4 < redis.call('ZCARD', KEYS[4]) then
+    return sorted_by_metric(redis.call('ZREVRANGEBYSCORE', driver, hi, lo), driver)
+  end
+  local found = false
   if not token or token.rank == 0 then
-    more = walk(KEYS[3], q.desc, '-inf', '+inf', token, q.after or q.before)
+    found = walk(KEYS[4], q.desc, '-inf', '+inf', token, q.after or q.before)
     token = nil
   end
-  if not more then
-    rank = 1
-    local function without_metric(ids)
-      local values = redis.call('ZMSCORE', KEYS[3], unpack(ids))
-      local out = {}
-      for i, id in ipairs(ids) do if not values[i] then out[#out + 1] = id end end
-      return out
+  if found or gave_up then return found end
+  rank = 1
+  local function without_metric(ids)
+    local values = redis.call('ZMSCORE', KEYS[4], unpack(ids))
+    local out = {}
+    for i, id in ipairs(ids) do if not values[i] then out[#out + 1] = id end end
+    return out
+  end
+  return walk(driver, true, lo, hi, token, false, without_metric)
+end
+
+if not q.name or (filters[1] and filters[1][2] <= 4096) then
+  -- No name, or a zset filter small enough to check the name of each of its jobs.
+  more = by_zsets()
+else
+  -- A common name fills the page from the first jobs walked. When a few thousand have not, it is rare: the
+  -- walk is dropped, Redis finds the jobs it matches, and they drive the page if they are the fewest.
+  budget = 2048
+  more = by_zsets()
+  if gave_up then
+    page, found_at, rank, token, budget, gave_up = {}, {}, 0, q.token, nil, false
+    scan_names()
+    local ids = {}
+    for _, r in ipairs(name_rows) do
+      if r[2] >= lo_created and r[2] < hi_created then ids[#ids + 1] = r[1] end
     end
-    more = walk(driver, true, lo, hi, token, false, without_metric)
+    if #ids >= (filters[1] and filters[1][2] or redis.call('ZCARD', KEYS[1])) then
+      more = by_zsets()
+    elseif not q.by_metric then
+      more = walk_named()
+    elseif #ids <= 4096 and #ids * 4 < redis.call('ZCARD', KEYS[4]) then
+      more = sorted_by_metric(ids, nil)
+    else
+      more = by_zsets()
+    end
   end
 end
 if more then

@@ -17,8 +17,15 @@ Keys (all under ``gradserve:``):
     by:{tenant}:{attribute}:{value}
                     zset    job id -> creation time, for ListJobs' filters: the tenant's jobs in one state
                             (attribute "state", kept by every change), or of one model, dataset or tag ("k=v")
-    names           hash    job id -> its name casefolded, for ListJobs' name filter
+    names           hash    job id -> its name casefolded ("" for none): which jobs are indexed, and the name
+                            a deletion takes out of named:{tenant}
+    named:{tenant}  zset    "casefolded name NUL job id" -> creation time, for the tenant's jobs with a name:
+                            ListJobs' name filter matches these in Redis
     sort:{order}:{tenant} zset  job id -> its train_loss, val_loss or tokens_per_sec, once it has one
+    sweep:{id}      hash    spec (SweepSpec bytes), tenant, name, tags, note, created, members (JSON: [[job id,
+                            {field: value}], ...] in the spec's order); written with every member's job at once
+    sweeps:{tenant} zset    sweep id -> creation time, for listing a tenant's sweeps newest first
+    sweep:{id}:loss:{at}  hash  member job id -> its held-out loss at step (or halving rung) `at`, for early stopping
     leases          zset    job id -> the moment (Redis clock, ms) its running attempt's lease expires
     dispatch        zset    job id -> the moment (ms) after which any server may (re)send its train task
     events:{id}     stream  one entry per Event (field "e", Event bytes; the entry id is the cursor)
@@ -114,6 +121,30 @@ def tenant_datasets_key(tenant: str) -> str:
 
 def sort_key(order: str, tenant: str) -> str:
     return f"{PREFIX}sort:{order}:{tenant}"
+
+
+def sweep_key(sweep_id: str) -> str:
+    return f"{PREFIX}sweep:{sweep_id}"
+
+
+def tenant_sweeps_key(tenant: str) -> str:
+    return f"{PREFIX}sweeps:{tenant}"
+
+
+def named_key(tenant: str) -> str:
+    return f"{PREFIX}named:{tenant}"
+
+
+def name_member(name: str, job_id: str) -> str:
+    """A job's member in named_key: its name casefolded, then its id; a name has no control characters."""
+    return f"{name.casefold()}\0{job_id}"
+
+
+def name_pattern(contains: str) -> str:
+    """The MATCH pattern for the name_member of every name that contains `contains`, casefolded."""
+    literal = "".join("\\" + c if c in "\\*?[]" else c for c in contains.casefold())
+    # The NUL comes after the name, so the match cannot run on into the id.
+    return f"*{literal}*\0*"
 
 
 def by_key(tenant: str, attribute: str, value: str) -> str:
@@ -343,6 +374,10 @@ def new_job_id() -> str:
     return "job-" + secrets.token_hex(10)
 
 
+def new_sweep_id() -> str:
+    return "sweep-" + secrets.token_hex(8)
+
+
 def dataset_id_for(data: bytes) -> str:
     return "ds-" + hashlib.sha256(data).hexdigest()
 
@@ -479,25 +514,31 @@ class JobStore:
 
         `init` is the checkpoint it starts from (InitFrom, and the checkpoint's bytes), kept with it.
         """
+        with self.r.pipeline(transaction=True) as p:
+            job = self._create(p, job_id, spec, queue, tenant, labels, init)
+            p.execute()
+        return job
+
+    def _create(self, p, job_id: str, spec: jobs_pb2.JobSpec, queue: str, tenant: str, labels: Labels,
+                init: tuple[jobs_pb2.InitFrom, bytes] | None = None) -> jobs_pb2.Job:
+        """Queue on transaction `p` the writes that record a new job; returns its record."""
         now = time.time()
         event = status_event(job_id, jobs_pb2.QUEUED, attempt=1)
         resend_at = self.now_ms() + DISPATCH_RETRY_S * 1000
-        with self.r.pipeline(transaction=True) as p:
-            p.hset(
-                job_key(job_id),
-                mapping={"spec": spec.SerializeToString(), "state": jobs_pb2.QUEUED, "queue": queue, "created": now,
-                         "attempt": 1, "tenant": tenant, "name": labels.name, "tags": _tags_field(labels.tags),
-                         "note": labels.note, "sweep": labels.sweep},
-            )
-            self._index(p, job_id, tenant, spec, labels, now, jobs_pb2.QUEUED)
-            if init is not None:
-                p.hset(init_key(job_id), mapping={"data": init[1], "step": init[0].step})
-                p.hset(job_key(job_id), "init_from", init[0].SerializeToString())
-            p.zadd(tenant_jobs_key(tenant), {job_id: now})
-            p.sadd(active_key(tenant), job_id)
-            p.zadd(DISPATCH_KEY, {job_id: resend_at})
-            p.xadd(events_key(job_id), {"e": encode_event(event)})
-            p.execute()
+        p.hset(
+            job_key(job_id),
+            mapping={"spec": spec.SerializeToString(), "state": jobs_pb2.QUEUED, "queue": queue, "created": now,
+                     "attempt": 1, "tenant": tenant, "name": labels.name, "tags": _tags_field(labels.tags),
+                     "note": labels.note, "sweep": labels.sweep},
+        )
+        self._index(p, job_id, tenant, spec, labels, now, jobs_pb2.QUEUED)
+        if init is not None:
+            p.hset(init_key(job_id), mapping={"data": init[1], "step": init[0].step})
+            p.hset(job_key(job_id), "init_from", init[0].SerializeToString())
+        p.zadd(tenant_jobs_key(tenant), {job_id: now})
+        p.sadd(active_key(tenant), job_id)
+        p.zadd(DISPATCH_KEY, {job_id: resend_at})
+        p.xadd(events_key(job_id), {"e": encode_event(event)})
         return jobs_pb2.Job(id=job_id, spec=spec, state=jobs_pb2.QUEUED, queue=queue, attempt=1, tenant=tenant,
                             created_at=timestamp(now), name=labels.name, tags=labels.tags, note=labels.note,
                             sweep=labels.sweep,
@@ -511,6 +552,8 @@ class JobStore:
             p.zadd(key, {job_id: created})
         p.zadd(by_key(tenant, "state", str(state)), {job_id: created})
         p.hset(NAMES_KEY, job_id, labels.name.casefold())
+        if labels.name:
+            p.zadd(named_key(tenant), {name_member(labels.name, job_id): created})
         if summary is not None:
             for f, zset in zip(METRIC_SORTS, sort_keys(tenant)):
                 if value := f.of(summary):
@@ -542,7 +585,8 @@ class JobStore:
         query_json = json.dumps({k: v for k, v in args.items() if v is not None})
         jobs_zset = tenant_jobs_key(tenant)
         ordered_by = sort_key(sort.name, tenant) if sort.name else jobs_zset
-        found = self._list(keys=[jobs_zset, NAMES_KEY, ordered_by, *filters], args=[query_json])
+        found = self._list(keys=[jobs_zset, NAMES_KEY, named_key(tenant), ordered_by, *filters],
+                           args=[query_json, *([name_pattern(query.name_contains)] if query.name_contains else [])])
         ids, (rank, score, last) = [i.decode() for i in found[:-3]], (_text(v) for v in found[-3:])
         with self.r.pipeline(transaction=False) as p:
             for i in ids:
@@ -556,11 +600,23 @@ class JobStore:
         """Put the jobs recorded before ListJobs' indexes existed into them; returns how many there were."""
         added = 0
         for key in self.r.scan_iter(match=tenant_jobs_key("*"), count=1000):
-            ids = [i.decode() for i in self.r.zrange(key, 0, -1)]
+            tenant = key.decode().removeprefix(tenant_jobs_key(""))
+            created = {i.decode(): t for i, t in self.r.zrange(key, 0, -1, withscores=True)}
+            ids = list(created)
             for start in range(0, len(ids), 500):
                 chunk = ids[start:start + 500]
                 # Every indexed job has a name entry, "" when it has no name.
-                missing = [i for i, name in zip(chunk, self.r.hmget(NAMES_KEY, chunk)) if name is None]
+                names = self.r.hmget(NAMES_KEY, chunk)
+                missing = [i for i, name in zip(chunk, names) if name is None]
+                # Named jobs indexed before the names zset existed; adding one already there changes nothing.
+                named = {name_member(name.decode(), i): created[i] for i, name in zip(chunk, names) if name}
+                if named:
+                    self.r.zadd(named_key(tenant), named)
+                    # A job deleted since the names were read has lost its entry; its member goes too.
+                    gone = [m for m, name in zip(named, self.r.hmget(NAMES_KEY, [m.split("\0")[1] for m in named]))
+                            if name is None]
+                    if gone:
+                        self.r.zrem(named_key(tenant), *gone)
                 with self.r.pipeline(transaction=False) as p:
                     for i in missing:
                         p.hgetall(job_key(i))
@@ -629,7 +685,8 @@ class JobStore:
         result = self._delete(
             keys=[job_key(job_id), events_key(job_id), checkpoint_key(job_id), best_checkpoint_key(job_id),
                   init_key(job_id), logs_key(job_id), tenant_jobs_key(job.tenant),
-                  active_key(job.tenant), LEASES_KEY, DISPATCH_KEY, NAMES_KEY, *state_keys(job.tenant),
+                  active_key(job.tenant), LEASES_KEY, DISPATCH_KEY, NAMES_KEY, named_key(job.tenant),
+                  *state_keys(job.tenant),
                   *label_keys(job.tenant, job.spec, _labels_of(job)), *sort_keys(job.tenant)],
             args=[job_id, *sorted(TERMINAL)],
         )
@@ -906,6 +963,109 @@ class JobStore:
         start = f"({cursor}" if cursor else "-"
         return [decode_event(i, f) for i, f in self.r.xrange(events_key(job_id), start, "+", count=count)]
 
+    # ---------------------------------------------------------------- sweeps
+
+    def create_sweep(self, sweep_id: str, spec: jobs_pb2.SweepSpec, tenant: str, labels: Labels,
+                     members: list[tuple[str, jobs_pb2.JobSpec, str, Labels, dict[str, str]]]) -> jobs_pb2.Sweep:
+        """Record a sweep and every member as a QUEUED job (job id, spec, queue, labels, values), in one transaction.
+
+        Each member is in the dispatch outbox like any new job.
+        """
+        now = time.time()
+        with self.r.pipeline(transaction=True) as p:
+            jobs = [self._create(p, job_id, job_spec, queue, tenant, job_labels)
+                    for job_id, job_spec, queue, job_labels, _ in members]
+            p.hset(sweep_key(sweep_id), mapping={
+                "spec": spec.SerializeToString(), "tenant": tenant, "name": labels.name,
+                "tags": _tags_field(labels.tags), "note": labels.note, "created": now,
+                "members": json.dumps([[job_id, values] for job_id, _, _, _, values in members])})
+            p.zadd(tenant_sweeps_key(tenant), {sweep_id: now})
+            p.execute()
+        sweep = _sweep_from_hash(sweep_id, self.r.hgetall(sweep_key(sweep_id)))
+        _tally(sweep, jobs)
+        for member, job in zip(sweep.members, jobs):
+            member.job.CopyFrom(job)
+        return sweep
+
+    def get_sweep(self, sweep_id: str, tenant: str, records: bool = True) -> jobs_pb2.Sweep:
+        """The tenant's sweep, its members counted by state; with `records`, each member's job record too.
+
+        Raises NotFound for no such sweep, or another tenant's.
+        """
+        raw = self.r.hgetall(sweep_key(sweep_id))
+        if not raw or raw[b"tenant"].decode() != tenant:
+            raise NotFound(sweep_id)
+        sweep = _sweep_from_hash(sweep_id, raw)
+        ids = [m.job_id for m in sweep.members]
+        with self.r.pipeline(transaction=False) as p:
+            for i in ids:
+                if records:
+                    p.hgetall(job_key(i))
+                else:
+                    p.hmget(job_key(i), "state", "summary")
+            found = p.execute()
+        if records:
+            jobs = [_job_from_hash(i, raw) if raw else None for i, raw in zip(ids, found)]
+        else:
+            jobs = [jobs_pb2.Job(id=i, state=int(state), summary=jobs_pb2.JobSummary.FromString(summary or b""))
+                    if state is not None else None for i, (state, summary) in zip(ids, found)]
+        _tally(sweep, jobs)
+        if records:
+            for member, job in zip(sweep.members, jobs):
+                if job is not None:
+                    member.job.CopyFrom(job)
+        return sweep
+
+    def list_sweeps(self, tenant: str, limit: int, page_token: str = "") -> tuple[list[jobs_pb2.Sweep], str]:
+        """One page of the tenant's sweeps, newest first, without their members' records; and the next page's token.
+
+        Raises ValueError for a page_token no earlier page made.
+        """
+        high, after_id = "+inf", None
+        if page_token:
+            try:
+                score, after_id = page_token.split("/", 1)
+                high = repr(float(score))
+            except ValueError:
+                raise ValueError("is not the next_page_token of an earlier page") from None
+        # Sweeps created in the same instant as the token's come in id order, newest first; skip those before it.
+        rows = self.r.zrevrangebyscore(tenant_sweeps_key(tenant), high, "-inf", start=0, num=limit + 64,
+                                       withscores=True)
+        rows = [(i.decode(), t) for i, t in rows
+                if after_id is None or t < float(high) or i.decode() < after_id]
+        page = rows[:limit]
+        sweeps = []
+        for sweep_id, _ in page:
+            try:
+                sweeps.append(self.get_sweep(sweep_id, tenant, records=False))
+            except NotFound:
+                continue
+        more = len(rows) > limit
+        return sweeps, f"{page[-1][1]!r}/{page[-1][0]}" if more and page else ""
+
+    def early_stop_of(self, job_id: str) -> tuple[str, jobs_pb2.EarlyStop] | None:
+        """(sweep id, its EarlyStop) when the job is a member of a sweep that stops members early; else None."""
+        sweep_id = self.r.hget(job_key(job_id), "sweep")
+        raw = self.r.hget(sweep_key(sweep_id.decode()), "spec") if sweep_id else None
+        if raw is None:
+            return None
+        stop = jobs_pb2.SweepSpec.FromString(raw).early_stop
+        return (sweep_id.decode(), stop) if stop.rule else None
+
+    def sweep_losses(self, sweep_id: str, at: str, job_id: str, loss: float, *, first: bool = False) -> dict[str, float]:
+        """Record the member's held-out loss at `at` (a step, or a rung), and return every member's there.
+
+        With `first`, a loss the member already has there is kept (a resumed
+        attempt that evaluates the same step again is not judged twice on a
+        different number).
+        """
+        key = f"{sweep_key(sweep_id)}:loss:{at}"
+        with self.r.pipeline(transaction=True) as p:
+            (p.hsetnx if first else p.hset)(key, job_id, repr(loss))
+            p.hgetall(key)
+            losses = p.execute()[1]
+        return {k.decode(): float(v) for k, v in losses.items()}
+
     # ---------------------------------------------------------------- logs
 
     def append_log(self, job_id: str, attempt: int, created: float, level: str, logger: str, message: str) -> None:
@@ -1181,6 +1341,32 @@ def _log_line(entry_id: bytes, fields: dict) -> jobs_pb2.LogLine:
     g = {k.decode(): v.decode(errors="replace") for k, v in fields.items()}
     return jobs_pb2.LogLine(cursor=_text(entry_id), time=timestamp(float(g["t"])), level=g["l"], logger=g["n"],
                             attempt=int(g["a"]), message=g["m"])
+
+
+def _sweep_from_hash(sweep_id: str, raw: dict) -> jobs_pb2.Sweep:
+    sweep = jobs_pb2.Sweep(
+        id=sweep_id, spec=jobs_pb2.SweepSpec.FromString(raw[b"spec"]), name=raw[b"name"].decode(),
+        tags=_tags_from(raw.get(b"tags", b"").decode()), note=raw[b"note"].decode(),
+        created_at=timestamp(float(raw[b"created"])))
+    for job_id, values in json.loads(raw[b"members"]):
+        sweep.members.add(job_id=job_id, values=values)
+    return sweep
+
+
+def _tally(sweep: jobs_pb2.Sweep, jobs: list[jobs_pb2.Job | None]) -> None:
+    """Count the members by state and name the one with the lowest held-out loss; a deleted member counts nowhere."""
+    counts = {jobs_pb2.QUEUED: "queued", jobs_pb2.RUNNING: "running", jobs_pb2.SUCCEEDED: "succeeded",
+              jobs_pb2.FAILED: "failed", jobs_pb2.CANCELLED: "cancelled"}
+    best = None
+    for job in jobs:
+        if job is None:
+            continue
+        attr = counts[job.state]
+        setattr(sweep, attr, getattr(sweep, attr) + 1)
+        if job.summary.best_step and (best is None or job.summary.best_val_loss < best.summary.best_val_loss):
+            best = job
+    if best is not None:
+        sweep.best_job_id, sweep.best_val_loss = best.id, best.summary.best_val_loss
 
 
 def _labels_of(job: jobs_pb2.Job) -> Labels:

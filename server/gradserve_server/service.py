@@ -23,7 +23,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from gradserve import labels, text
+from gradserve import labels, sweeps, text
 from gradserve import spec as specs
 from gradserve.v1 import jobs_pb2, jobs_pb2_grpc
 from gradserve_server import auth, corpus, errors
@@ -206,14 +206,18 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
             raise store.NotFound(job_id)
         return job
 
-    async def _check_quota(self) -> None:
+    async def _check_quota(self, adding: int = 1) -> None:
+        """Refuse `adding` more jobs when the tenant's queued (or running) jobs would pass their quota."""
         tenant = auth.current_tenant.get()
         queued, running = await self._call(self.store.active_counts, tenant)
         who = f"tenant {tenant!r}" if tenant else "this server"
-        for name, count, limit in (("queued", queued, self.quota_queued), ("running", running, self.quota_running)):
-            if limit and count >= limit:
+        # The new jobs wait as queued ones: they count against that quota alone.
+        for name, count, new, limit in (("queued", queued, adding, self.quota_queued),
+                                        ("running", running, 1, self.quota_running)):
+            if limit and count + new > limit:
+                more = f"; a sweep of {adding} members needs room for all of them" if adding > 1 else ""
                 raise errors.Exhausted(
-                    f"quota exceeded: {who} has {count} {name} jobs and the {name}-jobs quota is {limit}; "
+                    f"quota exceeded: {who} has {count} {name} jobs and the {name}-jobs quota is {limit}{more}; "
                     "wait for some to finish, or cancel some (`gradserve list`, `gradserve cancel`)"
                 )
 
@@ -319,6 +323,17 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
             ]
         )
 
+    async def _admit(self, spec: jobs_pb2.JobSpec, context, workers: list[jobs_pb2.Worker]) -> str:
+        """The queue for a valid, complete spec, once its text is long enough and it fits the workers' memory."""
+        if spec.dataset in specs.SYNTHETIC_TASKS:
+            vocab_size, steps_per_sequence = specs.TASKS[spec.dataset].symbols, specs.sequence_length(spec)
+        else:
+            tokens, vocab_size = await self._text_tokens(spec, context)
+            steps_per_sequence = tokens // spec.batch_size
+        queue = self._queue_for(spec.device, workers)
+        self._check_memory(spec, vocab_size, steps_per_sequence, queue, workers)
+        return queue
+
     async def _explain_waits(self, jobs: list[jobs_pb2.Job], workers: list[jobs_pb2.Worker] | None = None) -> None:
         """Say in each QUEUED job's `waiting` why it is not running yet; reads the workers only when one is queued."""
         queued = [j for j in jobs if j.state == jobs_pb2.QUEUED]
@@ -373,15 +388,9 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
         problems += labels.violations(request.name, request.tags, request.note)
         if problems:
             raise errors.Invalid(problems)
-        if spec.dataset in specs.SYNTHETIC_TASKS:
-            vocab_size, steps_per_sequence = specs.TASKS[spec.dataset].symbols, specs.sequence_length(spec)
-        else:
-            tokens, vocab_size = await self._text_tokens(spec, context)
-            steps_per_sequence = tokens // spec.batch_size
         # One look at the live workers serves both the routing and the memory budget.
         workers = await self._call(self.store.workers)
-        queue = self._queue_for(spec.device, workers)
-        self._check_memory(spec, vocab_size, steps_per_sequence, queue, workers)
+        queue = await self._admit(spec, context, workers)
         await self._check_quota()
         init = await self._init_from(request.init_from, spec) if request.HasField("init_from") else None
         job_id = store.new_job_id()
@@ -391,6 +400,70 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
         log.info("job %s queued on %s: %s %s", job_id, queue, spec.model, spec.dataset)
         await self._explain_waits([job], workers)
         return job
+
+    @errors.rpc
+    async def SubmitSweep(self, request, context):
+        sweep_spec = request.spec
+        problems = sweeps.violations(sweep_spec)
+        problems += labels.violations(request.name, request.tags, request.note)
+        if problems:
+            raise errors.Invalid(problems)
+        workers = await self._call(self.store.workers)
+        sweep_id, members = store.new_sweep_id(), []
+        for i, values in enumerate(sweeps.members(sweep_spec)):
+            spec = sweeps.member_spec(sweep_spec.base, values)
+            try:
+                queue = await self._admit(spec, context, workers)
+            except errors.Invalid as e:
+                # The member's own values say which one it is.
+                shown = " ".join(f"{k}={v}" for k, v in values.items())
+                raise errors.Invalid([(f"members[{i}] ({shown}): {f}", d) for f, d in e.violations]) from None
+            member_labels = store.Labels(sweeps.member_name(request.name, values), dict(request.tags), "", sweep_id)
+            members.append((store.new_job_id(), spec, queue, member_labels, values))
+        await self._check_quota(len(members))
+        sweep = await self._call(self.store.create_sweep, sweep_id, sweep_spec, auth.current_tenant.get(),
+                                 store.Labels(request.name, dict(request.tags), request.note), members)
+        for job_id, _, queue, _, _ in members:
+            await self._call(dispatch, self.celery, self.store, job_id, 1, queue)
+        log.info("sweep %s queued: %d members", sweep_id, len(members))
+        await self._explain_waits([m.job for m in sweep.members], workers)
+        return sweep
+
+    @errors.rpc
+    async def GetSweep(self, request, context):
+        _require_id(request.sweep_id, "sweep_id", "sweep-")
+        return await self._owned_sweep(request.sweep_id)
+
+    @errors.rpc
+    async def ListSweeps(self, request, context):
+        if request.limit > LIST_LIMIT_MAX:
+            raise errors.Invalid([("limit", f"must be in [0, {LIST_LIMIT_MAX}] (0 for 50), got {request.limit}")])
+        try:
+            found, token = await self._call(self.store.list_sweeps, auth.current_tenant.get(), request.limit or 50,
+                                            request.page_token)
+        except ValueError as e:
+            raise errors.Invalid([("page_token", str(e))]) from None
+        return jobs_pb2.ListSweepsResponse(sweeps=found, next_page_token=token)
+
+    @errors.rpc
+    async def CancelSweep(self, request, context):
+        _require_id(request.sweep_id, "sweep_id", "sweep-")
+        sweep = await self._owned_sweep(request.sweep_id)
+        for member in sweep.members:
+            if member.job.state in (jobs_pb2.QUEUED, jobs_pb2.RUNNING):
+                try:
+                    await self._call(self.store.request_cancel, member.job_id)
+                except store.Refused:
+                    pass  # it ended on its own meanwhile
+        return await self._owned_sweep(request.sweep_id)
+
+    async def _owned_sweep(self, sweep_id: str) -> jobs_pb2.Sweep:
+        try:
+            sweep = await self._call(self.store.get_sweep, sweep_id, auth.current_tenant.get())
+        except store.NotFound:
+            raise errors.NotFound(f"sweep {sweep_id} not found") from None
+        await self._explain_waits([m.job for m in sweep.members])
+        return sweep
 
     @errors.rpc
     async def GetJob(self, request, context):

@@ -13,6 +13,7 @@ def test_public_names_are_pinned():
         "Job",
         "NotFound",
         "ResourceExhausted",
+        "Sweep",
         "TERMINAL_STATES",
         "Unavailable",
         "state_name",

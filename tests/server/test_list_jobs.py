@@ -88,6 +88,49 @@ def test_filters_combine(idle_stack, job_store):
         assert set(ids()) == mine
 
 
+@pytest.mark.parametrize("fillers", [0, 3000], ids=["few jobs", "a rare name among thousands"])
+def test_the_name_filter_matches_a_substring_of_the_name_literally(job_store, fillers):
+    # With thousands of other jobs the name is rare, and Redis's own MATCH finds it rather than the walk.
+    tenant, spec = f"names{fillers}", jobs_pb2.JobSpec(**TINY)
+    with job_store.r.pipeline(transaction=False) as p:
+        for i in range(fillers):
+            job_id = store.new_job_id()
+            p.hset(store.job_key(job_id), mapping={"tenant": tenant, "spec": spec.SerializeToString(), "state": 1})
+            job_store._index(p, job_id, tenant, spec, store.Labels(name=f"filler {i}"), 1e9 + i, jobs_pb2.QUEUED)
+            p.zadd(store.tenant_jobs_key(tenant), {job_id: 1e9 + i})
+        p.execute()
+    named = {}
+    for name in ("lr*2 [run]", "LR*2 [RUN] again", "lr?2 run", "plain"):
+        named[name] = store.new_job_id()
+        job_store.create_job(named[name], spec, "cpu", tenant, store.Labels(name=name))
+    star, again, query, plain = named.values()
+
+    def ids(**kw) -> list[str]:
+        # A page of one job at a time: each page starts from the last one's token.
+        found, token = [], ""
+        while True:
+            page, token = job_store.list_jobs(store.JobQuery(limit=1, page_token=token, **kw), tenant)
+            found += [j.id for j in page]
+            if not token:
+                return found
+
+    assert ids(name_contains="r*2 [r") == [again, star], "glob characters in the name are plain characters"
+    assert ids(name_contains="?") == [query]
+    assert ids(name_contains="2 [run] a") == [again]
+    assert ids(name_contains="run", reverse=True) == [star, again, query]
+    created = job_store.get_job(query).created_at.ToNanoseconds() / 1e9
+    assert ids(name_contains="run", created_before=created) == [again, star]
+    assert ids(name_contains="run", order_by="val_loss") == [query, again, star]
+    assert ids(name_contains=plain[-6:]) == [], "a name matches its name, not its id"
+    job_store.request_cancel(query)
+    job_store.delete_job(query)
+    assert ids(name_contains="run") == [again, star]
+    assert not [m for m in job_store.r.zrange(store.named_key(tenant), 0, -1) if m.endswith(query.encode())]
+    if fillers:
+        page, token = job_store.list_jobs(store.JobQuery(limit=2000, name_contains="filler 1"), tenant)
+        assert (len(page), token) == (1111, "")  # "filler 1", 10-19, 100-199, 1000-1999
+
+
 def test_a_sweep_lists_its_members(idle_stack, job_store):
     # Sweeps submit their members through the store as the server does; here two members and a loner.
     spec = jobs_pb2.JobSpec(**TINY)
@@ -149,9 +192,9 @@ def test_sorting_by_a_summary_metric_puts_jobs_without_it_last(idle_stack, job_s
         def names(limit: int, **kw) -> list[str]:
             return [j.name.split()[1] for j in c.iter_jobs(limit=limit, order_by="val_loss", **kw)]
 
-        # Two ways to the same order: the tag's few jobs sorted whole, and the name, which no index serves,
-        # checked while walking the metric's index. Pages end within the jobs with the metric, right after
-        # the last of them, and within the jobs without it (newest first among those).
+        # Two ways to the same order: the tag's few jobs, and the few the name matches, sorted whole. Pages
+        # end within the jobs with the metric, right after the last of them, and within the jobs without it
+        # (newest first among those).
         for limit in (2, 3, 4, 50):
             assert names(limit, tags={"sorted": "yes"}) == names(limit, name="sorted ") == [
                 "best", "mid", "worst", "queued", "none"]
@@ -205,6 +248,11 @@ def test_jobs_recorded_before_the_indexes_are_added_to_them(idle_stack, job_stor
         assert [j.id for j in c.list_jobs(tags={"era": "old"}, model="lstm", state="SUCCEEDED",
                                           order_by="val_loss")] == [old.id]
         assert job_store.index_missing() == 0
+        # As the server before the names zset left it: the name in the names hash alone.
+        member = store.name_member(old.name, old.id)
+        job_store.r.zrem(store.named_key(""), member)
+        assert job_store.index_missing() == 0
+        assert job_store.r.zscore(store.named_key(""), member) is not None
 
 
 def test_resubmit_repeats_the_spec_with_changes_and_derives_defaults_again(idle_stack):

@@ -27,10 +27,12 @@ from gradserve.summary import add as add_to_summary
 from gradserve.v1 import jobs_pb2
 from gradserve_store.store import Fenced, JobStore, Lease, NotFound, Refused
 from gradserve_worker import hooks
+from gradserve_worker.earlystop import EarlyStop
 from gradserve_worker.errors import CannotTrain
 from gradserve_worker.events import to_event
 from gradserve_worker.joblog import job_log
-from gradserve_worker.trainer import CheckpointReady, StepMetrics, TrainConfig, TrainingDiverged, train
+from gradserve_worker.trainer import (CheckpointReady, Evaluation, StepMetrics, TrainConfig, TrainingDiverged,
+                                      TrainResult, train)
 
 log = logging.getLogger("gradserve.worker")
 
@@ -172,78 +174,115 @@ def _requeue_if_unclaimed(job_store: JobStore, lease: Lease, requeue: Callable[[
         log.warning("job %s: could not check or send attempt %d again (%s)", lease.job_id, lease.attempt, e)
 
 
-def _run_attempt(job_store: JobStore, lease: Lease, keeper: LeaseKeeper, shutdown: threading.Event,
-                 requeue: Callable[[str, int, str], None] | None, retrying: Callable) -> None:
-    job_id = lease.job_id
-    cancel = _CancelPoll(job_store, job_id)
-    last_step = lease.checkpoint_step
-    # Carried over from earlier attempts: what they trained counts too.
-    summary = retrying(job_store.summary, job_id)
+class Attempt:
+    """One claimed attempt's glue: its reports turned into fenced writes, its reasons to stop, and its end.
 
-    def should_stop() -> bool:
-        return keeper.lost.is_set() or shutdown.is_set() or cancel()
+    `on_event` and `should_stop` go to the trainer; `prepare` reads what it
+    trains on, then `finished` or `failed` records how the attempt ended.
+    """
 
-    def on_event(report) -> None:
-        nonlocal last_step
+    def __init__(self, job_store: JobStore, lease: Lease, keeper: LeaseKeeper, shutdown: threading.Event,
+                 retrying: Callable):
+        self.store, self.lease, self.keeper, self.shutdown, self.retrying = (job_store, lease, keeper, shutdown,
+                                                                             retrying)
+        self.job_id = lease.job_id
+        self.cancel = _CancelPoll(job_store, self.job_id)
+        self.last_step = lease.checkpoint_step
+        # Carried over from earlier attempts: what they trained counts too.
+        self.summary = retrying(job_store.summary, self.job_id)
+        self.early: EarlyStop | None = None
+        self.spec: jobs_pb2.JobSpec | None = None
+
+    def should_stop(self) -> bool:
+        return (self.keeper.lost.is_set() or self.shutdown.is_set() or self.cancel()
+                or (self.early is not None and self.early()))
+
+    def on_event(self, report) -> None:
         for hook in hooks.report_hooks:
             hook(report)
         # The store skips what the stream already has, which is how a resumed
         # attempt recomputing steps up to where its predecessor died stays silent.
         if isinstance(report, CheckpointReady):
             if report.best_loss is not None:
-                retrying(job_store.put_best_checkpoint, lease, report.step, report.best_loss, report.data)
+                self.retrying(self.store.put_best_checkpoint, self.lease, report.step, report.best_loss, report.data)
             else:
-                retrying(job_store.put_checkpoint, lease, report.step, report.data)
+                self.retrying(self.store.put_checkpoint, self.lease, report.step, report.data)
             return
         if isinstance(report, StepMetrics):
-            last_step = report.step
+            self.last_step = report.step
+        if isinstance(report, Evaluation) and self.early is not None:
+            self.retrying(self.early.evaluated, report.step, report.loss, report.perplexity)
         event = to_event(report)
-        changed = add_to_summary(summary, event)
-        retrying(job_store.append_event, lease, event, summary if changed else None)
+        changed = add_to_summary(self.summary, event)
+        self.retrying(self.store.append_event, self.lease, event, self.summary if changed else None)
 
-    def end(state: int, reason: str = "", step: int | None = None) -> None:
-        step = last_step if step is None else step
-        log.log(logging.INFO if state == jobs_pb2.SUCCEEDED else logging.WARNING, "job %s: %s at step %d%s", job_id,
-                jobs_pb2.JobState.Name(state), step, f": {reason}" if reason else "")
-        retrying(job_store.finish, lease, state, reason=reason, step=step)
+    def end(self, state: int, reason: str = "", step: int | None = None) -> None:
+        step = self.last_step if step is None else step
+        log.log(logging.INFO if state == jobs_pb2.SUCCEEDED else logging.WARNING, "job %s: %s at step %d%s",
+                self.job_id, jobs_pb2.JobState.Name(state), step, f": {reason}" if reason else "")
+        self.retrying(self.store.finish, self.lease, state, reason=reason, step=step)
 
-    try:
-        spec = retrying(job_store.spec, job_id)
+    def prepare(self) -> tuple[TrainConfig, str, dict]:
+        """(config, text, train's keywords: resume, or init and its options) for this attempt."""
+        retrying, job_id = self.retrying, self.job_id
+        self.spec = spec = retrying(self.store.spec, job_id)
         config = TrainConfig.from_spec(spec)
+        if sweep := retrying(self.store.early_stop_of, job_id):
+            self.early = EarlyStop(self.store, job_id, *sweep, spec)
         if spec.dataset in SYNTHETIC_TASKS:
             text = ""  # the trainer generates these sequences from the seed
         else:
-            text = retrying(job_store.dataset_text, retrying(job_store.resolve_dataset, spec.dataset))
-        resume = retrying(job_store.get_checkpoint, job_id)[1] if lease.checkpoint_step else None
-        start_from = retrying(job_store.get_init, job_id) if resume is None else None
-        init = {}
-        if start_from is not None:
-            asked, data = start_from
-            log.info("job %s: starting from step %d of job %s (weights%s%s)", job_id, asked.step, asked.job_id,
-                     ", optimizer state" if asked.optimizer else "", ", hidden state" if asked.state else "")
-            init = dict(init=data, init_optimizer=asked.optimizer, init_state=asked.state)
-        result = train(config, text, on_event, should_stop=should_stop, resume=resume, **init)
-    except (Fenced, *_UNREACHABLE):
-        raise
-    except TrainingDiverged as e:
-        # The step it diverged at, which its reason names too; no metrics event may have reported it yet.
-        end(jobs_pb2.FAILED, str(e), step=e.step)
-    except CannotTrain as e:
-        end(jobs_pb2.FAILED, str(e))  # written for the job's owner: too little text, no GPU, ...
-    except NotFound as e:
-        end(jobs_pb2.FAILED, f"dataset {e.args[0]} is gone from the store")
-    except Exception as e:
-        log.exception("job %s crashed", job_id)
-        end(jobs_pb2.FAILED, f"the worker hit an internal error: {type(e).__name__}: {e}")
-    else:
-        if not result.stopped:
-            end(jobs_pb2.SUCCEEDED)
-        elif cancel.requested:
-            end(jobs_pb2.CANCELLED, f"cancelled by request at step {result.steps}")
-        elif keeper.lost.is_set():
-            log.warning("job %s: stopped at step %d without its lease", job_id, result.steps)
+            text = retrying(self.store.dataset_text, retrying(self.store.resolve_dataset, spec.dataset))
+        if self.lease.checkpoint_step:
+            return config, text, {"resume": retrying(self.store.get_checkpoint, job_id)[1]}
+        start_from = retrying(self.store.get_init, job_id)
+        if start_from is None:
+            return config, text, {}
+        asked, data = start_from
+        log.info("job %s: starting from step %d of job %s (weights%s%s)", job_id, asked.step, asked.job_id,
+                 ", optimizer state" if asked.optimizer else "", ", hidden state" if asked.state else "")
+        return config, text, {"init": data, "init_optimizer": asked.optimizer, "init_state": asked.state}
+
+    def failed(self, e: Exception) -> None:
+        """Record the attempt's end by an exception from prepare or the trainer; re-raises what is not the job's."""
+        if isinstance(e, (Fenced, *_UNREACHABLE)):
+            raise e
+        if isinstance(e, TrainingDiverged):
+            # The step it diverged at, which its reason names too; no metrics event may have reported it yet.
+            self.end(jobs_pb2.FAILED, str(e), step=e.step)
+        elif isinstance(e, CannotTrain):
+            self.end(jobs_pb2.FAILED, str(e))  # written for the job's owner: too little text, no GPU, ...
+        elif isinstance(e, NotFound):
+            self.end(jobs_pb2.FAILED, f"dataset {e.args[0]} is gone from the store")
         else:
-            _hand_back(job_store, lease, result.steps, requeue, end, retrying)
+            log.error("job %s crashed", self.job_id, exc_info=e)
+            self.end(jobs_pb2.FAILED, f"the worker hit an internal error: {type(e).__name__}: {e}")
+
+    def finished(self, result: TrainResult, requeue: Callable[[str, int, str], None] | None) -> None:
+        """Record how a run that returned ended: done, cancelled, stopped early, lost, or handed back."""
+        if not result.stopped:
+            self.end(jobs_pb2.SUCCEEDED)
+        elif self.cancel.requested:
+            self.end(jobs_pb2.CANCELLED, f"cancelled by request at step {result.steps}")
+        elif self.early is not None and self.early.reason:
+            # It trained as asked up to here, and keeps its checkpoint: a result, just a shorter one.
+            self.end(jobs_pb2.SUCCEEDED, self.early.reason)
+        elif self.keeper.lost.is_set():
+            log.warning("job %s: stopped at step %d without its lease", self.job_id, result.steps)
+        else:
+            _hand_back(self.store, self.lease, result.steps, requeue, self.end, self.retrying)
+
+
+def _run_attempt(job_store: JobStore, lease: Lease, keeper: LeaseKeeper, shutdown: threading.Event,
+                 requeue: Callable[[str, int, str], None] | None, retrying: Callable) -> None:
+    attempt = Attempt(job_store, lease, keeper, shutdown, retrying)
+    try:
+        config, text, start = attempt.prepare()
+        result = train(config, text, attempt.on_event, should_stop=attempt.should_stop, **start)
+    except Exception as e:
+        attempt.failed(e)
+    else:
+        attempt.finished(result, requeue)
 
 
 def _hand_back(job_store: JobStore, lease: Lease, step: int, requeue: Callable[[str, int, str], None] | None,

@@ -104,6 +104,26 @@ class JobServiceStub:
                 request_serializer=gradserve_dot_v1_dot_jobs__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=gradserve_dot_v1_dot_jobs__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.SubmitSweep = channel.unary_unary(
+                '/gradserve.v1.JobService/SubmitSweep',
+                request_serializer=gradserve_dot_v1_dot_jobs__pb2.SubmitSweepRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_jobs__pb2.Sweep.FromString,
+                _registered_method=True)
+        self.GetSweep = channel.unary_unary(
+                '/gradserve.v1.JobService/GetSweep',
+                request_serializer=gradserve_dot_v1_dot_jobs__pb2.GetSweepRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_jobs__pb2.Sweep.FromString,
+                _registered_method=True)
+        self.ListSweeps = channel.unary_unary(
+                '/gradserve.v1.JobService/ListSweeps',
+                request_serializer=gradserve_dot_v1_dot_jobs__pb2.ListSweepsRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_jobs__pb2.ListSweepsResponse.FromString,
+                _registered_method=True)
+        self.CancelSweep = channel.unary_unary(
+                '/gradserve.v1.JobService/CancelSweep',
+                request_serializer=gradserve_dot_v1_dot_jobs__pb2.CancelSweepRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_jobs__pb2.Sweep.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -218,6 +238,36 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitSweep(self, request, context):
+        """Validates every member of the sweep as a job, then records them all at
+        once and queues each: a sweep is submitted whole or not at all.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSweep(self, request, context):
+        """The sweep with each member's job record as it is now.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSweeps(self, request, context):
+        """The caller's sweeps, newest first, with their members counted by state
+        (the members' records are left out).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelSweep(self, request, context):
+        """Cancels every member still QUEUED or RUNNING.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -290,6 +340,26 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=gradserve_dot_v1_dot_jobs__pb2.GenerateRequest.FromString,
                     response_serializer=gradserve_dot_v1_dot_jobs__pb2.GenerateResponse.SerializeToString,
+            ),
+            'SubmitSweep': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitSweep,
+                    request_deserializer=gradserve_dot_v1_dot_jobs__pb2.SubmitSweepRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_jobs__pb2.Sweep.SerializeToString,
+            ),
+            'GetSweep': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSweep,
+                    request_deserializer=gradserve_dot_v1_dot_jobs__pb2.GetSweepRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_jobs__pb2.Sweep.SerializeToString,
+            ),
+            'ListSweeps': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSweeps,
+                    request_deserializer=gradserve_dot_v1_dot_jobs__pb2.ListSweepsRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_jobs__pb2.ListSweepsResponse.SerializeToString,
+            ),
+            'CancelSweep': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelSweep,
+                    request_deserializer=gradserve_dot_v1_dot_jobs__pb2.CancelSweepRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_jobs__pb2.Sweep.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -670,6 +740,114 @@ class JobService:
             '/gradserve.v1.JobService/Generate',
             gradserve_dot_v1_dot_jobs__pb2.GenerateRequest.SerializeToString,
             gradserve_dot_v1_dot_jobs__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitSweep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradserve.v1.JobService/SubmitSweep',
+            gradserve_dot_v1_dot_jobs__pb2.SubmitSweepRequest.SerializeToString,
+            gradserve_dot_v1_dot_jobs__pb2.Sweep.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSweep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradserve.v1.JobService/GetSweep',
+            gradserve_dot_v1_dot_jobs__pb2.GetSweepRequest.SerializeToString,
+            gradserve_dot_v1_dot_jobs__pb2.Sweep.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSweeps(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradserve.v1.JobService/ListSweeps',
+            gradserve_dot_v1_dot_jobs__pb2.ListSweepsRequest.SerializeToString,
+            gradserve_dot_v1_dot_jobs__pb2.ListSweepsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelSweep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradserve.v1.JobService/CancelSweep',
+            gradserve_dot_v1_dot_jobs__pb2.CancelSweepRequest.SerializeToString,
+            gradserve_dot_v1_dot_jobs__pb2.Sweep.FromString,
             options,
             channel_credentials,
             insecure,
