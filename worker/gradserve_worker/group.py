@@ -1,4 +1,4 @@
-"""Several jobs of a sweep trained as one: one step, one backward, for members that differ only in values.
+"""Several jobs of a sweep trained as one: one data stream and one step for members that differ only in values.
 
     key = group_key(config)          # None: this config trains alone, with trainer.train
     outcomes = train_group(configs, text, on_event, should_stop=..., resume=[...])
@@ -12,17 +12,18 @@ batched (rnn_scratch and rnn by default)
     Their parameters are stacked along a leading dimension G (torch.stack,
     whose backward hands each member its own slice of the gradient) and one
     stacked model runs them all: torch.bmm/baddbmm products for the
-    recurrence and the output layer, and for rnn_scratch and rnn the
-    chapter's hand-written BPTT backward with a batch of weight matrices
-    (StackedRecurrence); gru and lstm cells written out in torch ops.
+    recurrence and the output layer, and for rnn_scratch, rnn and lstm a
+    hand-written BPTT backward with a batch of weight matrices
+    (StackedRecurrence, StackedLSTM); gru cells and any layer stepped through
+    time (randomized truncation) go through autograd. One backward of the
+    members' summed losses gives each member the gradient of its own loss.
 looped (gru and lstm by default)
-    Each member's own model runs the window in turn, train()'s forward with
-    torch's fused layers, and only the loss and the backward are shared. The
-    stacked gru and lstm cells measured slower than this on the CPU
-    (BENCHMARKS.md), an autograd node per gate and step against one fused kernel.
+    Each member's own model runs the window in turn, forward and backward:
+    train()'s own step with torch's fused layers. The group shares the data
+    stream, the loop and the process. The stacked gru and lstm layers measured
+    slower than this on the CPU (BENCHMARKS.md).
 
-One backward of the members' summed losses gives each member the gradient of
-its own loss. Everything after it is per member and is trainer.train's own
+Everything after the backward is per member and is trainer.train's own
 code: the global norm over the member's parameters, its clipping, its lr and
 schedule, its optimizer step, its events, its checkpoints. So a member
 trained in a group computes what train() computes for it alone, up to
@@ -139,8 +140,8 @@ def group_key(config: TrainConfig) -> tuple | None:
 
 # The models whose batched step measured faster on the CPU than their members' own models run in turn
 # (bench/sweep.py, BENCHMARKS.md): rnn_scratch and rnn replace per-step products by batched ones and keep their
-# hand-written backward; gru and lstm cells written out in torch ops lose to torch's fused kernels. No GPU has
-# measured it yet, so CUDA follows the CPU.
+# hand-written backward; the stacked lstm and gru layers lose to torch's fused kernels. No GPU has measured it
+# yet, so CUDA follows the CPU.
 BATCHED_BY_DEFAULT = frozenset({"rnn_scratch", "rnn"})
 
 # -----------------------------------------------------------------------------
@@ -538,28 +539,41 @@ def _losses(outputs: torch.Tensor, window) -> torch.Tensor:
 
 
 def _looped(members: list[_Member], window, state, keep: bool, device) -> tuple[torch.Tensor, tuple]:
-    """Each member's own model on the window, one after another: (losses (G,), carried state stacked).
+    """Each member's own model on the window, forward then backward, one member after another.
 
-    This is train()'s own forward (truncation.run_window, the torch layers'
-    fused kernels), each member drawing from its own generator; only the
-    backward is shared.
+    This is train()'s own step (truncation.run_window, the torch layers'
+    fused kernels), each member drawing from its own generator. Each member's
+    backward follows its forward, while its activations are still in cache:
+    all forwards before one backward measured slower than the members' own runs.
+    Returns (losses (G,), carried state stacked).
     """
     losses, carried = [], []
     for g, m in enumerate(members):
         with _own_random(m, device):
             keep_g = m.config.truncation_keep if keep else None
             outputs, carried_g, _ = run_window(m.model, window.X, _member_state(state, g), window.carry_at, keep_g)
-        losses.append(TextStream._loss(outputs, window))
+        loss = TextStream._loss(outputs, window)
+        m.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        losses.append(loss.detach())
         carried.append(carried_g)
     return torch.stack(losses), tuple(torch.stack(parts) for parts in zip(*carried))
 
 
-def _window_losses(stack: _Stack, window, state, keep: bool, batched: bool, device) -> tuple[torch.Tensor, tuple]:
-    """Every member's loss on the window, (G,), and the carried state, by the batched model or member by member."""
+def _forward_backward(stack: _Stack, window, state, keep: bool, batched: bool, device) -> tuple[torch.Tensor, tuple]:
+    """Every member's gradient of its own loss on the window, by the batched model or member by member.
+
+    Returns the losses (G,) and the carried state. One backward of the summed
+    losses serves the batched model: each member's parameters reach only its own loss.
+    """
     if not batched:
         return _looped(stack.members, window, state, keep, device)
     outputs, carried = _run_window(stack, stack.stack_weights(), window, state, keep)
-    return _losses(outputs, window), carried
+    losses = _losses(outputs, window)
+    for m in stack.members:
+        m.optimizer.zero_grad(set_to_none=True)
+    losses.sum().backward()
+    return losses.detach(), carried
 
 
 # -----------------------------------------------------------------------------
@@ -670,16 +684,13 @@ def train_group(
         if fresh or state is None:
             state = zero_state
         start = state
-        losses, carried = _window_losses(stack, window, state, keep, batched, device)
-        for m in active:
-            m.optimizer.zero_grad(set_to_none=True)
-        losses.sum().backward()
+        losses, carried = _forward_backward(stack, window, state, keep, batched, device)
         step += 1
         tokens = stream.tokens(window)
 
         norms = torch.stack([nn.utils.get_total_norm([p.grad for p in m.params]) for m in active])
         # One device sync per step for every member's two numbers.
-        loss_vals, norm_vals = torch.stack([losses.detach(), norms]).tolist()
+        loss_vals, norm_vals = torch.stack([losses, norms]).tolist()
         shared = time.perf_counter() - t_step
         state = carried
         ended = []
