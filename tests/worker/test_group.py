@@ -16,6 +16,9 @@ from dataclasses import replace
 import pytest
 import torch
 
+from gradserve import spec as specs
+from gradserve import sweeps
+from gradserve.v1 import jobs_pb2
 from gradserve_worker import group, trainer
 from gradserve_worker.errors import CannotTrain
 from gradserve_worker.group import MEMBER_VALUES, group_key, train_group
@@ -323,6 +326,18 @@ def test_derived_defaults_group_with_their_explicit_values():
 def test_auto_truncation_and_synthetic_tasks_train_alone():
     assert group_key(small(truncation="auto")) is None
     assert group_key(small(dataset="builtin:copy")) is None
+
+
+@pytest.mark.parametrize("change", [{}, {"lr": 0.5, "dropout": 0.2}, {"seed": 4}, {"hidden_size": 16},
+                                    {"truncation": "tbptt"}, {"tbptt_k2": 70}, {"device": "auto"}])
+def test_the_server_forms_the_groups_the_worker_trains(change):
+    # The server groups a sweep's members from their specs without torch; the worker checks with its own key.
+    def spec(**fields):
+        return specs.complete(jobs_pb2.JobSpec(dataset="ds-x", model="gru", **fields))
+
+    a, b = spec(), spec(**change)
+    assert (sweeps.group_key(a) == sweeps.group_key(b)) == (
+        group_key(TrainConfig.from_spec(a)) == group_key(TrainConfig.from_spec(b)))
 
 
 def test_member_values_are_config_fields():

@@ -81,6 +81,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
+from gradserve import sweeps
 from gradserve.spec import BY_NAME, resolved
 from torch import nn
 
@@ -110,13 +111,9 @@ from gradserve_worker.truncation import ScaleGrad, detach_state, run_window, sam
 # -----------------------------------------------------------------------------
 # which configs train together
 
-# Settings that change only values, never a tensor's shape or the data a step sees.
-MEMBER_VALUES = frozenset({
-    "lr", "clip_norm", "weight_decay", "optimizer", "schedule", "lr_step_every", "lr_gamma", "min_lr",
-    "dropout", "embedding_dropout", "truncation_keep", "init", "init_range", "max_dependency",
-    "on_nonfinite", "truncation_tolerance",
-    "max_steps", "log_every", "checkpoint_every", "eval_every", "probe_every",
-})
+# Settings that change only values, never a tensor's shape or the data a step sees: the server groups a sweep's
+# members by the same rule (gradserve.sweeps.group_key), so that the groups it sends are the groups trained here.
+MEMBER_VALUES = sweeps.MEMBER_VALUES
 
 
 def group_key(config: TrainConfig) -> tuple | None:
@@ -657,7 +654,11 @@ def train_group(
         raise CannotTrain("the members' checkpoints are at different steps or places in the data: "
                           + ", ".join(f"step {s} (epoch {e}, window {p})" for s, e, p in sorted(positions)))
 
-    members = [_member(i, config, ckpt, stream, device, on_event, len(configs))
+    if batched is None:
+        batched = configs[0].model in BATCHED_BY_DEFAULT
+    why = (f"trained in a group of {len(configs)}: one stacked model for all its members" if batched else
+           f"trained in a group of {len(configs)}: each member's own layers in turn, one loop for all")
+    members = [_member(i, config, ckpt, stream, device, on_event, why)
                for i, (config, ckpt) in enumerate(zip(configs, ckpts))]
     step, epoch, pos = positions.pop() if positions else (0, 0, 0)
     # The shared stream walks the windows; each member's carried state lives in the stacked `state`.
@@ -670,8 +671,6 @@ def train_group(
     if active and ckpts[0] is not None and ckpts[0]["state"]:
         state = tuple(torch.stack(s).to(device) for s in zip(*(ckpts[m.index]["state"] for m in active)))
     keep = configs[0].truncation == "randomized"
-    if batched is None:
-        batched = configs[0].model in BATCHED_BY_DEFAULT
     zero_state = None
 
     while active:
@@ -710,7 +709,7 @@ def train_group(
 
 
 def _member(i: int, config: TrainConfig, ckpt: dict | None, stream: TextStream, device: torch.device,
-            on_event: Callable[[int, object], None], size: int) -> _Member:
+            on_event: Callable[[int, object], None], why: str) -> _Member:
     """Member i's model, optimizer and schedule, built (or restored) exactly as train() builds its own."""
     if ckpt is not None:
         _check_resumable(ckpt, config, stream.vocab)
@@ -738,7 +737,6 @@ def _member(i: int, config: TrainConfig, ckpt: dict | None, stream: TextStream, 
         if device.type == "cuda":
             saved = ckpt["rng"]["cuda"]
             rng["cuda"] = saved[device.index or 0] if saved else torch.cuda.get_rng_state(device)
-    why = f"trained in a group of {size}: one backward for all its members"
     report = _labelled(lambda event: on_event(i, event), "eager", why)
     return _Member(index=i, config=config, model=model, optimizer=optimizer, on_event=report, rng=rng, lr=lr,
                    spectral=spectral, plateau=plateau, best=best,
