@@ -64,19 +64,19 @@ const GS = (() => {
   }
 
   // Redraws at most once a frame, however many batches arrive in it, and no sooner than `gapMs()` after the
-  // last redraw: a page catching up on a long history draws it once, not once per batch.
+  // last redraw, as `gapMs()` says at each call: a page catching up on a long history draws it seldom, and
+  // once more as soon as it has it all, not when the gap it was waiting out ends.
   function throttled(draw, gapMs = () => 0) {
-    let pending = false, last = 0;
-    const run = () => {
+    let timer = null, frame = null, last = 0;
+    const schedule = () => {
+      if (frame !== null) return;
+      clearTimeout(timer);
+      timer = null;
       const wait = last + gapMs() - performance.now();
-      if (wait > 0) { setTimeout(run, wait); return; }
-      requestAnimationFrame(() => { pending = false; last = performance.now(); draw(); });
+      if (wait > 0) timer = setTimeout(schedule, wait);
+      else frame = requestAnimationFrame(() => { frame = null; last = performance.now(); draw(); });
     };
-    return () => {
-      if (pending) return;
-      pending = true;
-      run();
-    };
+    return schedule;
   }
 
   // ------------------------------------------------------------------ formatting
@@ -153,6 +153,30 @@ const GS = (() => {
     const plot = new uPlot(opts, [[], ...series.map(() => [])], el);
     new ResizeObserver(() => plot.setSize({width: Math.max(300, el.clientWidth), height})).observe(el);
     return plot;
+  }
+
+  // uPlot points options for markers on a series (a sparse one, such as validation, or the clipped steps): at
+  // most one every `size` pixels across, on the largest value of each run. A long job has thousands of such
+  // points, and a circle for each was most of the time its page took to draw, for nothing more to see; the
+  // largest, not the first, so that a run of markers follows the curve's top instead of drawing a pattern.
+  function markers(size, fill) {
+    return {show: false, size, ...(fill ? {fill} : {}), filter: (u, i) => {
+      const xs = u.data[0], ys = u.data[i], [from, to] = u.series[0].idxs, shown = [];
+      let best = -1, end = -Infinity;
+      for (let j = from; j <= to; j++) {
+        if (ys[j] == null) continue;
+        const x = u.valToPos(xs[j], "x");
+        if (x >= end) {
+          if (best >= 0) shown.push(best);
+          best = j;
+          end = x + size;
+        } else if (ys[j] > ys[best]) {
+          best = j;
+        }
+      }
+      if (best >= 0) shown.push(best);
+      return shown;
+    }};
   }
 
   // ------------------------------------------------------------------ heatmaps
@@ -282,5 +306,5 @@ const GS = (() => {
   }
 
   return {api, post, getSession, follow, throttled, fmt, rate, bytes, ago, when, esc, stateBadge, progress, header,
-          lineChart, heatmapRange, drawHeatmap, drawLegend, JobHistory, StepTable, PALETTE, n};
+          lineChart, markers, heatmapRange, drawHeatmap, drawLegend, JobHistory, StepTable, PALETTE, n};
 })();
