@@ -59,6 +59,14 @@ const GS = (() => {
       clearTimeout(timer);
       if (source) source.close();
     }
+    // A page left for another can be kept whole (the back/forward cache) with its stream still open, holding
+    // one of the six connections a browser makes to a server: the seventh page opened after it waited about
+    // a minute for one. Closed when the page is left, and reopened from the last cursor if it is shown again.
+    addEventListener("pagehide", () => {
+      clearTimeout(timer);
+      if (source) source.close();
+    });
+    addEventListener("pageshow", (e) => { if (e.persisted && !stopped) open(); });
     open();
     return {stop, cursor: () => last};
   }
