@@ -207,7 +207,10 @@ class _History:
         # The index of the first chunk after each cursor a page may resume from.
         self.after = {"0-0": 0}
         self.size = 0
-        self.lock = asyncio.Lock()
+        # The read adding chunks, while one runs; it returns the partial chunk after them, if any.
+        self.reading: asyncio.Task | None = None
+        # Set, and replaced, whenever a chunk is added or the read ends.
+        self.changed = asyncio.Event()
 
     @property
     def ends(self) -> bool:
@@ -217,17 +220,24 @@ class _History:
         self.chunks.append(chunk)
         self.after[chunk.cursor] = len(self.chunks)
         self.size += len(chunk.message)
+        self.change()
+
+    def change(self) -> None:
+        self.changed.set()
+        self.changed = asyncio.Event()
 
 
 class Histories:
     """Jobs' stored histories as event-stream messages, for the pages that open them.
 
     A page opening a job from its start (or resuming at a chunk's end) gets
-    the chunks kept for it, after the reads that extend them to the job's last
-    full chunk; pages opening the same job at once wait for one such read.
-    Any other cursor, and the partial chunk at the end, are read for that page
-    alone. Reads go through `astore.read_history`, at most HISTORY_READS at a
-    time. The least recently opened jobs are dropped beyond `limit` bytes.
+    the chunks kept for it, and each new one as a read that extends them to
+    the job's last full chunk adds it; pages opening the same job at once share
+    one such read, which goes on if they leave. The partial chunk after the
+    full ones is sent to the pages that read shared, not kept. Any other cursor
+    is read for its page alone. Reads go through `astore.read_history`, at most
+    HISTORY_READS at a time. The least recently opened jobs are dropped beyond
+    `limit` bytes.
     """
 
     def __init__(self, astore: store.AsyncJobStore, limit: int = HISTORY_CACHE_BYTES):
@@ -251,12 +261,23 @@ class Histories:
             if history is None:
                 history = self._jobs[job_id] = _History()
             self._jobs.move_to_end(job_id)
-            async with history.lock:
-                tail = await self._extend(job_id, history)
-                kept = history.chunks[history.after[after]:]
+            if history.reading is None:
+                history.reading = asyncio.create_task(self._extend(job_id, history))
+                # Retrieved here too, so that a failed read whose pages have all left is not reported as lost.
+                history.reading.add_done_callback(lambda task: task.cancelled() or task.exception())
+            reading, next_chunk = history.reading, history.after[after]
+            while True:
+                # Taken before the chunks are looked at: a chunk added meanwhile sets it.
+                changed = history.changed
+                while next_chunk < len(history.chunks):
+                    yield history.chunks[next_chunk]
+                    next_chunk += 1
+                if reading.done() or history.reading is not reading:
+                    break
+                await changed.wait()
+            # Shielded: a page that leaves must not stop the read the others share.
+            tail = await asyncio.shield(reading)
             self._keep(job_id, history)
-            for chunk in kept:
-                yield chunk
             if tail is not None:
                 yield tail
             return
@@ -274,15 +295,25 @@ class Histories:
     async def _extend(self, job_id: str, history: _History) -> Chunk | None:
         """Read and keep the job's full chunks after those kept; the partial one after them, if any, is not kept
         but returned."""
-        while not history.ends:
-            events = await self._read(job_id, history.chunks[-1].cursor if history.chunks else "0-0")
-            if not events:
-                return None
-            chunk = Chunk.of(events)
-            if not (chunk.ends or chunk.events == HISTORY_CHUNK):
-                return chunk
-            history.add(chunk)
-        return None
+        try:
+            while not history.ends:
+                events = await self._read(job_id, history.chunks[-1].cursor if history.chunks else "0-0")
+                if not events:
+                    return None
+                chunk = Chunk.of(events)
+                if not (chunk.ends or chunk.events == HISTORY_CHUNK):
+                    return chunk
+                history.add(chunk)
+            return None
+        finally:
+            history.reading = None
+            history.change()
+
+    def close(self) -> None:
+        """Stop the reads under way: the server is stopping."""
+        for history in self._jobs.values():
+            if history.reading is not None:
+                history.reading.cancel()
 
     async def _read(self, job_id: str, after: str) -> list[jobs_pb2.Event]:
         async with self._reads:
@@ -357,6 +388,7 @@ class Dashboard:
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+        self.histories.close()
 
     # ------------------------------------------------------------ auth
 

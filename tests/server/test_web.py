@@ -268,8 +268,8 @@ def test_pages_opening_a_job_at_once_share_one_read_of_its_history(monkeypatch):
         for chunks in pages:
             assert _events_of(chunks) == every
             assert [c.events for c in chunks] == [10, 10, 10, 5] and not any(c.ends for c in chunks)
-        # The three full chunks were read once for all five pages, the last five events once for each.
-        assert stream.read == 30 + 5 * 5
+        # Read once for all five pages, the five events after the full chunks included.
+        assert stream.read == 35
         # Opened again: only what came after the kept chunks is read, and the chunks resume where pages do.
         stream.read = 0
         assert _events_of(await _page(histories, "job-x")) == every
@@ -277,6 +277,22 @@ def test_pages_opening_a_job_at_once_share_one_read_of_its_history(monkeypatch):
         assert _events_of(await _page(histories, "job-x", "20-0")) == every[20:]
         assert _events_of(await _page(histories, "job-x", "17-0")) == every[17:]
         assert _events_of(await _page(histories, "job-x", "35-0")) == []
+
+    asyncio.run(scenario())
+
+
+def test_a_page_gets_each_chunk_as_it_is_read_and_one_that_leaves_stops_no_read(monkeypatch):
+    monkeypatch.setattr(web, "HISTORY_CHUNK", 10)
+    stream = _Stream(35)
+
+    async def scenario():
+        histories = web.Histories(stream)
+        leaving = histories.chunks("job-x")
+        assert (await anext(leaving)).events == 10
+        assert stream.reads < 4, "the first chunk came before the last was read"
+        await leaving.aclose()
+        assert _events_of(await _page(histories, "job-x")) == [e.cursor for e in stream.events]
+        assert stream.read == 35, "the read the first page started went on, and the second page shared it"
 
     asyncio.run(scenario())
 
