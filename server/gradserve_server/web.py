@@ -199,8 +199,8 @@ class Chunk(NamedTuple):
 
 class _History:
     """A job's history as kept for pages: its chunks from the first event on, each HISTORY_CHUNK events long but
-    the one that ends the job. A partial chunk is never kept: the events after the last full one are read for
-    each page. Stored events never change, so neither do kept chunks."""
+    the one that ends the job. A partial chunk is never kept: the events after the last full one are read again
+    by each read that extends the history. Stored events never change, so neither do kept chunks."""
 
     def __init__(self):
         self.chunks: list[Chunk] = []
