@@ -259,13 +259,23 @@ const GS = (() => {
         if (steps[lo] === step) return lo;
         i = lo;
       }
-      steps.splice(i, 0, step);
-      for (const c of this.columns) this.values[c].splice(i, 0, null);
+      // Nearly always a step after the last: appended, not spliced in, which costs a long history's page less.
+      if (i === steps.length) {
+        steps.push(step);
+        for (const c of this.columns) this.values[c].push(null);
+      } else {
+        steps.splice(i, 0, step);
+        for (const c of this.columns) this.values[c].splice(i, 0, null);
+      }
       return i;
     }
-    set(step, values) {
-      const i = this.row(step);
-      for (const [c, v] of Object.entries(values)) this.values[c][i] = v;
+    // For each i, `columns[name][i]` as the value of column `name` at step `steps[i]`.
+    setColumns(steps, columns) {
+      const into = Object.keys(columns).map((c) => [this.values[c], columns[c]]);
+      for (let i = 0; i < steps.length; i++) {
+        const row = this.row(steps[i]);
+        for (const [values, given] of into) values[row] = given[i];
+      }
     }
     data(columns) { return [this.steps, ...columns.map((c) => this.values[c])]; }
   }
@@ -284,18 +294,12 @@ const GS = (() => {
     add(batch) {
       const m = batch.metrics, e = batch.evaluation;
       if (m) {
-        for (let i = 0; i < m.step.length; i++) {
-          this.metricCursors.push(m.cursor[i]);
-          this.table.set(m.step[i], {loss: m.loss[i], perplexity: m.perplexity[i], grad_norm: m.grad_norm[i],
-                                     clipped_norm: m.clipped[i] ? m.grad_norm[i] : null, lr: m.lr[i],
-                                     tokens_per_sec: m.tokens_per_sec[i]});
-        }
+        for (const cursor of m.cursor) this.metricCursors.push(cursor);
+        this.table.setColumns(m.step, {loss: m.loss, perplexity: m.perplexity, grad_norm: m.grad_norm,
+                                       clipped_norm: m.grad_norm.map((g, i) => (m.clipped[i] ? g : null)),
+                                       lr: m.lr, tokens_per_sec: m.tokens_per_sec});
       }
-      if (e) {
-        for (let i = 0; i < e.step.length; i++) {
-          this.table.set(e.step[i], {val_loss: e.loss[i], val_perplexity: e.perplexity[i]});
-        }
-      }
+      if (e) this.table.setColumns(e.step, {val_loss: e.loss, val_perplexity: e.perplexity});
       for (const event of batch.events || []) {
         if (event.kind === "probe") this.probes.push(event);
         else if (event.kind === "status") this.statuses.push(event);
