@@ -348,7 +348,7 @@ def render(render_result: dict, pages: dict) -> str:
         f"before: {p['history_events']:,} events sent in {p['history_s']} s, for {p['history_cpu_s']} CPU s of the "
         f"server ({1e6 * p['history_cpu_s'] / max(1, p['history_events']):.1f} us an event sent; the pages share one "
         "read of the history).", "",
-        "Before, this page took 2.7 s (median, load 1.8; 2026-12-01). Timed in the browser on a quiet moment, "
+        "Before, this page took 2.7 s (median, load 1.8; 2026-12-01). Timed in the browser at a load of about 2, "
         "the 2.7 s were: the page and its scripts about 0.2 s; the history 1.2 to 1.5 s, bound by the server "
         "(about 0.8 CPU s a page, most of it parsing Redis's reply entry by entry and building gRPC bytes the page "
         "never used); 0.6 s waiting out the page's 1 s gap between draws while catching up, after every event had "
