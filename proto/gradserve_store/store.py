@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import json
 import logging
@@ -1457,3 +1458,45 @@ class AsyncJobStore:
             if popped:
                 return json.loads(popped[1])
         return None
+
+    async def read_history(self, job_id: str, after: str, *, count: int) -> list[jobs_pb2.Event]:
+        """Up to `count` events after cursor `after` ("0-0": from the start), oldest first, each with its cursor.
+
+        For readers that encode events their own way (the dashboard's JSON):
+        Redis packs them into one string, and none of Stored's gRPC bytes are
+        built. read_events, whose reply is parsed entry by entry, costs the
+        reader about ten times the CPU an event, which made up most of what
+        opening a long job's page cost the server.
+        """
+        packed = await self._history_script(keys=[events_key(job_id)], args=[after, count])
+        events, at = [], 0
+        while at < len(packed):
+            space = packed.index(b" ", at)
+            newline = packed.index(b"\n", space)
+            start = newline + 1
+            end = start + int(packed[space + 1:newline])
+            event = jobs_pb2.Event.FromString(packed[start:end])
+            event.cursor = packed[at:space].decode()
+            events.append(event)
+            at = end
+        return events
+
+    @functools.cached_property
+    def _history_script(self):
+        return self.r.register_script(_HISTORY)
+
+
+# A stream's entries after a cursor (exclusive: Redis 6.2 and later), packed as "CURSOR LENGTH\nBYTES" one
+# after another, where BYTES is the entry's encoded event.
+_HISTORY = """
+local entries = redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', ARGV[2])
+local out = {}
+for i, entry in ipairs(entries) do
+  local fields, event = entry[2], ''
+  for j = 1, #fields, 2 do
+    if fields[j] == 'e' then event = fields[j + 1] end
+  end
+  out[i] = entry[1] .. ' ' .. #event .. '\\n' .. event
+end
+return table.concat(out)
+"""

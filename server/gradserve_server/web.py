@@ -11,12 +11,16 @@
 Every JSON endpoint calls the JobService's own RPC methods, with a stand-in
 for the gRPC context, so the dashboard validates, authorizes and fails exactly
 as the API does; their gRPC statuses become HTTP ones (NOT_FOUND is 404, and so
-on). Events come through the server's event relay, like StreamEvents: one SSE
-message per relay batch (`batch_json`), whose `id` is the cursor of the batch's last event. A
-browser that reconnects sends it back as Last-Event-ID (or `?cursor=`), and
-the stream resumes right after it, with every event exactly once. A stream
-that ends because the job did ends with an `end` message; one cut short (the
-server stopping, a watcher too slow) just closes, and the browser reconnects.
+on). A page's event stream is the job's stored history, then the server's
+event relay from where the history ended, like StreamEvents. The history comes
+from `Histories`: read in one string per HISTORY_CHUNK events, sent as one SSE
+message each, and kept (up to HISTORY_CACHE_BYTES) so that pages opening the
+same job share one read. Each message (`batch_json`) has as `id` the cursor of
+its last event. A browser that reconnects sends it back as Last-Event-ID (or
+`?cursor=`), and the stream resumes right after it, with every event exactly
+once. A stream that ends because the job did ends with an `end` message; one
+cut short (the server stopping, a watcher too slow) just closes, and the
+browser reconnects.
 
 With tokens configured, every page and API call needs one: `authorization:
 Bearer TOKEN`, or the HttpOnly, SameSite=Strict cookie the login form sets.
@@ -29,12 +33,16 @@ send the header without a CORS preflight that this server never answers).
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import hmac
 import json
 import logging
 import math
+import re
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import NamedTuple
 
 import grpc
 import redis
@@ -44,6 +52,8 @@ from google.protobuf import json_format
 from gradserve.v1 import jobs_pb2
 from gradserve_server import auth, errors
 from gradserve_server.metrics import CONTENT_TYPE, Metrics
+from gradserve_server.relay import HISTORY_READS
+from gradserve_store import store
 
 log = logging.getLogger("gradserve.web")
 
@@ -54,6 +64,13 @@ CSRF_HEADER = "X-CSRF-Token"
 RECONNECT_MS = 1000
 # How long the server waits for open requests when it stops; the event streams have ended by then.
 SHUTDOWN_S = 2.0
+# Events of a page's history read and sent at a time, as one message.
+HISTORY_CHUNK = 1000
+# Bytes of history messages kept for the pages that open a job next (about 90 bytes an event); the jobs opened
+# least recently are dropped first.
+HISTORY_CACHE_BYTES = 64 << 20
+# A cursor the history can be read after; anything else goes to the relay, which refuses it as the API does.
+_STREAM_ID = re.compile(r"[0-9]{1,19}-[0-9]{1,19}")
 _PAGES = {"/": "index.html", "/compare": "compare.html", "/workers": "workers.html"}
 _HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
@@ -159,6 +176,159 @@ def event_json(event: jobs_pb2.Event) -> dict:
     return out
 
 
+class Chunk(NamedTuple):
+    """Consecutive events of a job as one event-stream message: `cursor` is its last event's, `ends` whether that
+    event ends the job's stream."""
+
+    message: bytes
+    cursor: str
+    events: int
+    ends: bool
+
+    @classmethod
+    def of(cls, events: list[jobs_pb2.Event]) -> "Chunk":
+        """The chunk of `events` up to the first that ends the job, if one does."""
+        ends = False
+        for i, event in enumerate(events):
+            if store.is_terminal(event):
+                events, ends = events[:i + 1], True
+                break
+        cursor = events[-1].cursor
+        return cls(f"id: {cursor}\ndata: {batch_json(events)}\n\n".encode(), cursor, len(events), ends)
+
+
+class _History:
+    """A job's history as kept for pages: its chunks from the first event on, each HISTORY_CHUNK events long but
+    the one that ends the job. A partial chunk is never kept: the events after the last full one are read again
+    by each read that extends the history. Stored events never change, so neither do kept chunks."""
+
+    def __init__(self):
+        self.chunks: list[Chunk] = []
+        # The index of the first chunk after each cursor a page may resume from.
+        self.after = {"0-0": 0}
+        self.size = 0
+        # The read adding chunks, while one runs; it returns the partial chunk after them, if any.
+        self.reading: asyncio.Task | None = None
+        # Set, and replaced, whenever a chunk is added or the read ends.
+        self.changed = asyncio.Event()
+
+    @property
+    def ends(self) -> bool:
+        return bool(self.chunks) and self.chunks[-1].ends
+
+    def add(self, chunk: Chunk) -> None:
+        self.chunks.append(chunk)
+        self.after[chunk.cursor] = len(self.chunks)
+        self.size += len(chunk.message)
+        self.change()
+
+    def change(self) -> None:
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+
+class Histories:
+    """Jobs' stored histories as event-stream messages, for the pages that open them.
+
+    A page opening a job from its start (or resuming at a chunk's end) gets
+    the chunks kept for it, and each new one as a read that extends them to
+    the job's last full chunk adds it; pages opening the same job at once share
+    one such read, which goes on if they leave. The partial chunk after the
+    full ones is sent to the pages that read shared, not kept. Any other cursor
+    is read for its page alone. Reads go through `astore.read_history`, at most
+    HISTORY_READS at a time. The least recently opened jobs are dropped beyond
+    `limit` bytes.
+    """
+
+    def __init__(self, astore: store.AsyncJobStore, limit: int = HISTORY_CACHE_BYTES):
+        self.astore, self.limit = astore, limit
+        self._jobs: collections.OrderedDict[str, _History] = collections.OrderedDict()
+        self._reads = asyncio.Semaphore(HISTORY_READS)
+
+    def __len__(self) -> int:
+        """Jobs whose history is kept."""
+        return len(self._jobs)
+
+    @property
+    def size(self) -> int:
+        return sum(h.size for h in self._jobs.values())
+
+    async def chunks(self, job_id: str, after: str = "0-0") -> AsyncIterator[Chunk]:
+        """The job's stored events after cursor `after` ("0-0": all), oldest first, as chunks; the last ends the
+        job's stream or was the newest event stored when it was read."""
+        history = self._jobs.get(job_id)
+        if after == "0-0" or (history is not None and after in history.after):
+            if history is None:
+                history = self._jobs[job_id] = _History()
+            self._jobs.move_to_end(job_id)
+            if history.reading is None:
+                history.reading = asyncio.create_task(self._extend(job_id, history))
+                # Retrieved here too, so that a failed read whose pages have all left is not reported as lost.
+                history.reading.add_done_callback(lambda task: task.cancelled() or task.exception())
+            reading, next_chunk = history.reading, history.after[after]
+            while True:
+                # Taken before the chunks are looked at: a chunk added meanwhile sets it.
+                changed = history.changed
+                while next_chunk < len(history.chunks):
+                    yield history.chunks[next_chunk]
+                    next_chunk += 1
+                if reading.done() or history.reading is not reading:
+                    break
+                await changed.wait()
+            # Shielded: a page that leaves must not stop the read the others share.
+            tail = await asyncio.shield(reading)
+            self._keep(job_id, history)
+            if tail is not None:
+                yield tail
+            return
+        last = after
+        while True:
+            events = await self._read(job_id, last)
+            if not events:
+                return
+            chunk = Chunk.of(events)
+            yield chunk
+            if chunk.ends or len(events) < HISTORY_CHUNK:
+                return
+            last = chunk.cursor
+
+    async def _extend(self, job_id: str, history: _History) -> Chunk | None:
+        """Read and keep the job's full chunks after those kept; the partial one after them, if any, is not kept
+        but returned."""
+        try:
+            while not history.ends:
+                events = await self._read(job_id, history.chunks[-1].cursor if history.chunks else "0-0")
+                if not events:
+                    return None
+                chunk = Chunk.of(events)
+                if not (chunk.ends or chunk.events == HISTORY_CHUNK):
+                    return chunk
+                history.add(chunk)
+            return None
+        finally:
+            history.reading = None
+            history.change()
+
+    def close(self) -> None:
+        """Stop the reads under way: the server is stopping."""
+        for history in self._jobs.values():
+            if history.reading is not None:
+                history.reading.cancel()
+
+    async def _read(self, job_id: str, after: str) -> list[jobs_pb2.Event]:
+        async with self._reads:
+            return await self.astore.read_history(job_id, after, count=HISTORY_CHUNK)
+
+    def _keep(self, job_id: str, history: _History) -> None:
+        # A history without a full chunk holds nothing worth keeping, and would never be dropped for its size.
+        if not history.chunks and self._jobs.get(job_id) is history:
+            del self._jobs[job_id]
+        size = self.size
+        while size > self.limit:
+            _, history = self._jobs.popitem(last=False)
+            size -= history.size
+
+
 def message_json(message) -> dict:
     return json_format.MessageToDict(message, preserving_proto_field_name=True,
                                      always_print_fields_with_no_presence=True)
@@ -175,6 +345,7 @@ class Dashboard:
     def __init__(self, service, metrics: Metrics, tokens: dict[bytes, str] | None = None):
         self.service, self.metrics = service, metrics
         self.authenticator = auth.Authenticator(tokens) if tokens else None
+        self.histories = Histories(service.relay.astore)
         self.app = web.Application(middlewares=[self._authenticate])
         self.app.add_routes([
             web.get("/healthz", self.healthz),
@@ -217,6 +388,7 @@ class Dashboard:
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+        self.histories.close()
 
     # ------------------------------------------------------------ auth
 
@@ -378,21 +550,33 @@ class Dashboard:
                                                "X-Accel-Buffering": "no"})
         await response.prepare(request)
         await response.write(f"retry: {RECONNECT_MS}\n\n".encode())
-        ended = False
+        relay = self.service.relay
         try:
+            if not cursor or _STREAM_ID.fullmatch(cursor):
+                async for chunk in self.histories.chunks(job_id, cursor or "0-0"):
+                    await response.write(chunk.message)
+                    # /metrics counts the events pages get, however they were read.
+                    relay.relayed += chunk.events
+                    cursor = chunk.cursor
+                    if chunk.ends:
+                        await response.write(b"event: end\ndata: {}\n\n")
+                        return response
+            # The relay goes on from the history's last event: what came since, then what comes.
+            cut = False
             async for batch in self.service.follow(jobs_pb2.StreamEventsRequest(job_id=job_id, cursor=cursor)):
                 events = [item.event for item in batch if not item.event.HasField("notice")]
                 if events:
                     await response.write(f"id: {events[-1].cursor}\ndata: {batch_json(events)}\n\n".encode())
                 # A notice means the stream was cut short: the browser reconnects with its last id.
-                ended = len(events) == len(batch)
+                cut = len(events) < len(batch)
         except (errors.Exhausted, redis.ConnectionError, redis.TimeoutError):
             # Too many streams on this process, or Redis away: the browser retries after RECONNECT_MS.
             return response
         except errors.ServiceError as e:
             await response.write(f"event: failed\ndata: {json.dumps({'error': e.message})}\n\n".encode())
             return response
-        if ended:
+        # Not cut short: the job has ended, and the stream gave every event up to its last.
+        if not cut:
             await response.write(b"event: end\ndata: {}\n\n")
         return response
 

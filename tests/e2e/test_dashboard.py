@@ -8,8 +8,10 @@ received), so the tests count points in the browser and compare them with the jo
 
 from __future__ import annotations
 
+import re
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -120,6 +122,29 @@ def test_the_heatmap_appears_after_the_first_probe(driver, web, running):
         return [c.width, c.height, painted]; })()""")
     window = js(driver, "window.gsJob.history.probes[0].grad_through_time[0].length")
     assert width >= columns and height == window > 1 and painted == width * height
+    assert browser.console_errors(driver) == []
+
+
+def watchers(web) -> float:
+    """The event streams the server holds open, from /metrics."""
+    with urllib.request.urlopen(f"{web.web}/metrics", timeout=10) as reply:
+        return float(re.search(r"^gradserve_watchers (\S+)$", reply.read().decode(), re.M)[1])
+
+
+def test_a_page_left_for_another_gives_its_stream_back_and_resumes_it_when_shown_again(driver, web, running):
+    # The browser keeps a page left this way whole (the back/forward cache). A kept page's open stream held one
+    # of the six connections the browser makes to a server, and the seventh page opened after it waited a minute.
+    driver.get(f"{web.web}/jobs/{running.id}")
+    until(lambda: metric_points(driver) > 3, what="the first points")
+    driver.execute_script("window.keptWhole = true")
+    driver.get(f"{web.web}/workers")
+    until(lambda: watchers(web) == 0, what="the left page's stream to close")
+    driver.back()
+    assert js(driver, "window.keptWhole === true"), "the page was loaded again, not restored as it was left"
+    before = len(js(driver, "window.gsJob.history.metricCursors"))
+    until(lambda: len(js(driver, "window.gsJob.history.metricCursors")) > before + 2, what="points after coming back")
+    received = js(driver, "window.gsJob.history.metricCursors")
+    assert len(received) == len(set(received)), "an event came twice"
     assert browser.console_errors(driver) == []
 
 

@@ -3,6 +3,7 @@ against a real server, Redis and worker. The pages themselves are tested in a br
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -14,7 +15,10 @@ import pytest
 
 import gradserve
 from conftest import ALICE, BOB
+from gradserve.v1 import jobs_pb2
+from gradserve_server import web
 from gradserve_server.web import csrf_value
+from gradserve_store import store
 
 QUICK = dict(dataset="builtin:copy", model="rnn", hidden_size=8, batch_size=4, seq_len=12, max_steps=40,
              log_every=5, probe_every=10, checkpoint_every=20, eval_every=20, device="cpu")
@@ -183,6 +187,157 @@ def test_events_are_server_sent_and_resume_after_a_cursor(secured, alice_job):
         _, _, body = call(f"{secured.web}/api/jobs/{alice_job}/events{query}", headers={**headers, **resume})
         rest = sorted(c for cursors in _cursors(_sse(body.decode())).values() for c in cursors)
         assert rest == sorted(e.cursor for e in stored[len(stored) // 2 + 1:])
+
+
+def test_a_long_history_comes_in_chunks_each_event_once_however_the_page_resumes(secured):
+    # More events than a few chunks hold, written as a worker writes them, then ended.
+    job_store = store.JobStore.from_url(secured.redis_url)
+    try:
+        job_id = store.new_job_id()
+        job_store.create_job(job_id, jobs_pb2.JobSpec(dataset="builtin:copy", model="rnn", max_steps=10_000), "cpu",
+                             tenant="alice")
+        job_store.dispatched(job_id, 1)
+        lease = job_store.claim(job_id, 1, "test@web", 60)
+        for step in range(1, 2 * web.HISTORY_CHUNK + 500):
+            job_store.append_event(lease, jobs_pb2.Event(metrics=jobs_pb2.Metrics(step=step, loss=1.0 / step)))
+            if step % 100 == 0:
+                job_store.append_event(lease, jobs_pb2.Event(evaluation=jobs_pb2.Evaluation(step=step, loss=2.0)))
+        job_store.finish(lease, jobs_pb2.SUCCEEDED, step=step)
+        stored = job_store.events_after(job_id, count=10 * web.HISTORY_CHUNK)
+    finally:
+        job_store.close()
+    every = [e.cursor for e in stored]
+    headers = {"Authorization": f"Bearer {ALICE}"}
+
+    def page(**resume):
+        status, _, body = call(f"{secured.web}/api/jobs/{job_id}/events", headers={**headers, **resume})
+        assert status == 200
+        messages = _sse(body.decode())
+        assert messages[-1] == ("end", "", "{}")
+        for _, id_, data in messages[1:-1]:
+            batch = _cursors([("message", id_, data)])
+            assert sum(map(len, batch.values())) <= web.HISTORY_CHUNK
+            assert id_ == max(c for cursors in batch.values() for c in cursors), "a message's id is its last event's"
+        return sorted(c for cursors in _cursors(messages).values() for c in cursors), [m[1] for m in messages[1:-1]]
+
+    first, ids = page()
+    assert first == sorted(every) and len(ids) == 3
+    # A second page gets the chunks the first one read, and the same events.
+    assert page() == (first, ids)
+    # Resumed at a message's end (a page that lost its connection), in the middle of one, and at the end.
+    for after in (ids[0], every[len(every) // 2], every[-1]):
+        rest, _ = page(**{"Last-Event-ID": after})
+        assert rest == sorted(every[every.index(after) + 1:]), after
+
+
+class _Stream:
+    """A job's stored events as Histories reads them, held in memory; it counts the reads and the events read."""
+
+    def __init__(self, events: int, ends: bool = False):
+        self.events = [jobs_pb2.Event(cursor=f"{i}-0", metrics=jobs_pb2.Metrics(step=i)) for i in range(1, events + 1)]
+        if ends:
+            self.events[-1] = store.status_event("job-x", jobs_pb2.SUCCEEDED)
+            self.events[-1].cursor = f"{events}-0"
+        self.reads = self.read = 0
+
+    async def read_history(self, job_id: str, after: str, *, count: int) -> list[jobs_pb2.Event]:
+        await asyncio.sleep(0)  # a page arriving meanwhile finds this read under way
+        after_position = store.cursor_position(after)
+        events = [e for e in self.events if store.cursor_position(e.cursor) > after_position][:count]
+        self.reads += 1
+        self.read += len(events)
+        return events
+
+
+def _events_of(chunks: list[web.Chunk]) -> list[str]:
+    return [c for chunk in chunks for cursors in _cursors(_sse(chunk.message.decode())).values() for c in cursors]
+
+
+async def _page(histories: web.Histories, job_id: str, after: str = "0-0") -> list[web.Chunk]:
+    return [chunk async for chunk in histories.chunks(job_id, after)]
+
+
+def test_pages_opening_a_job_at_once_share_one_read_of_its_history(monkeypatch):
+    monkeypatch.setattr(web, "HISTORY_CHUNK", 10)
+    stream = _Stream(35)
+
+    async def scenario():
+        histories = web.Histories(stream)
+        pages = await asyncio.gather(*(_page(histories, "job-x") for _ in range(5)))
+        every = [e.cursor for e in stream.events]
+        for chunks in pages:
+            assert _events_of(chunks) == every
+            assert [c.events for c in chunks] == [10, 10, 10, 5] and not any(c.ends for c in chunks)
+        # Read once for all five pages, the five events after the full chunks included.
+        assert stream.read == 35
+        # Opened again: only what came after the kept chunks is read, and the chunks resume where pages do.
+        stream.read = 0
+        assert _events_of(await _page(histories, "job-x")) == every
+        assert stream.read == 5
+        assert _events_of(await _page(histories, "job-x", "20-0")) == every[20:]
+        assert _events_of(await _page(histories, "job-x", "17-0")) == every[17:]
+        assert _events_of(await _page(histories, "job-x", "35-0")) == []
+
+    asyncio.run(scenario())
+
+
+def test_a_page_gets_each_chunk_as_it_is_read_and_one_that_leaves_stops_no_read(monkeypatch):
+    monkeypatch.setattr(web, "HISTORY_CHUNK", 10)
+    stream = _Stream(35)
+
+    async def scenario():
+        histories = web.Histories(stream)
+        leaving = histories.chunks("job-x")
+        assert (await anext(leaving)).events == 10
+        assert stream.reads < 4, "the first chunk came before the last was read"
+        await leaving.aclose()
+        assert _events_of(await _page(histories, "job-x")) == [e.cursor for e in stream.events]
+        assert stream.read == 35, "the read the first page started went on, and the second page shared it"
+
+    asyncio.run(scenario())
+
+
+def test_a_history_that_ends_is_kept_whole_and_cut_at_its_end(monkeypatch):
+    monkeypatch.setattr(web, "HISTORY_CHUNK", 10)
+    stream = _Stream(25, ends=True)
+    stream.events.append(jobs_pb2.Event(cursor="26-0", metrics=jobs_pb2.Metrics(step=26)))
+
+    async def scenario():
+        histories = web.Histories(stream)
+        chunks = await _page(histories, "job-x")
+        assert [(c.events, c.ends) for c in chunks] == [(10, False), (10, False), (5, True)]
+        assert chunks[-1].cursor == "25-0" and "26-0" not in _events_of(chunks)
+        reads = stream.reads
+        assert await _page(histories, "job-x") == chunks
+        assert stream.reads == reads, "every chunk of an ended job is kept: opening it again reads nothing"
+
+    asyncio.run(scenario())
+
+
+def test_kept_histories_stay_within_their_limit_dropping_the_least_recently_opened():
+    a, b = _Stream(web.HISTORY_CHUNK), _Stream(web.HISTORY_CHUNK)
+
+    async def scenario():
+        histories = web.Histories(a)
+        await _page(histories, "job-a")
+        one = histories.size
+        assert one > 0
+        histories.limit = one
+        histories.astore = b
+        await _page(histories, "job-b")
+        assert histories.size == one
+        reads = b.reads
+        await _page(histories, "job-b")
+        assert b.reads == reads + 1, "job-b is still kept: only what came after its chunk is read"
+        histories.astore = a
+        reads = a.reads
+        await _page(histories, "job-a")
+        assert a.reads == reads + 2, "job-a was dropped: read again whole"
+        histories.astore = _Stream(web.HISTORY_CHUNK - 1)
+        assert len(_events_of(await _page(histories, "job-short"))) == web.HISTORY_CHUNK - 1
+        assert len(histories) == 1, "a history shorter than a chunk is not kept"
+
+    asyncio.run(scenario())
 
 
 def _cursors(messages) -> dict[str, list[str]]:

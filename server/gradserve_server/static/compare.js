@@ -106,7 +106,7 @@
   }
   const series = [...followed.keys()].map((id) => ({label: id}));
   charts = {train: GS.lineChart($("train-chart"), series, {yLabel: "loss (nats/token)"}),
-            val: GS.lineChart($("val-chart"), series.map((s) => ({...s, points: {show: true, size: 5}})),
+            val: GS.lineChart($("val-chart"), series.map((s) => ({...s, points: GS.markers(5)})),
                               {yLabel: "loss (nats/token)"})};
   for (const [id, f] of followed) {
     const box = document.createElement("div");

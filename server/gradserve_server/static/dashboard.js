@@ -59,24 +59,32 @@ const GS = (() => {
       clearTimeout(timer);
       if (source) source.close();
     }
+    // A page left for another can be kept whole (the back/forward cache) with its stream still open, holding
+    // one of the six connections a browser makes to a server: the seventh page opened after it waited about
+    // a minute for one. Closed when the page is left, and reopened from the last cursor if it is shown again.
+    addEventListener("pagehide", () => {
+      clearTimeout(timer);
+      if (source) source.close();
+    });
+    addEventListener("pageshow", (e) => { if (e.persisted && !stopped) open(); });
     open();
     return {stop, cursor: () => last};
   }
 
   // Redraws at most once a frame, however many batches arrive in it, and no sooner than `gapMs()` after the
-  // last redraw: a page catching up on a long history draws it once, not once per batch.
+  // last redraw, as `gapMs()` says at each call: a page catching up on a long history draws it seldom, and
+  // once more as soon as it has it all, not when the gap it was waiting out ends.
   function throttled(draw, gapMs = () => 0) {
-    let pending = false, last = 0;
-    const run = () => {
+    let timer = null, frame = null, last = 0;
+    const schedule = () => {
+      if (frame !== null) return;
+      clearTimeout(timer);
+      timer = null;
       const wait = last + gapMs() - performance.now();
-      if (wait > 0) { setTimeout(run, wait); return; }
-      requestAnimationFrame(() => { pending = false; last = performance.now(); draw(); });
+      if (wait > 0) timer = setTimeout(schedule, wait);
+      else frame = requestAnimationFrame(() => { frame = null; last = performance.now(); draw(); });
     };
-    return () => {
-      if (pending) return;
-      pending = true;
-      run();
-    };
+    return schedule;
   }
 
   // ------------------------------------------------------------------ formatting
@@ -155,6 +163,30 @@ const GS = (() => {
     return plot;
   }
 
+  // uPlot points options for markers on a series (a sparse one, such as validation, or the clipped steps): at
+  // most one every `size` pixels across, on the largest value of each run. A long job has thousands of such
+  // points, and a circle for each was most of the time its page took to draw, for nothing more to see; the
+  // largest, not the first, so that a run of markers follows the curve's top instead of drawing a pattern.
+  function markers(size, fill) {
+    return {show: false, size, ...(fill ? {fill} : {}), filter: (u, i) => {
+      const xs = u.data[0], ys = u.data[i], [from, to] = u.series[0].idxs, shown = [];
+      let best = -1, end = -Infinity;
+      for (let j = from; j <= to; j++) {
+        if (ys[j] == null) continue;
+        const x = u.valToPos(xs[j], "x");
+        if (x >= end) {
+          if (best >= 0) shown.push(best);
+          best = j;
+          end = x + size;
+        } else if (ys[j] > ys[best]) {
+          best = j;
+        }
+      }
+      if (best >= 0) shown.push(best);
+      return shown;
+    }};
+  }
+
   // ------------------------------------------------------------------ heatmaps
 
   // Colours from low to high (a perceptual ramp, dark blue to yellow), for log10 of a gradient norm.
@@ -227,13 +259,23 @@ const GS = (() => {
         if (steps[lo] === step) return lo;
         i = lo;
       }
-      steps.splice(i, 0, step);
-      for (const c of this.columns) this.values[c].splice(i, 0, null);
+      // Nearly always a step after the last: appended, not spliced in, which costs a long history's page less.
+      if (i === steps.length) {
+        steps.push(step);
+        for (const c of this.columns) this.values[c].push(null);
+      } else {
+        steps.splice(i, 0, step);
+        for (const c of this.columns) this.values[c].splice(i, 0, null);
+      }
       return i;
     }
-    set(step, values) {
-      const i = this.row(step);
-      for (const [c, v] of Object.entries(values)) this.values[c][i] = v;
+    // For each i, `columns[name][i]` as the value of column `name` at step `steps[i]`.
+    setColumns(steps, columns) {
+      const into = Object.keys(columns).map((c) => [this.values[c], columns[c]]);
+      for (let i = 0; i < steps.length; i++) {
+        const row = this.row(steps[i]);
+        for (const [values, given] of into) values[row] = given[i];
+      }
     }
     data(columns) { return [this.steps, ...columns.map((c) => this.values[c])]; }
   }
@@ -252,18 +294,12 @@ const GS = (() => {
     add(batch) {
       const m = batch.metrics, e = batch.evaluation;
       if (m) {
-        for (let i = 0; i < m.step.length; i++) {
-          this.metricCursors.push(m.cursor[i]);
-          this.table.set(m.step[i], {loss: m.loss[i], perplexity: m.perplexity[i], grad_norm: m.grad_norm[i],
-                                     clipped_norm: m.clipped[i] ? m.grad_norm[i] : null, lr: m.lr[i],
-                                     tokens_per_sec: m.tokens_per_sec[i]});
-        }
+        for (const cursor of m.cursor) this.metricCursors.push(cursor);
+        this.table.setColumns(m.step, {loss: m.loss, perplexity: m.perplexity, grad_norm: m.grad_norm,
+                                       clipped_norm: m.grad_norm.map((g, i) => (m.clipped[i] ? g : null)),
+                                       lr: m.lr, tokens_per_sec: m.tokens_per_sec});
       }
-      if (e) {
-        for (let i = 0; i < e.step.length; i++) {
-          this.table.set(e.step[i], {val_loss: e.loss[i], val_perplexity: e.perplexity[i]});
-        }
-      }
+      if (e) this.table.setColumns(e.step, {val_loss: e.loss, val_perplexity: e.perplexity});
       for (const event of batch.events || []) {
         if (event.kind === "probe") this.probes.push(event);
         else if (event.kind === "status") this.statuses.push(event);
@@ -282,5 +318,5 @@ const GS = (() => {
   }
 
   return {api, post, getSession, follow, throttled, fmt, rate, bytes, ago, when, esc, stateBadge, progress, header,
-          lineChart, heatmapRange, drawHeatmap, drawLegend, JobHistory, StepTable, PALETTE, n};
+          lineChart, markers, heatmapRange, drawHeatmap, drawLegend, JobHistory, StepTable, PALETTE, n};
 })();

@@ -40,13 +40,13 @@
   });
   const clip = GS.n(job.spec.clip_norm);
   const charts = {
-    loss: [GS.lineChart($("loss-chart"), [{label: "train"}, {label: "val", points: {show: true, size: 5}}],
+    loss: [GS.lineChart($("loss-chart"), [{label: "train"}, {label: "val", points: GS.markers(5)}],
                         {yLabel: "loss (nats/token)"}), ["loss", "val_loss"]],
-    ppl: [GS.lineChart($("ppl-chart"), [{label: "train"}, {label: "val", points: {show: true, size: 5}}],
+    ppl: [GS.lineChart($("ppl-chart"), [{label: "train"}, {label: "val", points: GS.markers(5)}],
                        {yLabel: "perplexity", log: true}), ["perplexity", "val_perplexity"]],
     grad: [GS.lineChart($("grad-chart"), [
       {label: "‖g‖"},
-      {label: "clipped", stroke: "#c62828", paths: () => null, points: {show: true, size: 6, fill: "#c62828"}},
+      {label: "clipped", stroke: "#c62828", paths: () => null, points: GS.markers(6, "#c62828")},
       {label: `clip ${GS.fmt(clip)}`, stroke: "#999", dash: [6, 4], width: 1}], {yLabel: "gradient norm"}),
       ["grad_norm", "clipped_norm", "clip"]],
     lr: [GS.lineChart($("lr-chart"), [{label: "lr"}], {yLabel: "learning rate"}), ["lr"]],
@@ -159,7 +159,8 @@
     // Coalesced: a burst of status events asks once, and once more after a request already in flight, whose
     // answer may predate them.
     if (refreshing) { askAgain = true; return; }
-    refreshing = GS.api(`/api/jobs/${encodeURIComponent(jobId)}`).then((r) => { job = r.job; redraw(); })
+    // The record changes the facts alone: the charts are the events'.
+    refreshing = GS.api(`/api/jobs/${encodeURIComponent(jobId)}`).then((r) => { job = r.job; drawFacts(); })
       .catch(() => {}).finally(() => {
         refreshing = null;
         if (askAgain) { askAgain = false; refreshJob(); }
