@@ -3,6 +3,7 @@
     /                    jobs, live          /api/jobs                   ListJobs (?state=RUNNING&limit=N)
     /jobs/JOB            one job, live       /api/jobs/JOB               GetJob, plus the newest event's cursor
     /compare?jobs=A,B    jobs side by side   /api/jobs/JOB/events        its events as Server-Sent Events
+    /compare?sweep=S     a sweep's members   /api/sweeps, /api/sweeps/S  ListSweeps, GetSweep
     /workers             the workers         /api/jobs/JOB/cancel        POST: CancelJob
     /login               the token form      /api/jobs/JOB/generate      POST: Generate
     /healthz             whether Redis answers /api/jobs/JOB/checkpoint  DownloadCheckpoint, as a file
@@ -69,6 +70,8 @@ HISTORY_CHUNK = 1000
 # Bytes of history messages kept for the pages that open a job next (about 90 bytes an event); the jobs opened
 # least recently are dropped first.
 HISTORY_CACHE_BYTES = 64 << 20
+# The newest sweeps the compare page offers.
+SWEEPS_LISTED = 100
 # A cursor the history can be read after; anything else goes to the relay, which refuses it as the API does.
 _STREAM_ID = re.compile(r"[0-9]{1,19}-[0-9]{1,19}")
 _PAGES = {"/": "index.html", "/compare": "compare.html", "/workers": "workers.html"}
@@ -365,6 +368,8 @@ class Dashboard:
             web.post("/api/jobs/{job_id}/cancel", self.cancel),
             web.post("/api/jobs/{job_id}/generate", self.generate),
             web.get("/api/workers", self.workers),
+            web.get("/api/sweeps", self.list_sweeps),
+            web.get("/api/sweeps/{sweep_id}", self.get_sweep),
             web.static("/static", STATIC),
         ])
         self._runner: web.AppRunner | None = None
@@ -536,6 +541,14 @@ class Dashboard:
             await response.write(chunk.data)
         await response.write_eof()
         return response
+
+    async def list_sweeps(self, request: web.Request) -> web.StreamResponse:
+        reply = await self._call("ListSweeps", jobs_pb2.ListSweepsRequest(limit=SWEEPS_LISTED))
+        return web.json_response({"sweeps": [message_json(s) for s in reply.sweeps]})
+
+    async def get_sweep(self, request: web.Request) -> web.StreamResponse:
+        sweep = await self._call("GetSweep", jobs_pb2.GetSweepRequest(sweep_id=request.match_info["sweep_id"]))
+        return web.json_response({"sweep": message_json(sweep)})
 
     async def workers(self, request: web.Request) -> web.StreamResponse:
         reply = await self._call("ListWorkers", jobs_pb2.ListWorkersRequest())

@@ -176,12 +176,30 @@ def test_the_compare_and_workers_pages_draw_without_errors(driver, web, running)
     until(lambda: js(driver, "[...document.querySelectorAll('#heatmaps canvas')].every((c) => +c.dataset.columns > 0)"),
           what="both heatmaps")
     # Sorted by a column when its header is clicked, and the other way on a second click.
-    driver.execute_script("document.querySelector('#table th[data-col=\"6\"]').click()")
+    driver.execute_script("document.querySelector('#table th[data-col=\"7\"]').click()")
     steps = js(driver, "[...document.querySelectorAll('#table tbody tr')].map((r) => r.dataset.job)")
-    driver.execute_script("document.querySelector('#table th[data-col=\"6\"]').click()")
+    driver.execute_script("document.querySelector('#table th[data-col=\"7\"]').click()")
     assert js(driver, "[...document.querySelectorAll('#table tbody tr')].map((r) => r.dataset.job)") == steps[::-1]
     driver.get(f"{web.web}/workers")
     until(lambda: js(driver, "document.getElementById('workers').textContent.includes('w1@test')"), what="the worker")
+    assert browser.console_errors(driver) == []
+
+
+def test_the_compare_page_shows_a_sweeps_members_by_their_values(driver, web):
+    with web.client(token=ALICE) as c:
+        # More members than the page streams at once: the rest load as those streams end.
+        sweep = c.submit_sweep(base={**LONG, "max_steps": 40, "probe_every": 20}, grid={"lr": [0.1, 0.2, 0.4],
+                                                                                       "seed": [1, 2]},
+                               name="compare page").wait(timeout=120)
+    driver.get(f"{web.web}/compare")
+    until(lambda: js(driver, f"[...document.querySelectorAll('#sweep option')].some((o) => o.value === '{sweep.id}')"),
+          what="the sweep among the choices")
+    driver.get(f"{web.web}/compare?sweep={sweep.id}")
+    until(lambda: js(driver, "document.querySelectorAll('#table tbody tr').length") == 6, what="the table")
+    until(lambda: js(driver, "[...document.querySelectorAll('#heatmaps canvas')].every((c) => +c.dataset.columns > 0)"),
+          what="every member's heatmap")
+    members = js(driver, "[...document.querySelectorAll('#table tbody tr')].map((r) => r.cells[2].textContent)")
+    assert sorted(members) == sorted(f"lr={lr} seed={seed}" for lr in ("0.1", "0.2", "0.4") for seed in (1, 2))
     assert browser.console_errors(driver) == []
 
 
@@ -230,6 +248,8 @@ def test_a_logged_in_tenant_sees_only_its_jobs_through_an_httponly_cookie(driver
 
 def test_the_cancel_button_posts_with_the_csrf_value(driver, secured):
     login(driver, secured.web, ALICE)
+    # The form's answer sets the cookie: a page asked for before it arrives would be the login form again.
+    until(lambda: js(driver, "!!document.querySelector('#jobs')"), what="the jobs page after logging in")
     driver.get(f"{secured.web}/jobs/{secured.alice_job}")
     until(lambda: js(driver, "!document.getElementById('cancel').hidden"), what="the cancel button")
     driver.execute_script("window.confirm = () => true; document.getElementById('cancel').click()")

@@ -1,31 +1,63 @@
-// The compare page: the jobs named in ?jobs=A,B,..., each followed live; overlaid curves, a table sortable by
-// any column, and their gradient-through-time heatmaps on one colour scale. `window.gsCompare` is for tests.
+// The compare page: the jobs named in ?jobs=A,B,..., or the members of ?sweep=S (labelled by their own values),
+// each followed live; overlaid curves, a table sortable by any column, and their gradient-through-time heatmaps on
+// one colour scale. `window.gsCompare` is for tests.
+//
+// A browser opens at most six connections to one server, and each live stream holds one until its job ends: at
+// most LIVE streams are open at once, and the other jobs wait their turn (their rows show their records meanwhile).
 "use strict";
+
+const LIVE = 4;
+const MAX_JOBS = 12;
 
 (async () => {
   const $ = (id) => document.getElementById(id);
   GS.header("/compare");
-  const chosen = (new URLSearchParams(location.search).get("jobs") || "").split(",").filter(Boolean);
+  const query = new URLSearchParams(location.search);
+  let chosen = (query.get("jobs") || "").split(",").filter(Boolean);
+  const labels = new Map();  // job id -> its sweep values, "lr=0.5 num_steps=5"
+  const sweepId = query.get("sweep") || "";
   const S = (j) => j.summary || {};
   const followed = new Map();  // job id -> {job, history, stream: its state ("live", "ended", ...), canvas}
   const page = window.gsCompare = {followed};
   const COLUMNS = [
-    ["job", (j) => j.id], ["state", (j) => j.state], ["model", (j) => `${j.spec.model} H${j.spec.hidden_size}`],
+    ["job", (j) => j.id], ["state", (j) => j.state], ["member", (j) => labels.get(j.id) || "–"], ["model", (j) => `${j.spec.model} H${j.spec.hidden_size}`],
     ["truncation", (j) => j.spec.truncation], ["lr", (j) => GS.n(j.spec.lr)], ["batch", (j) => GS.n(j.spec.batch_size)],
     ["steps", (j) => GS.n(j.last_step)], ["train loss", (j) => GS.n(S(j).train_loss)],
     ["train ppl", (j) => GS.n(S(j).train_perplexity)], ["best val loss", (j) => GS.n(S(j).best_val_loss)],
     ["best val ppl", (j) => GS.n(S(j).best_val_perplexity)], ["tokens/s", (j) => GS.n(S(j).tokens_per_sec)],
     ["clipped %", (j) => 100 * GS.n(S(j).clip_fraction)],
   ];
-  let sortBy = 7, ascending = true;
+  let sortBy = 8, ascending = true;
   let charts = null;
 
+  const sweeps = (await GS.api("/api/sweeps")).sweeps;
+  $("sweep").innerHTML += sweeps.map((w) => `<option value="${GS.esc(w.id)}"${w.id === sweepId ? " selected" : ""}>` +
+    `${GS.esc(w.name || w.id)} (${w.members.length} members)</option>`).join("");
+  $("sweep").onchange = (e) => { location.search = e.target.value ? `?sweep=${encodeURIComponent(e.target.value)}` : ""; };
+  let notice = "";
+  if (sweepId) {
+    const {sweep} = await GS.api(`/api/sweeps/${encodeURIComponent(sweepId)}`);
+    const order = sweep.spec.axes ? sweep.spec.axes.map((a) => a.field) : [];
+    const members = sweep.members.filter((m) => m.job && m.job.id);
+    for (const m of members) {
+      const keys = Object.keys(m.values || {}).sort((a, b) => {
+        const i = order.indexOf(a), j = order.indexOf(b);
+        return (i < 0 ? order.length : i) - (j < 0 ? order.length : j) || a.localeCompare(b);
+      });
+      labels.set(m.job.id, keys.map((k) => `${k}=${m.values[k]}`).join(" "));
+    }
+    // The best held-out losses first, so that a large sweep shows the members worth comparing.
+    const best = (m) => (m.job.summary && m.job.summary.best_step ? m.job.summary.best_val_loss : Infinity);
+    members.sort((a, b) => best(a) - best(b));
+    chosen = members.slice(0, MAX_JOBS).map((m) => m.job.id);
+    if (members.length > MAX_JOBS) notice = ` · the ${MAX_JOBS} of ${members.length} members with the lowest held-out loss`;
+  }
   const all = (await GS.api("/api/jobs?limit=500")).jobs;
   function drawChoices() {
     $("choices").innerHTML = all.map((j) => `<label style="display:inline-block; margin:2px 12px 2px 0">` +
       `<input type="checkbox" data-pick="${GS.esc(j.id)}"${chosen.includes(j.id) ? " checked" : ""}> ` +
       `${GS.esc(j.id)} <span class="muted">${GS.esc(j.spec.model)} ${GS.esc(j.spec.dataset)} ${GS.esc(j.state)}</span></label>`).join("");
-    $("chosen").textContent = `${chosen.length} chosen`;
+    $("chosen").textContent = `${chosen.length} chosen${notice}`;
   }
   function choose(ids) { location.search = ids.length ? `?jobs=${ids.map(encodeURIComponent).join(",")}` : ""; }
   $("choices").onchange = (e) => {
@@ -50,7 +82,7 @@
         ? (Number.isFinite(x) ? x : Infinity) - (Number.isFinite(y) ? y : Infinity) : String(x).localeCompare(String(y));
       return ascending ? c : -c;
     });
-    $("table").tHead.innerHTML = `<tr>${COLUMNS.map(([name], i) => `<th class="sortable${i > 3 ? " num" : ""}" data-col="${i}">` +
+    $("table").tHead.innerHTML = `<tr>${COLUMNS.map(([name], i) => `<th class="sortable${i > 4 ? " num" : ""}" data-col="${i}">` +
       `${name}${i === sortBy ? (ascending ? " ▲" : " ▼") : ""}</th>`).join("")}</tr>`;
     $("table").tBodies[0].innerHTML = rows.map((j) => `<tr data-job="${GS.esc(j.id)}">${COLUMNS.map(([name, f], i) => {
       const v = f(j);
@@ -104,17 +136,27 @@
       $("chosen").textContent += ` · ${id}: ${e.message}`;
     }
   }
-  const series = [...followed.keys()].map((id) => ({label: id}));
+  const series = [...followed.keys()].map((id) => ({label: labels.get(id) || id}));
   charts = {train: GS.lineChart($("train-chart"), series, {yLabel: "loss (nats/token)"}),
             val: GS.lineChart($("val-chart"), series.map((s) => ({...s, points: GS.markers(5)})),
                               {yLabel: "loss (nats/token)"})};
   for (const [id, f] of followed) {
     const box = document.createElement("div");
+    const about = labels.get(id) || `${f.job.spec.model} H${f.job.spec.hidden_size} ${f.job.spec.truncation}`;
     box.innerHTML = `<div><a href="/jobs/${encodeURIComponent(id)}">${GS.esc(id)}</a> <span class="muted">` +
-      `${GS.esc(f.job.spec.model)} H${GS.esc(f.job.spec.hidden_size)} ${GS.esc(f.job.spec.truncation)}</span></div>` +
-      `<canvas class="heatmap"></canvas>`;
+      `${GS.esc(about)}</span></div><canvas class="heatmap"></canvas>`;
     $("heatmaps").appendChild(box);
     f.canvas = box.querySelector("canvas");
+  }
+  const waiting = [...followed.keys()];
+  let open = 0;
+  function next() {
+    while (open < LIVE && waiting.length) start(waiting.shift());
+  }
+  function start(id) {
+    const f = followed.get(id);
+    open += 1;
+    f.stream = "opening";
     GS.follow(id, (batch) => {
       f.history.add(batch);
       const last = GS.JobHistory.lastMetrics(batch);
@@ -126,7 +168,13 @@
       for (const e of batch.events || []) if (e.kind === "status") f.job.state = e.state;
       redraw();
     }, {onStatus: (s) => { f.stream = s; },
-        onEnd: async () => { f.job = (await GS.api(`/api/jobs/${encodeURIComponent(id)}`)).job; redraw(); }});
+        onEnd: async () => {
+          open -= 1;
+          next();
+          f.job = (await GS.api(`/api/jobs/${encodeURIComponent(id)}`)).job;
+          redraw();
+        }});
   }
+  next();
   redraw();
 })();
