@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gradserve import plot
+from gradserve.cliparts import EXIT_FAILED, EXIT_OK, Context, _plain, print_json
 from gradserve.client import Job, state_name
 from gradserve.sweeps import ordered
 from gradserve.v1 import jobs_pb2
@@ -291,9 +292,7 @@ def fetch_runs(client, job_ids: Sequence[str] = (), sweep_id: str = "", max_jobs
     return runs
 
 
-def cmd_compare(ctx) -> int:
-    from gradserve.cli import EXIT_FAILED, EXIT_OK, _plain, print_json
-
+def cmd_compare(ctx: Context) -> int:
     a = ctx.args
     try:
         plot.load_matplotlib()

@@ -18,8 +18,8 @@ from rich.live import Live
 from rich.text import Text
 
 from gradserve import labels, sweeps
-from gradserve.cli import (EXIT_BY_STATE, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, Context, _label, _plain, _tag,
-                           add_spec_flags, fit_columns, print_error, print_json, resolve_dataset)
+from gradserve.cliparts import (EXIT_BY_STATE, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, Context, _label, _plain,
+                                _tag, add_spec_flags, fit_columns, print_error, print_json, resolve_dataset)
 from gradserve.client import TERMINAL_STATES, Sweep, state_name
 from gradserve.cmdline import command
 from gradserve.errors import GradserveError
