@@ -58,6 +58,8 @@ bench: venv
 	$(PY) bench/dashboard.py
 	$(PY) bench/listing.py
 	$(PY) bench/auto_truncation.py
+	$(PY) bench/sweep.py
+	$(PY) bench/products.py
 
 # Wheels (and redis-server) for a GPU machine that lacks them and has no registry: gpu-bundle/ travels with the checkout.
 gpu-bundle: venv
