@@ -4,7 +4,8 @@ What the process sees as it happens is counted as it happens (submit
 latency, Redis errors, events handed to watchers); what lives in Redis (jobs
 by state, queue depths, workers, each running job's tokens/s) is read once per
 scrape, by `Metrics.refresh`, so a scrape costs a few pipelined reads
-whatever the traffic.
+whatever the traffic, and reads the records of active jobs only (the facts
+of ended ones are kept).
 
     gradserve_jobs{state,queue}                  jobs recorded, by state and queue
     gradserve_queue_depth{queue}                 tasks waiting in the broker's queue
@@ -58,6 +59,7 @@ class Metrics:
             registry=self.registry)
         self.refresh_failures = 0
         self._waits_seen: set[tuple[str, int]] = set()
+        self._ended: dict[str, _JobFacts] = {}  # the facts of jobs that have ended, which never change
         self._snapshot: list = []
         self.registry.register(_Snapshot(self))
 
@@ -67,7 +69,7 @@ class Metrics:
     def refresh(self) -> None:
         """Read what lives in Redis for the next exposition; from a thread, since it blocks."""
         try:
-            jobs = list(_all_jobs(self.store))
+            jobs = _all_jobs(self.store, self._ended)
             with self.store.r.pipeline(transaction=False) as p:
                 for queue in (*QUEUES, GENERATE_QUEUE):
                     p.llen(queue)
@@ -107,12 +109,21 @@ _FIELDS = ("state", "queue", "attempt", "created", "started", "summary")
 _READ_BATCH = 1000
 
 
-def _all_jobs(job_store: store.JobStore):
-    """Every recorded job's facts, tenant by tenant, read straight from the job records' fields."""
+def _all_jobs(job_store: store.JobStore, ended: dict[str, _JobFacts]) -> list[_JobFacts]:
+    """Every recorded job's facts, tenant by tenant, read straight from the job records' fields.
+
+    A job that has ended never changes again, so `ended` keeps its facts and
+    only the other jobs' records are read: a scrape reads the index and the
+    active jobs, not every job ever kept. Jobs gone from the index (deleted,
+    or past retention) leave `ended` too.
+    """
+    jobs: list[_JobFacts] = []
     for key in job_store.r.scan_iter(match=store.tenant_jobs_key("*"), count=500):
         ids = [i.decode() for i in job_store.r.zrange(key, 0, -1)]
-        for start in range(0, len(ids), _READ_BATCH):
-            chunk = ids[start:start + _READ_BATCH]
+        jobs.extend(ended[i] for i in ids if i in ended)
+        unknown = [i for i in ids if i not in ended]
+        for start in range(0, len(unknown), _READ_BATCH):
+            chunk = unknown[start:start + _READ_BATCH]
             with job_store.r.pipeline(transaction=False) as p:
                 for job_id in chunk:
                     p.hmget(store.job_key(job_id), *_FIELDS)
@@ -120,9 +131,15 @@ def _all_jobs(job_store: store.JobStore):
             for job_id, (state, queue, attempt, created, started, summary) in zip(chunk, rows):
                 if state is None:
                     continue  # deleted since the index was read
-                yield _JobFacts(job_id, int(state), (queue or b"").decode(), int(attempt or 1),
-                                float(created or 0), float(started or 0),
-                                jobs_pb2.JobSummary.FromString(summary or b"").tokens_per_sec)
+                job = _JobFacts(job_id, int(state), (queue or b"").decode(), int(attempt or 1), float(created or 0),
+                                float(started or 0), jobs_pb2.JobSummary.FromString(summary or b"").tokens_per_sec)
+                jobs.append(job)
+                if job.state in store.TERMINAL:
+                    ended[job_id] = job
+    kept = {job.id for job in jobs}
+    for job_id in [i for i in ended if i not in kept]:
+        del ended[job_id]
+    return jobs
 
 
 class _Snapshot:
