@@ -695,7 +695,25 @@ class JobStore:
             raise NotFound(job_id)
         if result[0] == 0:
             raise Refused(job_id, int(result[1]))
+        if job.sweep:
+            self._forget_sweep_without_members(job.sweep, job.tenant)
         return job
+
+    def _forget_sweep_without_members(self, sweep_id: str, tenant: str) -> None:
+        # A sweep gets all its members when it is created and none later, so once the last one is deleted (by
+        # hand or by retention) nothing can bring it back: its record, its members' held-out losses and its
+        # place in the tenant's list go too, instead of listing an empty sweep for ever.
+        members = self.r.hget(sweep_key(sweep_id), "members")
+        if members is None:
+            return
+        ids = [job_id for job_id, _ in json.loads(members)]
+        if self.r.exists(*map(job_key, ids)):
+            return
+        losses = list(self.r.scan_iter(match=f"{sweep_key(sweep_id)}:loss:*", count=500))
+        with self.r.pipeline(transaction=True) as p:
+            p.delete(sweep_key(sweep_id), *losses)
+            p.zrem(tenant_sweeps_key(tenant), sweep_id)
+            p.execute()
 
     def ended_before(self, cutoff: float, limit: int = 1000) -> list[str]:
         """Up to `limit` jobs, of any tenant, that ended (SUCCEEDED, FAILED, CANCELLED) before Unix time `cutoff`.
@@ -1010,11 +1028,14 @@ class JobStore:
         else:
             jobs = [jobs_pb2.Job(id=i, state=int(state), summary=jobs_pb2.JobSummary.FromString(summary or b""))
                     if state is not None else None for i, (state, summary) in zip(ids, found)]
+        # A deleted member (it had ended) is no longer one: what is left of the sweep lists, counts and is done.
+        for i in reversed(range(len(jobs))):
+            if jobs[i] is None:
+                del sweep.members[i], jobs[i]
         _tally(sweep, jobs)
         if records:
             for member, job in zip(sweep.members, jobs):
-                if job is not None:
-                    member.job.CopyFrom(job)
+                member.job.CopyFrom(job)
         return sweep
 
     def list_sweeps(self, tenant: str, limit: int, page_token: str = "") -> tuple[list[jobs_pb2.Sweep], str]:
@@ -1354,14 +1375,12 @@ def _sweep_from_hash(sweep_id: str, raw: dict) -> jobs_pb2.Sweep:
     return sweep
 
 
-def _tally(sweep: jobs_pb2.Sweep, jobs: list[jobs_pb2.Job | None]) -> None:
-    """Count the members by state and name the one with the lowest held-out loss; a deleted member counts nowhere."""
+def _tally(sweep: jobs_pb2.Sweep, jobs: list[jobs_pb2.Job]) -> None:
+    """Count the members by state and name the one with the lowest held-out loss."""
     counts = {jobs_pb2.QUEUED: "queued", jobs_pb2.RUNNING: "running", jobs_pb2.SUCCEEDED: "succeeded",
               jobs_pb2.FAILED: "failed", jobs_pb2.CANCELLED: "cancelled"}
     best = None
     for job in jobs:
-        if job is None:
-            continue
         attr = counts[job.state]
         setattr(sweep, attr, getattr(sweep, attr) + 1)
         if job.summary.best_step and (best is None or job.summary.best_val_loss < best.summary.best_val_loss):

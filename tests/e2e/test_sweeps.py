@@ -135,3 +135,18 @@ def test_sweeps_are_listed_newest_first_a_page_at_a_time(idle_stack):
         with pytest.raises(gradserve.InvalidArgument):
             c.list_sweeps(limit=1001)
         assert isinstance(c.list_sweeps(limit=1)[0], jobs_pb2.Sweep)
+
+
+def test_a_sweep_whose_members_are_all_deleted_is_forgotten(idle_stack):
+    with idle_stack.client() as c:
+        sweep = c.submit_sweep(base=BASE, grid={"lr": [0.1, 0.2]}, name="to forget")
+        sweep.cancel()
+        first, second = sweep.jobs
+        first.delete()
+        # While one member is left the sweep stays, made of what is left, and done.
+        kept = c.get_sweep(sweep.id)
+        assert (kept.info.cancelled, [j.id for j in kept.jobs]) == (1, [second.id]) and kept.done
+        second.delete()
+        with pytest.raises(gradserve.NotFound):
+            c.get_sweep(sweep.id)
+        assert sweep.id not in [s.id for s in c.list_sweeps(limit=1000)]
