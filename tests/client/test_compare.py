@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import math
 import sys
+from pathlib import Path
 
 import pytest
 
 pytest.importorskip("matplotlib", reason="the plot extra is not installed: pip install './client[plot]'")
 
 from gradserve import cli, compare  # noqa: E402
-from gradserve.errors import NotFound  # noqa: E402
 from gradserve.v1 import jobs_pb2  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "harness"))
+from fakes import FakeClient, FakeJob  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 STEPS = range(50, 401, 50)
@@ -159,45 +161,12 @@ def test_jobs_without_events_yet_still_draw():
 # ------------------------------------------------------------------ the command
 
 
-class FakeJob:
-    def __init__(self, info, events):
-        self.info, self._events, self.follow = info, events, None
-
-    @property
-    def id(self):
-        return self.info.id
-
-    def events(self, cursor=None, follow=True):
-        self.follow = follow
-        return iter(self._events)
-
-
 class FakeSweep:
     def __init__(self, jobs, values, axes=()):
         self.jobs, self.values = jobs, values
         spec = jobs_pb2.SweepSpec(axes=[jobs_pb2.SweepAxis(field=f) for f in axes])
         self.info = jobs_pb2.Sweep(id=SWEEP_ID, spec=spec,
                                    members=[jobs_pb2.Sweep.Member(job_id=j.id, values=v) for j, v in zip(jobs, values)])
-
-
-class FakeClient:
-    def __init__(self, jobs, sweep=None):
-        self.jobs, self.sweep = {j.id: j for j in jobs}, sweep
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        pass
-
-    def get_job(self, job_id):
-        if job_id not in self.jobs:
-            raise NotFound(f"{job_id} not found")
-        return self.jobs[job_id]
-
-    def get_sweep(self, sweep_id):
-        assert self.sweep is not None and sweep_id == SWEEP_ID
-        return self.sweep
 
 
 def fake_stack():

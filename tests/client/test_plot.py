@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +15,8 @@ pytest.importorskip("matplotlib", reason="the plot extra is not installed: pip i
 
 from gradserve import cli, plot, truncation  # noqa: E402
 from gradserve.v1 import jobs_pb2  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "harness"))
+from fakes import FakeClient, FakeJob  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CLIP_NORM = 0.5
@@ -138,39 +141,11 @@ def test_a_resumed_run_keeps_the_latest_report_of_each_step():
     assert history.metrics[-1].loss == 9.0
 
 
-class FakeJob:
-    def __init__(self, info, events):
-        self.info, self._events, self.follow = info, events, None
-
-    @property
-    def id(self):
-        return self.info.id
-
-    def events(self, cursor=None, follow=True):
-        self.follow = follow
-        return iter(self._events)
-
-
-class FakeClient:
-    def __init__(self, job):
-        self.job = job
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        pass
-
-    def get_job(self, job_id):
-        assert job_id == self.job.id
-        return self.job
-
-
 def test_the_plot_command_reads_the_history_without_following_and_writes_the_file(tmp_path, capsys):
     job = FakeJob(job_record(), run_events())
     out = tmp_path / "run.png"
 
-    code = cli.main(["plot", job.id, "-o", str(out)], client_factory=lambda server, **connection: FakeClient(job))
+    code = cli.main(["plot", job.id, "-o", str(out)], client_factory=lambda server, **connection: FakeClient([job]))
 
     assert code == cli.EXIT_OK
     assert job.follow is False, "plot must read the history so far, not wait for a running job to end"
@@ -182,7 +157,7 @@ def test_the_plot_command_without_matplotlib_says_what_to_install(tmp_path, caps
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # what `import matplotlib` meets when it is not installed
     job = FakeJob(job_record(), run_events())
 
-    code = cli.main(["plot", job.id, "-o", str(tmp_path / "run.png")], client_factory=lambda server, **connection: FakeClient(job))
+    code = cli.main(["plot", job.id, "-o", str(tmp_path / "run.png")], client_factory=lambda server, **connection: FakeClient([job]))
 
     assert code == cli.EXIT_FAILED
     assert "pip install 'gradserve[plot]'" in capsys.readouterr().err
