@@ -643,9 +643,10 @@ def cancel_sweep(ctx: Context) -> int:
         print_json(ctx.out, as_dict(info))
         return EXIT_OK
     stopping = sum(1 for m in info.members if m.job.state == jobs_pb2.RUNNING)
-    _plain(ctx.out, f"{info.id}: {info.cancelled} members cancelled" +
-           (f", {stopping} stop at their next step" if stopping else "") +
-           (f"; {info.succeeded + info.failed} had already ended" if info.succeeded + info.failed else ""))
+    ended = info.succeeded + info.failed
+    _plain(ctx.out, f"{info.id}: {info.cancelled} member{'' if info.cancelled == 1 else 's'} cancelled" +
+           (f", {stopping} {'stops' if stopping == 1 else 'stop'} at the next step" if stopping else "") +
+           (f"; {ended} had already ended" if ended else ""))
     return EXIT_OK
 
 
