@@ -158,7 +158,8 @@ def status_line(s: jobs_pb2.StatusChange) -> str:
 
 
 def checkpoint_line(c: jobs_pb2.CheckpointSaved) -> str:
-    return f"checkpoint  step {c.step}  size {human_bytes(c.size_bytes)}" + ("  (best so far)" if c.best else "")
+    kept = "  (latest, and the best so far)" if c.also_latest else "  (best so far)" if c.best else ""
+    return f"checkpoint  step {c.step}  size {human_bytes(c.size_bytes)}{kept}"
 
 
 def evaluation_line(e: jobs_pb2.Evaluation) -> str:

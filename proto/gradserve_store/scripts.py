@@ -87,30 +87,70 @@ end
 return {1, redis.call('XADD', KEYS[2], '*', 'e', ARGV[6])}
 """
 
+# The latest and best checkpoints. A best checkpoint saved by the same save
+# as the latest one holds no bytes of its own, only 'shared' = 1: its bytes are
+# the latest's until a newer latest replaces them, which first gives the best
+# hash its own copy. So a checkpoint that is both is stored once.
+#   KEYS (all three scripts): job hash, event stream, latest checkpoint hash, best checkpoint hash
+KEEP_SHARED_BEST = """
+local function keep_shared_best()
+  if redis.call('HGET', KEYS[4], 'shared') == '1' then
+    redis.call('HSET', KEYS[4], 'data', redis.call('HGET', KEYS[3], 'data'))
+    redis.call('HDEL', KEYS[4], 'shared')
+  end
+end
+local function put_latest(step, data)
+  keep_shared_best()
+  redis.call('DEL', KEYS[3])
+  redis.call('HSET', KEYS[3], 'data', data, 'step', step)
+  redis.call('HSET', KEYS[1], 'checkpoint_step', step)
+end
+local function put_best(step, loss, fields)
+  redis.call('DEL', KEYS[4])
+  redis.call('HSET', KEYS[4], 'step', step, 'loss', loss, unpack(fields))
+  redis.call('HSET', KEYS[1], 'best_checkpoint_step', step)
+end
+local function newer_latest(step)
+  return tonumber(step) > tonumber(redis.call('HGET', KEYS[1], 'checkpoint_step') or '-1')
+end
+local function better_best(loss)
+  local stored = redis.call('HGET', KEYS[4], 'loss')
+  return not stored or tonumber(loss) < tonumber(stored)
+end
+"""
+
 # The job's checkpoint, replaced whole with its event (a script runs alone, so
 # a reader gets the old checkpoint or the new one, never a mix). A step no
 # later than the stored one is skipped: only the newest checkpoint is kept.
-#   KEYS: job hash, event stream, checkpoint hash
 #   ARGV: attempt, token, RUNNING, step, data, event bytes. Returns as APPEND.
-CHECKPOINT = FENCE + """
-if tonumber(ARGV[4]) <= tonumber(redis.call('HGET', KEYS[1], 'checkpoint_step') or '-1') then return {2} end
-redis.call('DEL', KEYS[3])
-redis.call('HSET', KEYS[3], 'data', ARGV[5], 'step', ARGV[4])
-redis.call('HSET', KEYS[1], 'checkpoint_step', ARGV[4])
+CHECKPOINT = FENCE + KEEP_SHARED_BEST + """
+if not newer_latest(ARGV[4]) then return {2} end
+put_latest(ARGV[4], ARGV[5])
 return {1, redis.call('XADD', KEYS[2], '*', 'e', ARGV[6])}
 """
 
 # The checkpoint of the best evaluation so far, kept beside the latest: it
 # replaces the stored one only when its held-out loss is lower.
-#   KEYS: job hash, event stream, best checkpoint hash
 #   ARGV: attempt, token, RUNNING, step, data, event bytes, the evaluation's loss. Returns as APPEND.
-BEST_CHECKPOINT = FENCE + """
-local stored = redis.call('HGET', KEYS[3], 'loss')
-if stored and tonumber(ARGV[7]) >= tonumber(stored) then return {2} end
-redis.call('DEL', KEYS[3])
-redis.call('HSET', KEYS[3], 'data', ARGV[5], 'step', ARGV[4], 'loss', ARGV[7])
-redis.call('HSET', KEYS[1], 'best_checkpoint_step', ARGV[4])
+BEST_CHECKPOINT = FENCE + KEEP_SHARED_BEST + """
+if not better_best(ARGV[7]) then return {2} end
+put_best(ARGV[4], ARGV[7], {'data', ARGV[5]})
 return {1, redis.call('XADD', KEYS[2], '*', 'e', ARGV[6])}
+"""
+
+# One save that is both the latest checkpoint and the best so far, with one
+# event. Each part is skipped as the scripts above skip it (a resumed attempt
+# saving a step again), and the event says what was kept.
+#   ARGV: attempt, token, RUNNING, step, data, the evaluation's loss, then the event bytes for both, for the
+#         latest alone and for the best alone. Returns as APPEND.
+LATEST_AND_BEST_CHECKPOINT = FENCE + KEEP_SHARED_BEST + """
+local latest, best = newer_latest(ARGV[4]), better_best(ARGV[6])
+if latest then put_latest(ARGV[4], ARGV[5]) end
+if best then put_best(ARGV[4], ARGV[6], latest and {'shared', 1} or {'data', ARGV[5]}) end
+if latest and best then return {1, redis.call('XADD', KEYS[2], '*', 'e', ARGV[7])} end
+if latest then return {1, redis.call('XADD', KEYS[2], '*', 'e', ARGV[8])} end
+if best then return {1, redis.call('XADD', KEYS[2], '*', 'e', ARGV[9])} end
+return {2}
 """
 
 # Takes a due entry of the dispatch outbox for one caller, for the next

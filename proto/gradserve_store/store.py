@@ -483,6 +483,7 @@ class JobStore:
         self._append = client.register_script(scripts.APPEND)
         self._checkpoint = client.register_script(scripts.CHECKPOINT)
         self._best_checkpoint = client.register_script(scripts.BEST_CHECKPOINT)
+        self._latest_and_best_checkpoint = client.register_script(scripts.LATEST_AND_BEST_CHECKPOINT)
         self._take_dispatch = client.register_script(scripts.TAKE_DISPATCH)
         self._dispatched = client.register_script(scripts.DISPATCHED)
         self._delete = client.register_script(scripts.DELETE)
@@ -1200,12 +1201,9 @@ class JobStore:
         Returns False, writing nothing, when the stored checkpoint is as new.
         Raises Fenced when `lease` no longer owns the job.
         """
-        event = jobs_pb2.Event(job_id=lease.job_id, time=timestamp(time.time()),
-                               checkpoint=jobs_pb2.CheckpointSaved(step=step, size_bytes=len(data)))
-        result = self._checkpoint(
-            keys=[job_key(lease.job_id), events_key(lease.job_id), checkpoint_key(lease.job_id)],
-            args=[*self._fence_args(lease), step, data, encode_event(event)],
-        )
+        event = _checkpoint_event(lease.job_id, step, data)
+        result = self._checkpoint(keys=_checkpoint_keys(lease.job_id),
+                                  args=[*self._fence_args(lease), step, data, event])
         return self._fenced_result(lease, result)
 
     def put_best_checkpoint(self, lease: Lease, step: int, loss: float, data: bytes) -> bool:
@@ -1213,12 +1211,23 @@ class JobStore:
 
         Returns False, writing nothing, when the stored best is as good. Raises Fenced as put_checkpoint does.
         """
-        event = jobs_pb2.Event(job_id=lease.job_id, time=timestamp(time.time()),
-                               checkpoint=jobs_pb2.CheckpointSaved(step=step, size_bytes=len(data), best=True))
-        result = self._best_checkpoint(
-            keys=[job_key(lease.job_id), events_key(lease.job_id), best_checkpoint_key(lease.job_id)],
-            args=[*self._fence_args(lease), step, data, encode_event(event), repr(loss)],
-        )
+        event = _checkpoint_event(lease.job_id, step, data, best=True)
+        result = self._best_checkpoint(keys=_checkpoint_keys(lease.job_id),
+                                       args=[*self._fence_args(lease), step, data, event, repr(loss)])
+        return self._fenced_result(lease, result)
+
+    def put_latest_and_best_checkpoint(self, lease: Lease, step: int, loss: float, data: bytes) -> bool:
+        """One save that is the latest checkpoint and, its evaluation's held-out `loss` being the lowest so far,
+        the best one too: stored once, with one event.
+
+        Each part is skipped as put_checkpoint and put_best_checkpoint skip it;
+        returns False when both are. Raises Fenced as put_checkpoint does.
+        """
+        events = [_checkpoint_event(lease.job_id, step, data, best=True, also_latest=True),
+                  _checkpoint_event(lease.job_id, step, data),
+                  _checkpoint_event(lease.job_id, step, data, best=True)]
+        result = self._latest_and_best_checkpoint(keys=_checkpoint_keys(lease.job_id),
+                                                  args=[*self._fence_args(lease), step, data, repr(loss), *events])
         return self._fenced_result(lease, result)
 
     def get_checkpoint(self, job_id: str, which: str = "latest") -> tuple[int, bytes]:
@@ -1226,14 +1235,21 @@ class JobStore:
 
         Raises NotFound (with the job id) when there is no such checkpoint.
         """
-        if which in ("latest", "best"):
-            key = checkpoint_key(job_id) if which == "latest" else best_checkpoint_key(job_id)
-            data, step = self.r.hmget(key, "data", "step")
+        # One transaction: a best checkpoint that shares the latest's bytes reads them before a newer latest
+        # replaces them.
+        with self.r.pipeline(transaction=True) as p:
+            p.hmget(checkpoint_key(job_id), "data", "step")
+            p.hmget(best_checkpoint_key(job_id), "data", "step", "shared")
+            (latest_data, latest_step), (best_data, best_step, shared) = p.execute()
+        if shared is not None:
+            best_data = latest_data
+        found = {"latest": (latest_step, latest_data), "best": (best_step, best_data)}
+        if which in found:
+            step, data = found[which]
             if data is None:
                 raise NotFound(job_id)
             return int(step), data
-        for key in (checkpoint_key(job_id), best_checkpoint_key(job_id)):
-            data, step = self.r.hmget(key, "data", "step")
+        for step, data in found.values():
             if data is not None and step.decode() == which:
                 return int(step), data
         raise NotFound(job_id)
@@ -1363,6 +1379,16 @@ def _log_line(entry_id: bytes, fields: dict) -> jobs_pb2.LogLine:
     g = {k.decode(): v.decode(errors="replace") for k, v in fields.items()}
     return jobs_pb2.LogLine(cursor=_text(entry_id), time=timestamp(float(g["t"])), level=g["l"], logger=g["n"],
                             attempt=int(g["a"]), message=g["m"])
+
+
+def _checkpoint_keys(job_id: str) -> list[str]:
+    """The KEYS of the checkpoint scripts (scripts.KEEP_SHARED_BEST)."""
+    return [job_key(job_id), events_key(job_id), checkpoint_key(job_id), best_checkpoint_key(job_id)]
+
+
+def _checkpoint_event(job_id: str, step: int, data: bytes, *, best: bool = False, also_latest: bool = False) -> bytes:
+    saved = jobs_pb2.CheckpointSaved(step=step, size_bytes=len(data), best=best, also_latest=also_latest)
+    return encode_event(jobs_pb2.Event(job_id=job_id, time=timestamp(time.time()), checkpoint=saved))
 
 
 def _sweep_from_hash(sweep_id: str, raw: dict) -> jobs_pb2.Sweep:

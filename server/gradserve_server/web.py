@@ -173,7 +173,9 @@ def event_json(event: jobs_pb2.Event) -> dict:
         out.update(state=jobs_pb2.JobState.Name(s.state), reason=s.reason, worker=s.worker, step=s.step,
                    attempt=s.attempt, resumed_from_step=s.resumed_from_step)
     elif kind == "checkpoint":
-        out.update(step=event.checkpoint.step, size_bytes=event.checkpoint.size_bytes)
+        c = event.checkpoint
+        out.update(step=c.step, size_bytes=c.size_bytes, kept="latest, best" if c.also_latest else
+                   "best" if c.best else "latest")
     elif kind == "notice":
         out.update(code=event.notice.code, message=event.notice.message)
     return out

@@ -215,6 +215,10 @@ def test_status_and_checkpoint_lines():
     assert failed == "status FAILED  worker w-0@host  step 42  reason: loss is nan"
     saved = jobs_pb2.Event(checkpoint=jobs_pb2.CheckpointSaved(step=500, size_bytes=3 * 1024 * 1024))
     assert cli.event_line(saved, 1000) == "checkpoint  step 500  size 3.0 MiB"
+    saved.checkpoint.best = True
+    assert cli.event_line(saved, 1000) == "checkpoint  step 500  size 3.0 MiB  (best so far)"
+    saved.checkpoint.also_latest = True
+    assert cli.event_line(saved, 1000) == "checkpoint  step 500  size 3.0 MiB  (latest, and the best so far)"
 
 
 def test_plain_stream_prints_one_line_per_event_and_remembers_where_it_was():

@@ -54,9 +54,10 @@ def test_submit_stream_and_download(client, corpus_id, tmp_path):
         assert {p.name for p in m.param_grad_norms}, "per-parameter gradient norms are missing"
         assert m.clipped == (m.grad_norm > 1.0)
     assert metrics[-1].loss < metrics[0].loss, "training did not reduce the loss"
-    # The one evaluation, at the end, is the best so far: its checkpoint is kept as the best one too.
-    assert [(e.checkpoint.step, e.checkpoint.best) for e in events if e.WhichOneof("kind") == "checkpoint"] == [
-        (30, False), (60, False), (60, True)]
+    # The one evaluation, at the end, is the best so far: the last checkpoint is the best one too, saved and
+    # announced once.
+    assert [(e.checkpoint.step, e.checkpoint.best, e.checkpoint.also_latest)
+            for e in events if e.WhichOneof("kind") == "checkpoint"] == [(30, False, False), (60, True, True)]
     cursors = [e.cursor for e in events]
     assert len(set(cursors)) == len(cursors)
 

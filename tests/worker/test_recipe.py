@@ -59,7 +59,7 @@ def test_eos_keeps_line_ends_of_a_char_text_under_d2l_preprocessing():
 def test_an_eos_job_trains_on_the_eos_token_and_generates_line_breaks(timemachine):
     config = small(tokenization="word", eos=True, preprocess="none", max_steps=2)
     [ckpt] = [e for e in events_of(config, timemachine[:3000])
-              if isinstance(e, CheckpointReady) and e.best_loss is None]
+              if isinstance(e, CheckpointReady) and e.latest]
     _, vocab, _, _ = load_checkpoint(ckpt.data)
     assert EOS in vocab
     assert join_tokens("the end", ["of", EOS, "it", EOS], "word") == "the end of\nit\n"
@@ -155,7 +155,7 @@ def test_embedding_dropout_needs_an_embedding():
 def test_tied_weights_are_one_tensor_through_training_and_a_checkpoint(timemachine, model):
     config = small(model=model, embedding_size=16, tie_weights=True, max_steps=3)
     events = events_of(config, timemachine[:3000])
-    [ckpt] = [e for e in events if isinstance(e, CheckpointReady) and e.best_loss is None]
+    [ckpt] = [e for e in events if isinstance(e, CheckpointReady) and e.latest]
     net, vocab, _, _ = load_checkpoint(ckpt.data)
     weight, _ = net.output_weights()
     assert weight.data_ptr() == net.embedding.weight.data_ptr()
@@ -230,7 +230,7 @@ def test_plateau_state_continues_bit_for_bit_after_a_resume(timemachine):
     text = timemachine[:3000]
     straight = events_of(config, text)
     first = events_of(small(**{**asdict(config), "max_steps": 9, "checkpoint_every": 9}), text)
-    [half] = [e for e in first if isinstance(e, CheckpointReady) and e.best_loss is None]
+    [half] = [e for e in first if isinstance(e, CheckpointReady) and e.latest]
     saved = torch.load(io.BytesIO(half.data), weights_only=True)["plateau"]
     assert saved["lr"] < 5.0  # cuts happened before the checkpoint, so their state has to come back
     rest = events_of(config, text, resume=half.data)
@@ -256,7 +256,7 @@ def test_plateau_needs_held_out_text():
 
 def test_a_checkpoint_without_the_recipe_settings_resumes_with_their_defaults(timemachine):
     text = timemachine[:3000]
-    [ckpt] = [e for e in events_of(small(max_steps=2), text) if isinstance(e, CheckpointReady) and e.best_loss is None]
+    [ckpt] = [e for e in events_of(small(max_steps=2), text) if isinstance(e, CheckpointReady) and e.latest]
     payload = torch.load(io.BytesIO(ckpt.data), weights_only=True)
     new = ("eos", "init", "init_range", "max_dependency", "embedding_dropout", "tie_weights", "min_lr")
     payload["config"] = {k: v for k, v in payload["config"].items() if k not in new}
@@ -320,6 +320,6 @@ def test_the_readme_recipe_trains_with_the_peers_initial_weights(timemachine):
         assert w.std().item() == pytest.approx(1 / math.sqrt(200) / math.sqrt(3), rel=0.03)
     metrics = [e for e in events if isinstance(e, StepMetrics)]
     assert [m.step for m in metrics] == [3] and math.isfinite(metrics[0].loss)
-    [ckpt] = [e for e in events if isinstance(e, CheckpointReady) and e.best_loss is None]
+    [ckpt] = [e for e in events if isinstance(e, CheckpointReady) and e.latest]
     model, vocab, _, _ = load_checkpoint(ckpt.data)
     assert EOS in vocab and model.linear.weight.data_ptr() == model.embedding.weight.data_ptr()

@@ -62,7 +62,7 @@ def test_evaluation_is_the_mean_cross_entropy_over_the_heldout_tokens(timemachin
     _, heldout = split_heldout(corpus, 0.1)
 
     # Recompute the last evaluation with the checkpointed model: one sequential pass, state carried.
-    [ckpt] = [e for e in events if isinstance(e, CheckpointReady) and e.best_loss is None]
+    [ckpt] = [e for e in events if isinstance(e, CheckpointReady) and e.latest]
     model = load_checkpoint(ckpt.data).model
     rows = min(4, (len(heldout) - 1) // 8)
     row_len = (len(heldout) - 1) // rows
@@ -199,7 +199,7 @@ def test_full_truncation_learns_the_adding_problem_below_its_baseline():
 
 def test_a_task_checkpoint_opens_with_the_tasks_model():
     events = events_of(small(dataset="builtin:adding", seq_len=6, max_steps=2))
-    [ckpt] = [e for e in events if isinstance(e, CheckpointReady) and e.best_loss is None]
+    [ckpt] = [e for e in events if isinstance(e, CheckpointReady) and e.latest]
     model, vocab, config, state = load_checkpoint(ckpt.data)
     assert vocab == [] and state == () and config.dataset == "builtin:adding"
     out, _ = model(torch.rand(6, 3, 2), model.begin_state(3, "cpu"))

@@ -203,10 +203,13 @@ class Attempt:
         # The store skips what the stream already has, which is how a resumed
         # attempt recomputing steps up to where its predecessor died stays silent.
         if isinstance(report, CheckpointReady):
-            if report.best_loss is not None:
-                self.retrying(self.store.put_best_checkpoint, self.lease, report.step, report.best_loss, report.data)
-            else:
+            if report.best_loss is None:
                 self.retrying(self.store.put_checkpoint, self.lease, report.step, report.data)
+            elif report.latest:
+                self.retrying(self.store.put_latest_and_best_checkpoint, self.lease, report.step, report.best_loss,
+                              report.data)
+            else:
+                self.retrying(self.store.put_best_checkpoint, self.lease, report.step, report.best_loss, report.data)
             return
         if isinstance(report, StepMetrics):
             self.last_step = report.step

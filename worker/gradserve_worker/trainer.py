@@ -164,12 +164,15 @@ class WindowChange:
 class CheckpointReady:
     """A checkpoint of the run after `step` steps; `data` is what load_checkpoint and resume take.
 
-    With `best_loss`, it is also the best so far: its step's evaluation had the lowest held-out loss yet.
+    `latest`: it is the regular checkpoint (every checkpoint_every steps and
+    at the end). With `best_loss`, it is the best so far: its step's
+    evaluation had the lowest held-out loss yet. One save can be both.
     """
 
     step: int
     data: bytes
     best_loss: float | None = None
+    latest: bool = True
 
 
 @dataclass
@@ -288,7 +291,8 @@ def train(
     must agree, or CannotTrain names each that does not.
 
     After an evaluation with the lowest held-out loss so far, a CheckpointReady
-    with `best_loss` set reports the model as it is then.
+    with `best_loss` set reports the model as it is then; when that step's
+    regular checkpoint is due too, the one report is both (`latest`).
 
     On CUDA the step runs as a captured graph (graphstep) when it can serve
     the job, the eager step otherwise; every StepMetrics says which ran and
@@ -440,10 +444,8 @@ def _checkpoints(config, stream, model, optimizer, spectral, plateau, auto, step
         best.loss = evaluation.loss
     if regular or improved:
         data = _checkpoint_bytes(config, stream, model, optimizer, spectral, plateau, auto, step, device, best.loss)
-        if regular:
-            on_event(CheckpointReady(step=step, data=data))
-        if improved:
-            on_event(CheckpointReady(step=step, data=data, best_loss=evaluation.loss))
+        on_event(CheckpointReady(step=step, data=data, best_loss=evaluation.loss if improved else None,
+                                 latest=regular))
 
 
 @dataclass

@@ -471,14 +471,16 @@ class StatusChange(_message.Message):
     def __init__(self, state: _Optional[_Union[JobState, str]] = ..., reason: _Optional[str] = ..., worker: _Optional[str] = ..., step: _Optional[int] = ..., attempt: _Optional[int] = ..., resumed_from_step: _Optional[int] = ...) -> None: ...
 
 class CheckpointSaved(_message.Message):
-    __slots__ = ("step", "size_bytes", "best")
+    __slots__ = ("step", "size_bytes", "best", "also_latest")
     STEP_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     BEST_FIELD_NUMBER: _ClassVar[int]
+    ALSO_LATEST_FIELD_NUMBER: _ClassVar[int]
     step: int
     size_bytes: int
     best: bool
-    def __init__(self, step: _Optional[int] = ..., size_bytes: _Optional[int] = ..., best: _Optional[bool] = ...) -> None: ...
+    also_latest: bool
+    def __init__(self, step: _Optional[int] = ..., size_bytes: _Optional[int] = ..., best: _Optional[bool] = ..., also_latest: _Optional[bool] = ...) -> None: ...
 
 class DatasetInfo(_message.Message):
     __slots__ = ("name",)

@@ -124,7 +124,7 @@
         ` · ${bits.join(" · ")}${reason}</li>`;
     }).join("");
     $("checkpoints").innerHTML = history.checkpoints.slice().reverse().map((c) =>
-      `<tr><td class="num">${c.step}</td><td class="num">${GS.bytes(c.size_bytes)}</td>` +
+      `<tr><td class="num">${c.step}</td><td class="num">${GS.bytes(c.size_bytes)}</td><td>${c.kept}</td>` +
       `<td>${new Date(c.time * 1000).toLocaleTimeString()}</td></tr>`).join("");
     $("download").innerHTML = history.checkpoints.length
       ? `<a href="/api/jobs/${encodeURIComponent(jobId)}/checkpoint">Download the latest checkpoint</a>` : "";
