@@ -2,7 +2,7 @@
 
     make gpu-bundle                   # here, with a package registry: the wheels a GPU machine may lack
     make gpu-check                    # there, from the checkout (gpu-bundle/ travels with it)
-    python3 bench/gpu_check.py check --skip bench   # any of: tests, calibrate, bench, stack
+    python3 bench/gpu_check.py check --skip bench   # any of: tests, calibrate, bench, sweep, stack
     .venv/bin/python bench/gpu_check.py rehearse    # the stack part with tiny jobs on a CPU worker, anywhere
 
 It prints one table: the CUDA tests (tests/worker/test_graphstep.py -m cuda);
@@ -10,7 +10,9 @@ the memory calibration (per model: the estimate the worker reserves against
 torch.cuda.max_memory_allocated, what the caching allocator reserved, and the
 process's whole use of the device from nvidia-smi, whose excess over the
 reserved memory is the CUDA context and library workspaces that
-capacity.CUDA_PROCESS_BYTES stands for); `bench/run.py --device cuda`; and a
+capacity.CUDA_PROCESS_BYTES stands for); `bench/run.py --device cuda`;
+`bench/sweep.py --device cuda` (a sweep's group of rnn_scratch members against
+the same members one after another, G = 1, 8 and 32); and a
 whole stack (redis-server, server, a GPU worker at --concurrency 4, a generate
 worker) that trains every model on cuda through the captured step, one lstm
 job alone and four at once, generates from a cuda checkpoint, and SIGKILLs the
@@ -60,7 +62,9 @@ NOT_BUNDLED = {"torch", "triton", "sympy", "mpmath", "networkx", "jinja2", "mark
                "typing-extensions", "setuptools"}
 MODELS = ("rnn_scratch", "rnn", "gru", "lstm")
 # Seconds each part may take; the whole check should end within about six minutes on an H200.
-TIMEOUTS = {"tests": 240, "calibrate": 120, "bench": 300}
+TIMEOUTS = {"tests": 240, "calibrate": 120, "bench": 300, "sweep": 300}
+# The sweep issue's goal on cuda: a group of 32 rnn_scratch members against the same members one after another.
+SWEEP_GOAL_AT_32 = 15.0
 
 
 # -----------------------------------------------------------------------------
@@ -262,6 +266,24 @@ def check_bench(env) -> tuple[bool, str]:
     return True, " / ".join(" ".join(cell.strip() for cell in row.strip("|").split("|")) for row in rows[1:])
 
 
+def check_sweep(env) -> tuple[bool, str]:
+    """bench/sweep.py on cuda for rnn_scratch: passes when a group of 32 reaches SWEEP_GOAL_AT_32."""
+    results = OUT / "sweep.md"
+    rc, _ = run_logged("sweep", [sys.executable, "bench/sweep.py", "--device", "cuda", "--models", "rnn_scratch",
+                                 "--groups", "1,8,32", "--out", str(results)], env, TIMEOUTS["sweep"])
+    if rc or not results.exists():
+        return False, f"exit {rc} (gpu-check-out/sweep.log)"
+    ratios = {}
+    for line in results.read_text().splitlines():
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        # model | H | device | G | group path | steps | group tokens/s | one after another tokens/s | ratio | ...
+        if len(cells) > 8 and cells[2] == "cuda" and cells[3].isdigit():
+            ratios[int(cells[3])] = float(cells[8])
+    shown = ", ".join(f"G={g} {r:.2f}x" for g, r in sorted(ratios.items()))
+    return ratios.get(32, 0.0) >= SWEEP_GOAL_AT_32, (f"rnn_scratch group / members one after another: {shown} "
+                                                     f"(goal {SWEEP_GOAL_AT_32:g}x at G=32)")
+
+
 # Job sizes for the stack: the d2l configuration on a GPU; tiny ones for a rehearsal on the CPU.
 STACK_SIZES = {
     "cuda": {"hidden": {"rnn_scratch": 512, "rnn": 256, "gru": 256, "lstm": 256}, "batch_size": 32, "num_steps": 35,
@@ -386,7 +408,8 @@ def check(skip: set[str]) -> int:
                                                          "no torch importable, ")
                  + (device if has_gpu else "no CUDA GPU: torch sees none")))
     if has_gpu and not absent:
-        for name, run in (("tests", check_tests), ("calibrate", check_calibrate), ("bench", check_bench)):
+        for name, run in (("tests", check_tests), ("calibrate", check_calibrate), ("bench", check_bench),
+                          ("sweep", check_sweep)):
             if name not in skip:
                 t = time.monotonic()
                 passed, detail = run(env)
@@ -420,7 +443,7 @@ def main() -> None:
     b = sub.add_parser("bundle", help="download the wheels a GPU machine may lack into gpu-bundle/")
     b.add_argument("--python-version", default="3.12", help="the GPU machine's Python, as X.Y (default 3.12)")
     c = sub.add_parser("check", help="run every CUDA check and print the table")
-    c.add_argument("--skip", default="", help="comma-separated: tests, calibrate, bench, stack")
+    c.add_argument("--skip", default="", help="comma-separated: tests, calibrate, bench, sweep, stack")
     r = sub.add_parser("rehearse", help="the stack part alone, with tiny jobs on a CPU worker (no GPU needed)")
     r.set_defaults(skip="")
     m = sub.add_parser("measure", help=argparse.SUPPRESS)
