@@ -256,29 +256,32 @@ def check_calibrate(env) -> tuple[bool, str]:
     return "UNDER-ESTIMATED" not in "".join(rows), "; ".join(rows) + context
 
 
-def check_bench(env) -> tuple[bool, str]:
-    results = OUT / "bench.md"
-    rc, _ = run_logged("bench", [sys.executable, "bench/run.py", "--device", "cuda", "--reps", "2",
-                                 "--memory-steps", "50", "--out", str(results)], env, TIMEOUTS["bench"])
+def bench_table(name: str, script_args: list[str], env) -> list[list[str]] | str:
+    """Run a bench script writing its section to gpu-check-out/NAME.md: the rows of its table (cells, header left
+    out), or, when it failed, the detail to report."""
+    results = OUT / f"{name}.md"
+    rc, _ = run_logged(name, [sys.executable, *script_args, "--out", str(results)], env, TIMEOUTS[name])
     if rc or not results.exists():
-        return False, f"exit {rc} (gpu-check-out/bench.log)"
+        return f"exit {rc} (gpu-check-out/{name}.log)"
     rows = [line for line in results.read_text().splitlines() if line.startswith("|") and "---" not in line]
-    return True, " / ".join(" ".join(cell.strip() for cell in row.strip("|").split("|")) for row in rows[1:])
+    return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows[1:]]
+
+
+def check_bench(env) -> tuple[bool, str]:
+    rows = bench_table("bench", ["bench/run.py", "--device", "cuda", "--reps", "2", "--memory-steps", "50"], env)
+    if isinstance(rows, str):
+        return False, rows
+    return True, " / ".join(" ".join(cells) for cells in rows)
 
 
 def check_sweep(env) -> tuple[bool, str]:
     """bench/sweep.py on cuda for rnn_scratch: passes when a group of 32 reaches SWEEP_GOAL_AT_32."""
-    results = OUT / "sweep.md"
-    rc, _ = run_logged("sweep", [sys.executable, "bench/sweep.py", "--device", "cuda", "--models", "rnn_scratch",
-                                 "--groups", "1,8,32", "--out", str(results)], env, TIMEOUTS["sweep"])
-    if rc or not results.exists():
-        return False, f"exit {rc} (gpu-check-out/sweep.log)"
-    ratios = {}
-    for line in results.read_text().splitlines():
-        cells = [cell.strip() for cell in line.strip("|").split("|")]
-        # model | H | device | G | group path | steps | group tokens/s | one after another tokens/s | ratio | ...
-        if len(cells) > 8 and cells[2] == "cuda" and cells[3].isdigit():
-            ratios[int(cells[3])] = float(cells[8])
+    rows = bench_table("sweep", ["bench/sweep.py", "--device", "cuda", "--models", "rnn_scratch",
+                                 "--groups", "1,8,32"], env)
+    if isinstance(rows, str):
+        return False, rows
+    # model | H | device | G | group path | steps | group tokens/s | one after another tokens/s | ratio | ...
+    ratios = {int(cells[3]): float(cells[8]) for cells in rows if len(cells) > 8 and cells[3].isdigit()}
     shown = ", ".join(f"G={g} {r:.2f}x" for g, r in sorted(ratios.items()))
     return ratios.get(32, 0.0) >= SWEEP_GOAL_AT_32, (f"rnn_scratch group / members one after another: {shown} "
                                                      f"(goal {SWEEP_GOAL_AT_32:g}x at G=32)")

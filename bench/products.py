@@ -14,13 +14,15 @@ float32 at the textbook's shape (batch 32, H 512), and the section says what
 rate each reaches.
 
 It also times one member's whole training step (`gradserve_worker.trainer`,
-rnn_scratch H=512, the d2l configuration) and counts its multiply-adds, so
-the rate that step already reaches sits beside the ceiling.
+rnn_scratch H=512, bench/sweep.py's configuration) and works out how much of
+it those products take, alone and at the batched rates: the bound on what a
+group can gain while the rest of the step stays as it is.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import time
@@ -29,15 +31,19 @@ from pathlib import Path
 
 import torch
 
-from gradserve_worker.trainer import StepMetrics, TrainConfig, train
+from gradserve_worker.trainer import StepMetrics, train
 from sections import write_section
+from sweep import BATCH_SIZE, CORPUS, MODELS, NUM_STEPS, member_configs
 
 REPO = Path(__file__).resolve().parents[1]
-CORPUS = REPO / "tests" / "data" / "timemachine.txt"
 HEADING = "## Sweeps: what batching can gain on this CPU"
-BATCH, H, NUM_STEPS, VOCAB = 32, 512, 35, 28
+H = MODELS["rnn_scratch"]
 GROUPS = (8, 32)
 ROUNDS = 7
+# The products of one member's step: the recurrence's (B × H)·(H × H) at each time step, and the weight
+# gradient's (H × T·B)·(T·B × H) over the window.
+STEP_FLOP = 2.0 * BATCH_SIZE * H * H
+WINDOW_FLOP = 2.0 * NUM_STEPS * BATCH_SIZE * H * H
 
 
 def gflops(fn, flop: float, seconds: float = 0.3) -> float:
@@ -56,25 +62,23 @@ def products(G: int) -> dict[str, float]:
     "step" is the recurrent product of one time step, (B × H)·(H × H);
     "window" the weight gradient's product over a window, (H × T·B)·(T·B × H).
     """
-    a, w = torch.randn(G, BATCH, H), torch.randn(G, H, H)
-    hs, grads = torch.randn(G, H, NUM_STEPS * BATCH), torch.randn(G, NUM_STEPS * BATCH, H)
-    tall = a.reshape(G * BATCH, H)
-    step, window = 2.0 * BATCH * H * H, 2.0 * NUM_STEPS * BATCH * H * H
+    a, w = torch.randn(G, BATCH_SIZE, H), torch.randn(G, H, H)
+    hs, grads = torch.randn(G, H, NUM_STEPS * BATCH_SIZE), torch.randn(G, NUM_STEPS * BATCH_SIZE, H)
+    tall = a.reshape(G * BATCH_SIZE, H)
     return {
-        "step": gflops(lambda: torch.mm(a[0], w[0]), step),
-        "step_loop": gflops(lambda: [torch.mm(a[i], w[i]) for i in range(G)], G * step),
-        "step_bmm": gflops(lambda: torch.bmm(a, w), G * step),
-        "step_tall": gflops(lambda: torch.mm(tall, w[0]), G * step),
-        "window": gflops(lambda: torch.mm(hs[0], grads[0]), window),
-        "window_bmm": gflops(lambda: torch.bmm(hs, grads), G * window),
+        "step": gflops(lambda: torch.mm(a[0], w[0]), STEP_FLOP),
+        "step_loop": gflops(lambda: [torch.mm(a[i], w[i]) for i in range(G)], G * STEP_FLOP),
+        "step_bmm": gflops(lambda: torch.bmm(a, w), G * STEP_FLOP),
+        "step_tall": gflops(lambda: torch.mm(tall, w[0]), G * STEP_FLOP),
+        "window": gflops(lambda: torch.mm(hs[0], grads[0]), WINDOW_FLOP),
+        "window_bmm": gflops(lambda: torch.bmm(hs, grads), G * WINDOW_FLOP),
     }
 
 
 def member_step_seconds(steps: int) -> float:
     """The median wall seconds of one rnn_scratch member's d2l training step, over `steps` steps."""
-    config = TrainConfig(dataset="bench", tokenization="char", preprocess="d2l", model="rnn_scratch", hidden_size=H,
-                         batch_size=BATCH, num_steps=NUM_STEPS, optimizer="sgd", lr=1.0, clip_norm=1.0,
-                         max_steps=steps, seed=0, device="cpu", log_every=1, val_fraction=0.0)
+    [config] = member_configs("rnn_scratch", 1, steps, "cpu")
+    config = dataclasses.replace(config, log_every=1)
     seconds: list[float] = []
 
     def on_event(event) -> None:
@@ -92,16 +96,15 @@ def product_seconds(r: dict[str, float], batched: bool) -> float:
     through it) and one window product (∂W_hh). The output layer's products,
     with a 28-character vocabulary, are under 6% of the arithmetic and left out.
     """
-    step, window = 2.0 * BATCH * H * H, 2.0 * NUM_STEPS * BATCH * H * H
     suffix = "_bmm" if batched else ""
-    return (2 * NUM_STEPS * step / r["step" + suffix] + window / r["window" + suffix]) / 1e9
+    return (2 * NUM_STEPS * STEP_FLOP / r["step" + suffix] + WINDOW_FLOP / r["window" + suffix]) / 1e9
 
 
 def render(rows: dict[int, dict[str, float]], member_s: float, env: dict) -> str:
     lines = [
         HEADING, "",
         f"`bench/products.py`, {env['date']}; {env['cores']} cores, torch {env['torch']}, {env['threads']} torch "
-        f"threads; float32, B={BATCH}, H={H}, T={NUM_STEPS}; the median of {ROUNDS} interleaved rounds. Load "
+        f"threads; float32, B={BATCH_SIZE}, H={H}, T={NUM_STEPS}; the median of {ROUNDS} interleaved rounds. Load "
         f"(1-minute average): {env['load'][0]:.2f} at the start, {env['load'][1]:.2f} at the end.", "",
         "GFLOP/s of one member's recurrent product for a time step, (B×H)·(H×H), and of its weight gradient's product "
         "over a window, (H×T·B)·(T·B×H):", "",

@@ -100,7 +100,6 @@ local function keep_shared_best()
   end
 end
 local function put_latest(step, data)
-  keep_shared_best()
   redis.call('DEL', KEYS[3])
   redis.call('HSET', KEYS[3], 'data', data, 'step', step)
   redis.call('HSET', KEYS[1], 'checkpoint_step', step)
@@ -125,6 +124,7 @@ end
 #   ARGV: attempt, token, RUNNING, step, data, event bytes. Returns as APPEND.
 CHECKPOINT = FENCE + KEEP_SHARED_BEST + """
 if not newer_latest(ARGV[4]) then return {2} end
+keep_shared_best()
 put_latest(ARGV[4], ARGV[5])
 return {1, redis.call('XADD', KEYS[2], '*', 'e', ARGV[6])}
 """
@@ -145,12 +145,37 @@ return {1, redis.call('XADD', KEYS[2], '*', 'e', ARGV[6])}
 #         latest alone and for the best alone. Returns as APPEND.
 LATEST_AND_BEST_CHECKPOINT = FENCE + KEEP_SHARED_BEST + """
 local latest, best = newer_latest(ARGV[4]), better_best(ARGV[6])
+-- A best about to be replaced needs no copy of the bytes it shared.
+if latest and not best then keep_shared_best() end
 if latest then put_latest(ARGV[4], ARGV[5]) end
 if best then put_best(ARGV[4], ARGV[6], latest and {'shared', 1} or {'data', ARGV[5]}) end
 if latest and best then return {1, redis.call('XADD', KEYS[2], '*', 'e', ARGV[7])} end
 if latest then return {1, redis.call('XADD', KEYS[2], '*', 'e', ARGV[8])} end
 if best then return {1, redis.call('XADD', KEYS[2], '*', 'e', ARGV[9])} end
 return {2}
+"""
+
+# The step and bytes of the latest checkpoint, of the best one (whose bytes
+# may be the latest's), or of whichever of them is at a given step; nil when
+# there is none. A script, so that a shared best is read before a newer latest
+# replaces its bytes, and so that only the bytes asked for leave Redis.
+#   KEYS: latest checkpoint hash, best checkpoint hash.  ARGV: "latest", "best" or a step
+CHECKPOINT_OF = """
+local function read(key)
+  local step, data, shared = unpack(redis.call('HMGET', key, 'step', 'data', 'shared'))
+  if shared == '1' then data = redis.call('HGET', KEYS[1], 'data') end
+  if data then return {step, data} end
+  return false
+end
+if ARGV[1] == 'latest' then return read(KEYS[1]) end
+if ARGV[1] == 'best' then return read(KEYS[2]) end
+for _, key in ipairs(KEYS) do
+  if redis.call('HGET', key, 'step') == ARGV[1] then
+    local found = read(key)
+    if found then return found end
+  end
+end
+return false
 """
 
 # Takes a due entry of the dispatch outbox for one caller, for the next

@@ -484,6 +484,7 @@ class JobStore:
         self._checkpoint = client.register_script(scripts.CHECKPOINT)
         self._best_checkpoint = client.register_script(scripts.BEST_CHECKPOINT)
         self._latest_and_best_checkpoint = client.register_script(scripts.LATEST_AND_BEST_CHECKPOINT)
+        self._checkpoint_of = client.register_script(scripts.CHECKPOINT_OF)
         self._take_dispatch = client.register_script(scripts.TAKE_DISPATCH)
         self._dispatched = client.register_script(scripts.DISPATCHED)
         self._delete = client.register_script(scripts.DELETE)
@@ -1235,24 +1236,11 @@ class JobStore:
 
         Raises NotFound (with the job id) when there is no such checkpoint.
         """
-        # One transaction: a best checkpoint that shares the latest's bytes reads them before a newer latest
-        # replaces them.
-        with self.r.pipeline(transaction=True) as p:
-            p.hmget(checkpoint_key(job_id), "data", "step")
-            p.hmget(best_checkpoint_key(job_id), "data", "step", "shared")
-            (latest_data, latest_step), (best_data, best_step, shared) = p.execute()
-        if shared is not None:
-            best_data = latest_data
-        found = {"latest": (latest_step, latest_data), "best": (best_step, best_data)}
-        if which in found:
-            step, data = found[which]
-            if data is None:
-                raise NotFound(job_id)
-            return int(step), data
-        for step, data in found.values():
-            if data is not None and step.decode() == which:
-                return int(step), data
-        raise NotFound(job_id)
+        found = self._checkpoint_of(keys=[checkpoint_key(job_id), best_checkpoint_key(job_id)], args=[which])
+        if not found:
+            raise NotFound(job_id)
+        step, data = found
+        return int(step), data
 
     def get_init(self, job_id: str) -> tuple[jobs_pb2.InitFrom, bytes] | None:
         """The checkpoint the job starts from (what was asked, and its bytes), or None when it starts fresh."""
