@@ -61,6 +61,8 @@ log = logging.getLogger("gradserve.web")
 STATIC = Path(__file__).with_name("static")
 SESSION_COOKIE = "gradserve_session"
 CSRF_HEADER = "X-CSRF-Token"
+# Served without a token. Logging out needs no check: forging one only logs a user out.
+PUBLIC_PATHS = frozenset({"/healthz", "/metrics", "/login", "/logout", "/favicon.ico"})
 # How long a browser waits before it reconnects a closed event stream, in milliseconds.
 RECONNECT_MS = 1000
 # How long the server waits for open requests when it stops; the event streams have ended by then.
@@ -354,6 +356,7 @@ class Dashboard:
         self.app = web.Application(middlewares=[self._authenticate])
         self.app.add_routes([
             web.get("/healthz", self.healthz),
+            web.get("/favicon.ico", self.no_icon),
             web.get("/metrics", self.prometheus),
             web.get("/login", self.login_page),
             web.post("/login", self.login),
@@ -412,8 +415,7 @@ class Dashboard:
 
     @web.middleware
     async def _authenticate(self, request: web.Request, handler):
-        # Logging out needs no check: forging one only logs a user out.
-        if request.path in ("/healthz", "/metrics", "/login", "/logout") or request.path.startswith("/static/"):
+        if request.path in PUBLIC_PATHS or request.path.startswith("/static/"):
             return await handler(request)
         tenant, basis = self._caller(request)
         if tenant is None:
@@ -458,6 +460,11 @@ class Dashboard:
                                   "csrf": csrf_value(basis or "")})
 
     # ------------------------------------------------------------ health and metrics
+
+    async def no_icon(self, request: web.Request) -> web.StreamResponse:
+        # Pages name an empty icon, but a browser still asks for /favicon.ico for what is not a page (a JSON
+        # answer opened in a tab, a redirect): "none" rather than a 404 in its console.
+        return web.Response(status=204)
 
     async def healthz(self, request: web.Request) -> web.StreamResponse:
         try:

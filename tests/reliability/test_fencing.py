@@ -263,3 +263,18 @@ def test_a_best_checkpoint_alone_replaces_a_shared_one(job_store):
     assert job_store.get_checkpoint(job_id, "latest") == (100, b"hundred")
     job_store.put_checkpoint(lease, 200, b"two hundred")
     assert job_store.get_checkpoint(job_id, "best") == (150, b"one fifty")
+
+
+def test_a_delivery_that_cannot_claim_takes_back_its_advertisement_unless_the_job_runs_on_its_worker(job_store):
+    from gradserve_worker.runner import _advertise, _withdraw_unclaimed
+
+    job_id, _ = running_job(job_store)  # RUNNING on w@test
+    advertised = lambda name: {k.decode() for k in job_store.r.hkeys(store.worker_key(name))}
+    for name in ("w@test", "other@test"):
+        _advertise(job_store, name, [job_id])
+        # A second delivery of the task, refused: on the worker running the job, and on another.
+        with pytest.raises(store.Refused):
+            job_store.claim(job_id, 1, name, 60)
+        _withdraw_unclaimed(job_store, name, job_id)
+    assert advertised("w@test") == {store._JOB_FIELD + job_id}
+    assert advertised("other@test") == set()

@@ -60,6 +60,11 @@ def test_healthz_says_redis_answers_and_needs_no_token(secured):
     assert status == 200 and json.loads(body) == {"redis": "ok"}
 
 
+def test_the_browsers_icon_request_gets_no_content_not_a_login_form_or_404(secured):
+    status, _, body = call(f"{secured.web}/favicon.ico")
+    assert (status, body) == (204, b"")
+
+
 def test_metrics_are_prometheus_text_with_every_family(secured):
     # Waits are observed at the scrape after a job starts: none may be starting while this test counts them.
     with gradserve.Client(secured.address, token=ALICE) as alice, gradserve.Client(secured.address, token=BOB) as bob:

@@ -128,14 +128,14 @@ def run_job(job_store: JobStore, job_id: str, worker: str, *, attempt: int = 0,
     through a Redis outage for up to `redis_retry_s`.
     """
     retrying = functools.partial(_retrying, redis_retry_s)
+    _advertise(job_store, worker, [job_id])
     try:
         lease = retrying(job_store.claim, job_id, attempt, worker, lease_ttl_s)
     except (NotFound, Refused, Fenced) as e:
         log.info("dropping this delivery of %s: %s", job_id, e)
+        _withdraw_unclaimed(job_store, worker, job_id)
         return
     keeper = LeaseKeeper(job_store, lease, lease_ttl_s).start()
-    with contextlib.suppress(redis.RedisError):
-        job_store.set_worker_job(worker, job_id)
     fenced = False
     try:
         with job_log(job_store, lease):
@@ -153,8 +153,7 @@ def run_job(job_store: JobStore, job_id: str, worker: str, *, attempt: int = 0,
                   "it again", job_id, e)
     finally:
         keeper.stop()
-        with contextlib.suppress(redis.RedisError):
-            job_store.set_worker_job(worker, job_id, running=False)
+        _advertise(job_store, worker, [job_id], running=False)
     if (fenced or keeper.lost.is_set()) and requeue is not None:
         _requeue_if_unclaimed(job_store, lease, requeue)
 
@@ -312,15 +311,14 @@ def run_group(job_store: JobStore, job_ids: list[str], worker: str, *, shutdown:
     retrying = functools.partial(_retrying, redis_retry_s)
     shutdown = shutdown or threading.Event()
     leases = []
+    _advertise(job_store, worker, job_ids)
     for job_id in job_ids:
         try:
             leases.append(retrying(job_store.claim, job_id, 1, worker, lease_ttl_s))
         except (NotFound, Refused, Fenced) as e:
             log.info("leaving %s out of its group: %s", job_id, e)
+            _withdraw_unclaimed(job_store, worker, job_id)
     keepers = [LeaseKeeper(job_store, lease, lease_ttl_s).start() for lease in leases]
-    for lease in leases:
-        with contextlib.suppress(redis.RedisError):
-            job_store.set_worker_job(worker, lease.job_id)
     try:
         with contextlib.ExitStack() as logs:
             for lease in leases:
@@ -333,13 +331,34 @@ def run_group(job_store: JobStore, job_ids: list[str], worker: str, *, shutdown:
     finally:
         for keeper in keepers:
             keeper.stop()
-        for lease in leases:
-            with contextlib.suppress(redis.RedisError):
-                job_store.set_worker_job(worker, lease.job_id, running=False)
+        _advertise(job_store, worker, [lease.job_id for lease in leases], running=False)
     if requeue is not None:
         for lease, keeper in zip(leases, keepers):
             if keeper.lost.is_set():
                 _requeue_if_unclaimed(job_store, lease, requeue)
+
+
+def _advertise(job_store: JobStore, worker: str, job_ids: list[str], running: bool = True) -> None:
+    """Say in the worker's advertisement that it runs these jobs, or no longer does; a Redis outage only skips it
+    (the heartbeat says it again from the memory ledger).
+
+    A worker advertises a job before it claims it, so that nobody sees the job
+    RUNNING on a worker that does not list it yet; a claim that fails takes it
+    back (_withdraw_unclaimed).
+    """
+    for job_id in job_ids:
+        with contextlib.suppress(redis.RedisError):
+            job_store.set_worker_job(worker, job_id, running)
+
+
+def _withdraw_unclaimed(job_store: JobStore, worker: str, job_id: str) -> None:
+    """Take back the advertisement of a job this delivery could not claim, unless the job runs on this worker
+    all the same (a second delivery of its task reached the worker running it)."""
+    with contextlib.suppress(redis.RedisError, NotFound):
+        job = job_store.get_job(job_id)
+        if job.state == jobs_pb2.RUNNING and job.worker == worker:
+            return
+    _advertise(job_store, worker, [job_id], running=False)
 
 
 def _run_group(attempts: list[Attempt], train_group: Callable, requeue: Callable | None) -> None:
