@@ -21,6 +21,10 @@ cursor like the client does, and is counted.
 
 Cases:
   one-job      1000 watchers on one job emitting 20 events/s
+  floor        the same watchers and events served by grpc.aio alone (this
+               file run with --floor: no Redis, no relay, the same bytes
+               queued for every stream), which sets how close one Python
+               server process can come to the latency goals here
   many-jobs    100 jobs x 10 watchers, each job emitting 20 events/s
   queued       5000 watchers on 50 queued jobs, over 4 server processes (one
                serves at most 1,500 streams): the Redis connections held;
@@ -38,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import subprocess
@@ -54,12 +59,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import gradserve
 from gradserve.v1 import jobs_pb2, jobs_pb2_grpc
-from gradserve_server import dev
+from gradserve_server import dev, serving
 from gradserve_store import store
 from sections import write_section
 
 HEADING = "## Event relay: watchers, latency and saturation"
-CASES = ("one-job", "many-jobs", "queued", "saturation")
+CASES = ("one-job", "floor", "many-jobs", "queued", "saturation")
 # Watchers that share one TCP connection (HTTP/2 streams on one channel).
 WATCHERS_PER_CHANNEL = 250
 # How long the watchers wait for every stream to begin, and then for those that began late.
@@ -280,6 +285,9 @@ async def _watch_all(plan: dict) -> dict:
 
 
 def watch_main(plan_json: str) -> None:
+    # This process stands for a thousand separate clients, yet it keeps every latency it measures: its
+    # collector's runs would stall all of them at once and be counted as the relay's latency.
+    gc.disable()
     print(json.dumps(asyncio.run(_watch_all(json.loads(plan_json)))), flush=True)
 
 
@@ -308,6 +316,95 @@ def _readline(proc: subprocess.Popen, timeout: float) -> str:
         proc.kill()
         raise RuntimeError(f"the watcher process said nothing within {timeout:.0f} s (exit {proc.poll()})")
     return box[0]
+
+
+# ------------------------------------------------ the floor: grpc.aio alone
+
+FLOOR_JOB = "job-floor"
+
+
+def _floor_batch(event: jobs_pb2.Event) -> bytes:
+    return jobs_pb2.EventBatch(events=[event]).SerializeToString()
+
+
+async def _floor_serve(port: int) -> None:
+    """StreamEventBatches and nothing behind it: no Redis, no relay, no interceptors.
+
+    Each stream gets a queued status event at once, then every event a pacer
+    puts in its queue, the same bytes for all. It paces `N` events at RATE
+    when a line "N" comes on stdin, then a terminal status event, and says
+    "done".
+    """
+    queues: set[asyncio.Queue] = set()
+    first = _floor_batch(jobs_pb2.Event(cursor="1-0", job_id=FLOOR_JOB, time=store.timestamp(time.time()),
+                                        status=jobs_pb2.StatusChange(state=jobs_pb2.QUEUED)))
+
+    async def stream(request, context):
+        queue: asyncio.Queue = asyncio.Queue()
+        queues.add(queue)
+        try:
+            yield first
+            while (wire := await queue.get()) is not None:
+                yield wire
+        finally:
+            queues.discard(queue)
+
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        "gradserve.v1.JobService", {"StreamEventBatches": grpc.unary_stream_rpc_method_handler(stream)})])
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    # The collector as gradserve-server sets it, so that the two differ only in what stands behind the streams.
+    gc.freeze()
+    gc.set_threshold(serving.GC_GEN0_THRESHOLD, *gc.get_threshold()[1:])
+    await server.start()
+    print("serving", flush=True)
+    loop = asyncio.get_running_loop()
+    events = int(await loop.run_in_executor(None, sys.stdin.readline))
+    start = loop.time()
+    for step in range(1, events + 2):
+        event = _metrics(step) if step <= events else jobs_pb2.Event(
+            status=jobs_pb2.StatusChange(state=jobs_pb2.SUCCEEDED))
+        event.cursor, event.job_id = f"{step + 1}-0", FLOOR_JOB
+        event.time.CopyFrom(store.timestamp(time.time()))
+        wire = _floor_batch(event)
+        for queue in list(queues):
+            queue.put_nowait(wire)
+        await asyncio.sleep(max(0.0, start + step / RATE - loop.time()))
+    for queue in list(queues):
+        queue.put_nowait(None)
+    print("done", flush=True)
+    await loop.run_in_executor(None, sys.stdin.readline)
+    await server.stop(None)
+
+
+class Floor:
+    """A process serving _floor_serve on a free loopback port."""
+
+    def __init__(self):
+        self.address = f"127.0.0.1:{dev.free_port()}"
+        self.proc = subprocess.Popen([sys.executable, __file__, "--floor", self.address.rsplit(":", 1)[1]],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        if _readline(self.proc, 60).strip() != "serving":
+            raise RuntimeError("the bare grpc.aio server did not start")
+
+    def cpu_s(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+    def paced(self, events: int) -> float:
+        start = time.monotonic()
+        self.proc.stdin.write(f"{events}\n")
+        self.proc.stdin.flush()
+        if _readline(self.proc, events / RATE + 60).strip() != "done":
+            raise RuntimeError("the bare grpc.aio server did not finish")
+        return time.monotonic() - start
+
+    def stop(self) -> None:
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
 
 
 # ------------------------------------------------------------ the cases
@@ -419,6 +516,22 @@ def saturation_case(servers: int, watchers_n: int, events: int) -> dict:
         stack.stop()
 
 
+def floor_case(seconds: float) -> dict:
+    """1000 watchers on one job, served by grpc.aio alone: what the relay's figures compare with."""
+    floor = Floor()
+    try:
+        events = int(seconds * RATE)
+        watchers = Watchers([(floor.address, FLOOR_JOB, 1000)], events)
+        watchers.started()
+        cpu0 = floor.cpu_s()
+        took = floor.paced(events)
+        result = watchers.result()
+        return _summary("1 job x 1000 watchers, bare grpc.aio (no Redis, no gradserve)", result, 1, events, took,
+                        floor.cpu_s() - cpu0, {})
+    finally:
+        floor.stop()
+
+
 # ----------------------------------------------------------- the report
 
 def render(results: list[dict]) -> str:
@@ -431,7 +544,12 @@ def render(results: list[dict]) -> str:
              "it is written to Redis) to its receipt by a watcher. *exactly once* counts the watchers that got "
              "every step once, in order, and then the job's end. *Cores busy* is the CPU time of every process "
              "in the case over its seconds: as it nears the machine's cores, events wait for a core and latency "
-             "is queueing. Load is the 1/5/15-minute load average when the case ended.", "",
+             "is queueing. Load is the 1/5/15-minute load average when the case ended. The watchers' process runs "
+             "without its garbage collector: it keeps every latency it measures, and its collections would stall "
+             "a thousand watchers at once. The *bare grpc.aio* row serves the same watchers the same events from "
+             "a grpc.aio process with nothing behind the streams (no Redis, no relay, one queue a stream), as "
+             "`gradserve-server` sets up its collector: the least any relay in one Python server process "
+             "could cost here.", "",
              "| case | watchers | events | exactly once | latency p50 / p99 / max | delivered | server CPU "
              "per 1k events | CPU s: server / watchers / redis / writer | cores busy | load |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -478,9 +596,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cases", default=",".join(CASES), help=f"a comma-separated subset of {', '.join(CASES)}")
     p.add_argument("--seconds", type=float, default=15.0, help="how long each paced case writes (default 15)")
     p.add_argument("--watch", help=argparse.SUPPRESS)
+    p.add_argument("--floor", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.watch:
         watch_main(args.watch)
+        return
+    if args.floor:
+        asyncio.run(_floor_serve(args.floor))
         return
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = sorted(set(cases) - set(CASES))
@@ -491,6 +613,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"fanout: {case} ...", flush=True)
         if case == "one-job":
             results.append(paced_case("1 job x 1000 watchers", 1, 1000, args.seconds))
+        elif case == "floor":
+            results.append(floor_case(args.seconds))
         elif case == "many-jobs":
             results.append(paced_case("100 jobs x 10 watchers", 100, 10, args.seconds))
         elif case == "queued":

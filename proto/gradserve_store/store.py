@@ -174,6 +174,10 @@ def reply_key(request_id: str) -> str:
     return f"{PREFIX}reply:{request_id}"
 
 
+def wake_key(name: str) -> str:
+    return f"{PREFIX}wake:{name}"
+
+
 # A job's log keeps its newest lines, each cut to a length: at most about
 # LOG_LINES x LOG_LINE_CHARS bytes (4 MiB) a job, whatever it prints.
 LOG_LINES = 1000
@@ -1441,6 +1445,18 @@ def _job_from_hash(job_id: str, raw: dict) -> jobs_pb2.Job:
 _BLOCK_MAX_S, _BLOCK_MIN_S = 1.0, 0.05
 
 
+# How long a wake stream outlives its last nudge: one whose server died without deleting it goes then.
+WAKE_TTL_S = 24 * 3600
+
+
+class Wake:
+    """A stream of one server process's that a blocking read_streams also waits on, so that a nudge ends it."""
+
+    def __init__(self):
+        self.key = wake_key(secrets.token_hex(8))
+        self.seen = "0-0"  # the newest nudge a read has returned
+
+
 class AsyncJobStore:
     """The reads the server's event loop waits on (event streams, generate replies), without a thread each.
 
@@ -1465,17 +1481,36 @@ class AsyncJobStore:
         replies = await self.r.xread({events_key(job_id): after}, count=count)
         return [stored_event(i, f) for i, f in replies[0][1]] if replies else []
 
-    async def read_streams(self, afters: dict[str, str], *, count: int, block_s: float) -> dict[str, list[Stored]]:
+    async def read_streams(self, afters: dict[str, str], *, count: int, block_s: float,
+                           wake: Wake | None = None) -> dict[str, list[Stored]]:
         """For each job in `afters` (job id -> cursor), up to `count` of its events after that cursor.
 
         One read for all of them, waiting up to `block_s` (at most a second) for
-        any to have one; only jobs with events are in the answer.
+        any to have one, or for a nudge of `wake` not seen yet; only jobs with
+        events are in the answer.
         """
         block = int(1000 * max(_BLOCK_MIN_S, min(_BLOCK_MAX_S, block_s)))
-        replies = await self.r.xread({events_key(job_id): after for job_id, after in afters.items()},
-                                     count=count, block=block)
-        prefix = len(events_key(""))
-        return {_text(key)[prefix:]: [stored_event(i, f) for i, f in entries] for key, entries in replies or ()}
+        streams = {events_key(job_id): after for job_id, after in afters.items()}
+        if wake is not None:
+            streams[wake.key] = wake.seen
+        replies = await self.r.xread(streams, count=count, block=block)
+        prefix, out = len(events_key("")), {}
+        for key, entries in replies or ():
+            if wake is not None and _text(key) == wake.key:
+                wake.seen = _text(entries[-1][0])
+            else:
+                out[_text(key)[prefix:]] = [stored_event(i, f) for i, f in entries]
+        return out
+
+    async def nudge(self, wake: Wake) -> None:
+        """End a read_streams of `wake` that waits now, or make its next one return at once."""
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.xadd(wake.key, {"n": 1}, maxlen=1, approximate=False)
+            pipe.expire(wake.key, WAKE_TTL_S)
+            await pipe.execute()
+
+    async def forget(self, wake: Wake) -> None:
+        await self.r.delete(wake.key)
 
     async def last_cursor(self, job_id: str) -> str:
         """The cursor of the job's newest event ("0-0" when it has none)."""

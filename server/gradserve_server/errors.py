@@ -93,11 +93,20 @@ redis_failures = 0
 _EXPECTED = (ServiceError, store.NotFound, redis.ConnectionError, redis.TimeoutError)
 
 
+# Where a caller finds the ids it may use, by the kind of id that was not found.
+_LISTINGS = {"job-": "`gradserve list` lists yours", "sweep-": "`gradserve sweeps` lists yours",
+             "ds-": "`gradserve datasets` lists yours"}
+
+
+def _listed_by(name: str) -> str:
+    return next((f" ({listing})" for prefix, listing in _LISTINGS.items() if name.startswith(prefix)), "")
+
+
 async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
     if isinstance(exc, ServiceError):
         await context.abort(exc.code, exc.message, trailing_metadata=_trailer(exc))
     if isinstance(exc, store.NotFound):
-        await context.abort(grpc.StatusCode.NOT_FOUND, f"{exc.args[0]} not found")
+        await context.abort(grpc.StatusCode.NOT_FOUND, f"{exc.args[0]} not found{_listed_by(exc.args[0])}")
     global redis_failures
     redis_failures += 1
     log.warning("redis unreachable: %s", exc)

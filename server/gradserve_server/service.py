@@ -478,7 +478,7 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
         try:
             sweep = await self._call(self.store.get_sweep, sweep_id, auth.current_tenant.get())
         except store.NotFound:
-            raise errors.NotFound(f"sweep {sweep_id} not found") from None
+            raise errors.NotFound(f"sweep {sweep_id} not found (`gradserve sweeps` lists yours)") from None
         await self._explain_waits([m.job for m in sweep.members])
         return sweep
 

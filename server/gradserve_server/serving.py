@@ -7,6 +7,7 @@ so it lives apart from either of them.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -26,6 +27,10 @@ STOP_GRACE_S = 5.0
 # long, so that a balancer polling its health can move new calls elsewhere
 # before the port closes.
 DRAIN_S = 1.0
+# Allocations between the collector's youngest-generation runs (Python's default is 700). A relayed event
+# allocates a few objects for each of its watchers, so at the default the collector runs every few events
+# and stalls every stream at once; see BENCHMARKS.md's relay section.
+GC_GEN0_THRESHOLD = 10_000
 REDIS_WAIT_S = 15.0
 
 log = logging.getLogger("gradserve.server")
@@ -66,6 +71,10 @@ async def serve(redis_url: str, listen: str, *, shared: Shared, max_dataset_byte
             await service.close()
             raise ListenError(http_listen, "--http-listen") from None
         log.info("dashboard, /metrics and /healthz on %s", dashboard_url)
+    # What is loaded by now lives as long as the process: frozen, the collector's full runs no longer
+    # walk it.
+    gc.freeze()
+    gc.set_threshold(GC_GEN0_THRESHOLD, *gc.get_threshold()[1:])
     await server.start()
     await mark_serving(health_servicer, True)
     reaper = Reaper(redis_url, shared=shared, max_attempts=max_attempts, interval=reap_interval, retain_s=retain_s)

@@ -72,8 +72,12 @@ def test_submit_follow_then_status_list_and_download(stack, tmp_path):
     assert deleted.returncode == 1, "one of the two was not there"
     assert deleted.stdout == (f"deleted {job_id} (SUCCEEDED at step 30): its record, events, checkpoints and log "
                               "are gone\n")
-    assert "job-00000000000000000000 not found" in deleted.stderr
-    assert run(stack, "status", job_id).returncode == 1
+    assert "job-00000000000000000000 not found (`gradserve list` lists yours)" in deleted.stderr
+    gone = run(stack, "status", job_id)
+    assert gone.returncode == 1 and f"{job_id} not found (`gradserve list` lists yours)" in gone.stderr
+    # The hint works as printed, and the deleted job is no longer listed.
+    listed = run(stack, "list")
+    assert listed.returncode == 0 and job_id not in listed.stdout
 
 
 def test_a_refused_spec_names_the_field_and_exits_1(stack):

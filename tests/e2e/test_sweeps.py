@@ -114,7 +114,8 @@ def test_cancelling_a_sweep_cancels_every_member(idle_stack):
         sweep.cancel()
         assert [j.state for j in sweep.jobs] == ["CANCELLED"] * 3 and sweep.done
         assert sweep.info.cancelled == 3
-        with pytest.raises(gradserve.NotFound):
+        with pytest.raises(gradserve.NotFound, match=r"^sweep sweep-0000000000000000 not found \(`gradserve sweeps` "
+                                                     r"lists yours\)$"):
             c.get_sweep("sweep-0000000000000000")
 
 

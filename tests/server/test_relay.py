@@ -22,6 +22,7 @@ import redis.asyncio as aioredis
 import gradserve.errors
 from gradserve.v1 import jobs_pb2, jobs_pb2_grpc
 from gradserve_store import store
+from gradserve_server import relay as relay_module
 from gradserve_server.relay import BATCH, BATCH_BYTES, FEED_POLL_S, HISTORY_READS, Relay, batches
 
 SMALL = dict(model="rnn", hidden_size=8, batch_size=4, num_steps=5, preprocess="d2l", val_fraction=0.0)
@@ -114,6 +115,41 @@ def test_watchers_that_join_at_any_moment_get_every_event_once(idle_stack):
     assert len(stored) == steps + 2
     for cursors in seen:
         assert cursors == stored
+
+
+def test_a_job_first_followed_while_the_reader_waits_on_others_streams_at_once(idle_stack, monkeypatch):
+    """A new feed nudges the reader out of its blocking read, so its first live event does not wait for it to end."""
+    # Unnudged, the reader's read of the first job's stream would wait an hour, or until a socket timeout.
+    monkeypatch.setattr(store, "_BLOCK_MAX_S", 3600.0)
+    monkeypatch.setattr(relay_module, "FEED_POLL_S", 3600.0)
+
+    async def scenario():
+        r = aioredis.Redis.from_url(idle_stack.redis_url)
+        relay = Relay(store.AsyncJobStore.from_url(idle_stack.redis_url))
+        for job_id in ("job-followed", "job-joined"):
+            await r.xadd(store.events_key(job_id), {"e": store.encode_event(_status(job_id, jobs_pb2.RUNNING))})
+        followed = relay.follow("job-followed", "0-0", live=True)
+        await anext(followed)
+        while not any(c["cmd"] == "xread" and "b" in c["flags"] for c in await r.client_list()):
+            await asyncio.sleep(0.01)  # until the reader waits on the first job's stream
+        joined = relay.follow("job-joined", "0-0", live=True)
+        history = [item.event for item in await anext(joined)]
+        await r.xadd(store.events_key("job-joined"), {"e": store.encode_event(_metrics("job-joined", 1))})
+        # Far longer than a nudged read takes, and shorter than what would end an unnudged one and let the new
+        # feed in: redis-py's 5 s socket timeout, tried twice by the store (10 s).
+        live = [item.event for item in await asyncio.wait_for(anext(joined), 5)]
+        await followed.aclose()
+        await joined.aclose()
+        wake = relay._wake.key
+        await relay.aclose()
+        left = await r.exists(wake)
+        await r.aclose()
+        return history, live, left
+
+    history, live, left = asyncio.run(scenario())
+    assert [e.status.state for e in history] == [jobs_pb2.RUNNING]
+    assert [e.metrics.step for e in live] == [1]
+    assert not left, "a relay that closes deletes its wake stream"
 
 
 def test_a_slow_watcher_is_asked_to_resume_from_its_cursor_and_misses_nothing(idle_stack):
