@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,11 +78,16 @@ def fit_columns(rows: Sequence[dict[str, str]], columns: Sequence[str], width: i
     return lines
 
 
+_SERVER_COMMAND = re.compile(r"`(gradserve)(?=[ `])")
+
+
 def print_error(console: Console, error: GradserveError, server: str, hints: Iterable[str] = ()) -> None:
     """`error: message`, then each invalid field on its own line, then what to try."""
     violations = error.violations if isinstance(error, InvalidArgument) else []
     # The server's message for invalid fields only strings the violations together; list them instead.
     headline = "invalid " + ", ".join(dict.fromkeys(f for f, _ in violations)) if violations else str(error)
+    # The server names its commands as `gradserve ...`; here they are spelt as this machine runs them.
+    headline = _SERVER_COMMAND.sub(lambda m: "`" + command(m[1]), headline)
     console.print(Text.assemble(("error:", "bold red"), " ", headline), soft_wrap=True)
     for field, description in violations:
         name = field.removeprefix("spec.").removeprefix("base.")

@@ -750,7 +750,7 @@ def test_an_upload_of_a_file_that_is_not_utf8_names_the_file_and_the_offset(tmp_
     assert f"{bad}: must be UTF-8 text; byte 0xff at offset 1400000 is not" in err
 
 
-def test_hints_name_a_command_that_runs_as_printed(tmp_path, monkeypatch):
+def test_hints_name_a_command_that_runs_as_printed(tmp_path, monkeypatch, capsys):
     from gradserve import cmdline
 
     bin_dir = tmp_path / "venv" / "bin"
@@ -763,6 +763,10 @@ def test_hints_name_a_command_that_runs_as_printed(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert cmdline.command("gradserve download") == "venv/bin/gradserve download"
     assert cmdline.command("gradserve-server dev") == "venv/bin/gradserve-server dev"
+    fake = FakeClient(error=NotFound(f"{JOB_ID} not found (`gradserve list` lists yours)"))
+    # The server's hints too.
+    error = run(["status", JOB_ID], fake, capsys)[2]
+    assert error == f"error: {JOB_ID} not found (`venv/bin/gradserve list` lists yours)\n"
     monkeypatch.setenv("PATH", str(bin_dir))
     assert cmdline.command("gradserve download") == "gradserve download"
 
