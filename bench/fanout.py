@@ -548,7 +548,7 @@ def render(results: list[dict]) -> str:
              "without its garbage collector: it keeps every latency it measures, and its collections would stall "
              "a thousand watchers at once. The *bare grpc.aio* row serves the same watchers the same events from "
              "a grpc.aio process with nothing behind the streams (no Redis, no relay, one queue a stream), as "
-             "`gradserve-server` sets up its collector: the least any relay in one Python server process "
+             "`gradserve-server` sets up its collector: about the least a relay in one grpc.aio server process "
              "could cost here.", "",
              "| case | watchers | events | exactly once | latency p50 / p99 / max | delivered | server CPU "
              "per 1k events | CPU s: server / watchers / redis / writer | cores busy | load |",

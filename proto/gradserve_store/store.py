@@ -1450,7 +1450,7 @@ WAKE_TTL_S = 24 * 3600
 
 
 class Wake:
-    """A stream of one server process's that a blocking read_streams also waits on, so that a nudge ends it."""
+    """A stream that one relay's blocking read_streams also waits on, so that a nudge ends the wait."""
 
     def __init__(self):
         self.key = wake_key(secrets.token_hex(8))

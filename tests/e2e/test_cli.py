@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -72,12 +73,14 @@ def test_submit_follow_then_status_list_and_download(stack, tmp_path):
     assert deleted.returncode == 1, "one of the two was not there"
     assert deleted.stdout == (f"deleted {job_id} (SUCCEEDED at step 30): its record, events, checkpoints and log "
                               "are gone\n")
-    assert "job-00000000000000000000 not found (`gradserve list` lists yours)" in deleted.stderr
+    assert "job-00000000000000000000 not found" in deleted.stderr
     gone = run(stack, "status", job_id)
-    assert gone.returncode == 1 and f"{job_id} not found (`gradserve list` lists yours)" in gone.stderr
-    # The hint works as printed, and the deleted job is no longer listed.
-    listed = run(stack, "list")
-    assert listed.returncode == 0 and job_id not in listed.stdout
+    hint = re.search(rf"{job_id} not found \(`([^`]+)` lists yours\)", gone.stderr)
+    assert gone.returncode == 1 and hint, gone.stderr
+    # The hint runs as printed, and the deleted job is no longer listed.
+    listed = subprocess.run(shlex.split(hint[1]), capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "GRADSERVE_SERVER": stack.address})
+    assert listed.returncode == 0 and job_id not in listed.stdout, listed
 
 
 def test_a_refused_spec_names_the_field_and_exits_1(stack):
