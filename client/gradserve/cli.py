@@ -670,14 +670,27 @@ def delete_each(ctx: Context, ids: Sequence[str], delete: Callable, said: Callab
 
 
 def cmd_delete(ctx: Context) -> int:
-    return delete_each(ctx, ctx.args.jobs, lambda client, job_id: client.get_job(job_id).delete().info,
-                       lambda info: f"deleted {info.id} ({state_name(info.state)} at step {info.last_step}): its "
-                                    "record, events, checkpoints and log are gone")
+    return delete_each(ctx, ctx.args.jobs, _delete_job_or_sweep, _deleted)
+
+
+def _delete_job_or_sweep(client: Client, item: str) -> jobs_pb2.Job | jobs_pb2.Sweep:
+    if item.startswith("sweep-"):
+        return client.get_sweep(item).delete().info
+    return client.get_job(item).delete().info
+
+
+def _deleted(record: jobs_pb2.Job | jobs_pb2.Sweep) -> str:
+    if isinstance(record, jobs_pb2.Sweep):
+        members = [m.job_id for m in record.members]
+        return (f"deleted {record.id} and its {len(members)} member(s), {', '.join(members)}: their records, events, "
+                "checkpoints and logs are gone")
+    return (f"deleted {record.id} ({state_name(record.state)} at step {record.last_step}): its record, events, "
+            "checkpoints and log are gone")
 
 
 def render_datasets(console: Console, datasets: Sequence[jobs_pb2.Dataset], now: float | None = None) -> None:
     if not datasets:
-        _plain(console, "no datasets; upload one with `gradserve upload FILE`")
+        _plain(console, f"no datasets; upload one with `{command('gradserve upload')} FILE`")
         return
     now = time.time() if now is None else now
     rows = [
@@ -1014,10 +1027,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "which); 1 when it cannot be reached or found.")
     p.add_argument("job", metavar="JOB|SWEEP")
 
-    p = subcommand("delete", cmd_delete, "remove ended jobs: their records, events and checkpoints",
-                epilog="A QUEUED or RUNNING job is refused: cancel it first. Exits 0 when every job given was\n"
-                       "deleted, 1 when any was not (each one's reason is printed).")
-    p.add_argument("jobs", nargs="+", metavar="JOB")
+    p = subcommand("delete", cmd_delete, "remove ended jobs, or sweeps with all their members: their records, "
+                                         "events and checkpoints",
+                epilog="A QUEUED or RUNNING job is refused, and so is a sweep with such a member: cancel it first.\n"
+                       "Exits 0 when everything given was deleted, 1 when anything was not (each one's reason is\n"
+                       "printed).")
+    p.add_argument("jobs", nargs="+", metavar="JOB|SWEEP")
 
     p = subcommand("download", cmd_download, "write a job's latest checkpoint to a file")
     p.add_argument("job", metavar="JOB")

@@ -617,6 +617,15 @@ class Sweep:
         self.info = self.client._unary(self.client.stub.CancelSweep, jobs_pb2.CancelSweepRequest(sweep_id=self.id))
         return self
 
+    def delete(self) -> "Sweep":
+        """Delete every member, as Job.delete does each, and with them the sweep. Returns this handle, holding the
+        sweep as it was.
+
+        A sweep with a member still QUEUED or RUNNING raises FailedPrecondition, deleting nothing: cancel it first.
+        """
+        self.info = self.client._unary(self.client.stub.DeleteSweep, jobs_pb2.DeleteSweepRequest(sweep_id=self.id))
+        return self
+
     def wait(self, timeout: float | None = None) -> "Sweep":
         """Block until every member has ended; returns this handle. Raises TimeoutError after `timeout` s."""
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -78,7 +78,7 @@ def fit_columns(rows: Sequence[dict[str, str]], columns: Sequence[str], width: i
     return lines
 
 
-_SERVER_COMMAND = re.compile(r"`(gradserve)(?=[ `])")
+_SERVER_COMMAND = re.compile(r"`(gradserve(?:-server|-worker)?)(?=[ `])")
 
 
 def print_error(console: Console, error: GradserveError, server: str, hints: Iterable[str] = ()) -> None:

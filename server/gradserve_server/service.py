@@ -474,6 +474,24 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
                     pass  # it ended on its own meanwhile
         return await self._owned_sweep(request.sweep_id)
 
+    @errors.rpc
+    async def DeleteSweep(self, request, context):
+        _require_id(request.sweep_id, "sweep_id", "sweep-")
+        sweep = await self._owned_sweep(request.sweep_id)
+        active = [m.job_id for m in sweep.members if m.job.state not in store.TERMINAL]
+        if active:
+            raise errors.Precondition(
+                f"sweep {sweep.id} has {len(active)} member(s) QUEUED or RUNNING ({', '.join(active[:5])}"
+                f"{', ...' if len(active) > 5 else ''}): only a sweep whose members have all ended can be deleted; "
+                f"cancel it first (`gradserve cancel {sweep.id}`)")
+        # A job that has ended stays ended, so no member can refuse now.
+        for member in sweep.members:
+            try:
+                await self._call(self.store.delete_job, member.job_id)
+            except store.NotFound:
+                pass  # deleted meanwhile
+        return sweep
+
     async def _owned_sweep(self, sweep_id: str) -> jobs_pb2.Sweep:
         try:
             sweep = await self._call(self.store.get_sweep, sweep_id, auth.current_tenant.get())
@@ -516,7 +534,7 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
             return await self._call(self.store.delete_job, request.job_id)
         except store.Refused as e:
             raise errors.Precondition(f"{e}: only a job that has ended can be deleted; cancel it first "
-                                      f"(gradserve cancel {request.job_id})") from None
+                                      f"(`gradserve cancel {request.job_id}`)") from None
 
     @errors.rpc
     async def StreamEvents(self, request, context):
@@ -600,7 +618,7 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
             raise errors.Precondition(
                 f"dataset {request.dataset_id} is in use by {len(users)} QUEUED or RUNNING job(s): "
                 f"{', '.join(users[:5])}{', ...' if len(users) > 5 else ''}; wait for them to end, or cancel them "
-                "(gradserve cancel JOB)")
+                "(`gradserve cancel JOB`)")
         try:
             return await self._call(self.store.delete_dataset, tenant, request.dataset_id)
         except store.NotFound:  # deleted by a call racing this one

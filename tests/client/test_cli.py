@@ -767,6 +767,12 @@ def test_hints_name_a_command_that_runs_as_printed(tmp_path, monkeypatch, capsys
     # The server's hints too.
     error = run(["status", JOB_ID], fake, capsys)[2]
     assert error == f"error: {JOB_ID} not found (`venv/bin/gradserve list` lists yours)\n"
+    fake = FakeClient(error=FailedPrecondition("no worker serves generate (`gradserve-server dev` starts one)"))
+    error = run(["status", JOB_ID], fake, capsys)[2]
+    assert error == "error: no worker serves generate (`venv/bin/gradserve-server dev` starts one)\n"
+    console = Console(file=io.StringIO(), width=200)
+    cli.render_datasets(console, [])
+    assert console.file.getvalue() == "no datasets; upload one with `venv/bin/gradserve upload FILE`\n"
     monkeypatch.setenv("PATH", str(bin_dir))
     assert cmdline.command("gradserve download") == "gradserve download"
 

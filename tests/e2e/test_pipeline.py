@@ -107,7 +107,7 @@ def test_deleting_an_ended_job_leaves_nothing_of_it_and_an_active_one_is_refused
     with pytest.raises(gradserve.FailedPrecondition) as refused:
         running.delete()
     assert str(refused.value) == (f"job {running.id} is RUNNING: only a job that has ended can be deleted; "
-                                  f"cancel it first (gradserve cancel {running.id})")
+                                  f"cancel it first (`gradserve cancel {running.id}`)")
     running.cancel().wait(timeout=60)
 
     gone = done.delete()

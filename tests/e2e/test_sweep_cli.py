@@ -1,10 +1,11 @@
-"""`gradserve sweep`, `sweeps` and `cancel SWEEP` as a user runs them: real processes against the real stack."""
+"""`gradserve sweep`, `sweeps`, `cancel SWEEP` and `delete SWEEP` as a user runs them: real processes against the real stack."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -63,14 +64,28 @@ def test_the_server_names_a_member_whose_combination_is_invalid(stack):
     assert "spec.base.tbptt_k2 (--tbptt-k2): with tbptt_k1=30: must be at least tbptt_k1 (30), got 20" in done.stderr
 
 
-def test_cancel_takes_a_sweep(stack):
+def test_cancel_and_delete_take_a_sweep(stack):
     submitted = run(stack, "sweep", *TINY, "--max-steps", "100000", "--grid", "lr=0.1,0.2")
     sweep_id = submitted.stdout.splitlines()[0]
     assert submitted.stdout.splitlines()[-1].endswith(f"sweeps {sweep_id} --follow")
-    cancelled = run(stack, "cancel", sweep_id)
+    refused = run(stack, "delete", sweep_id)
+    hint = re.search(r"cancel it first \(`([^`]+)`\)", refused.stderr)
+    assert refused.returncode == 1 and hint and "2 member(s) QUEUED or RUNNING" in refused.stderr, refused.stderr
+    # The hint, run as printed.
+    cancelled = subprocess.run(shlex.split(hint[1]), capture_output=True, text=True, timeout=120,
+                               env={**os.environ, "GRADSERVE_SERVER": stack.address})
     assert cancelled.returncode == 0, cancelled.stderr
     assert re.fullmatch(rf"{sweep_id}: (2 members cancelled|1 member cancelled, 1 stops at the next step|"
                         rf"0 members cancelled, 2 stop at the next step)\n", cancelled.stdout)
     followed = run(stack, "sweeps", sweep_id, "--follow")
     assert followed.returncode == 3, followed.stdout + followed.stderr
     assert "0 succeeded, 0 failed, 2 cancelled" in followed.stdout
+    deleted = run(stack, "delete", sweep_id)
+    assert deleted.returncode == 0, deleted.stderr
+    members = re.fullmatch(rf"deleted {sweep_id} and its 2 member\(s\), (job-\w+), (job-\w+): their records, events, "
+                           r"checkpoints and logs are gone\n", deleted.stdout)
+    assert members, deleted.stdout
+    for job_id in members.groups():
+        assert run(stack, "status", job_id).returncode == 1
+    gone = run(stack, "sweeps", sweep_id)
+    assert gone.returncode == 1 and f"sweep {sweep_id} not found" in gone.stderr

@@ -138,6 +138,28 @@ def test_sweeps_are_listed_newest_first_a_page_at_a_time(idle_stack):
         assert isinstance(c.list_sweeps(limit=1)[0], jobs_pb2.Sweep)
 
 
+def test_a_sweep_is_deleted_whole_once_every_member_has_ended(idle_stack):
+    with idle_stack.client() as c:
+        sweep = c.submit_sweep(base=BASE, grid={"lr": [0.1, 0.2]}, name="to delete")
+        ids = [j.id for j in sweep.jobs]
+        with pytest.raises(gradserve.FailedPrecondition,
+                           match=rf"^sweep {sweep.id} has 2 member\(s\) QUEUED or RUNNING \({ids[0]}, {ids[1]}\): .*"
+                                 rf"cancel it first \(`gradserve cancel {sweep.id}`\)$"):
+            sweep.delete()
+        assert [j.id for j in c.get_sweep(sweep.id).jobs] == ids, "a refused delete deletes nothing"
+        sweep.cancel()
+        deleted = sweep.delete()
+        assert [m.job_id for m in deleted.info.members] == ids and deleted.info.cancelled == 2, "the sweep as it was"
+        for job_id in ids:
+            with pytest.raises(gradserve.NotFound):
+                c.get_job(job_id)
+        with pytest.raises(gradserve.NotFound):
+            c.get_sweep(sweep.id)
+        assert sweep.id not in [s.id for s in c.list_sweeps(limit=1000)]
+        with pytest.raises(gradserve.NotFound):
+            sweep.delete()
+
+
 def test_a_sweep_whose_members_are_all_deleted_is_forgotten(idle_stack):
     with idle_stack.client() as c:
         sweep = c.submit_sweep(base=BASE, grid={"lr": [0.1, 0.2]}, name="to forget")

@@ -784,3 +784,9 @@ class CancelSweepRequest(_message.Message):
     SWEEP_ID_FIELD_NUMBER: _ClassVar[int]
     sweep_id: str
     def __init__(self, sweep_id: _Optional[str] = ...) -> None: ...
+
+class DeleteSweepRequest(_message.Message):
+    __slots__ = ("sweep_id",)
+    SWEEP_ID_FIELD_NUMBER: _ClassVar[int]
+    sweep_id: str
+    def __init__(self, sweep_id: _Optional[str] = ...) -> None: ...

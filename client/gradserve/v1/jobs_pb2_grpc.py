@@ -124,6 +124,11 @@ class JobServiceStub:
                 request_serializer=gradserve_dot_v1_dot_jobs__pb2.CancelSweepRequest.SerializeToString,
                 response_deserializer=gradserve_dot_v1_dot_jobs__pb2.Sweep.FromString,
                 _registered_method=True)
+        self.DeleteSweep = channel.unary_unary(
+                '/gradserve.v1.JobService/DeleteSweep',
+                request_serializer=gradserve_dot_v1_dot_jobs__pb2.DeleteSweepRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_jobs__pb2.Sweep.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -268,6 +273,15 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteSweep(self, request, context):
+        """Deletes every member of a sweep whose members have all ended, as
+        DeleteJob does each, and with the last of them the sweep; returns the
+        sweep as it was. A sweep with a member QUEUED or RUNNING is refused.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -359,6 +373,11 @@ def add_JobServiceServicer_to_server(servicer, server):
             'CancelSweep': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelSweep,
                     request_deserializer=gradserve_dot_v1_dot_jobs__pb2.CancelSweepRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_jobs__pb2.Sweep.SerializeToString,
+            ),
+            'DeleteSweep': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSweep,
+                    request_deserializer=gradserve_dot_v1_dot_jobs__pb2.DeleteSweepRequest.FromString,
                     response_serializer=gradserve_dot_v1_dot_jobs__pb2.Sweep.SerializeToString,
             ),
     }
@@ -847,6 +866,33 @@ class JobService:
             target,
             '/gradserve.v1.JobService/CancelSweep',
             gradserve_dot_v1_dot_jobs__pb2.CancelSweepRequest.SerializeToString,
+            gradserve_dot_v1_dot_jobs__pb2.Sweep.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSweep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradserve.v1.JobService/DeleteSweep',
+            gradserve_dot_v1_dot_jobs__pb2.DeleteSweepRequest.SerializeToString,
             gradserve_dot_v1_dot_jobs__pb2.Sweep.FromString,
             options,
             channel_credentials,
