@@ -8,17 +8,18 @@ tokens after d2l preprocessing, batch 32, num_steps 35, SGD, clipping at norm
 1; rnn_scratch with 512 hidden units, lstm with 256. A group of G members
 differs only in lr (G values spread geometrically over 0.25 to 4).
 
-Each measurement runs, in one process and interleaved step by step, the
+Each measurement runs, each in a process of its own and interleaved, the
 group (`gradserve_worker.group.train_group`; for lstm both its paths, the
 stacked cells and the members' own fused layers in turn) and the same G
 configs trained one after another by `gradserve_worker.trainer.train`. The
 parties take turns through their should_stop hooks, which each trainer calls
-once per step: one group step, then G single steps, and so on, so a burst of
-load from elsewhere lands on all of them alike. Each party's steps are timed
-from its previous hook call (or from getting its turn back) to its next one,
-so a step includes everything its trainer does in a step. The first WARMUP
-steps of every run (allocation, lazy initialisation, the first run's model
-build) are left out.
+once per step: TURN_STEPS group steps, then TURN_STEPS x G single steps, and
+so on, so a burst of load from elsewhere lands on all of them alike. Each
+party's steps are timed from one hook call to the next, so a step includes
+everything its trainer does in a step. Left out: the first WARMUP steps of
+every run (allocation, lazy initialisation, the first run's model build),
+and the first step of each turn, which pays for the other party's run (its
+data out of the caches), as neither would in a run of its own.
 
 Reported: aggregate tokens/s (members × batch × num_steps per step, over the
 timed steps), the ratio group / one after another (above 1: the group is
@@ -31,11 +32,13 @@ ended: the machine is shared, and the figures are only as steady as it was.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import platform
+import queue
 import statistics
-import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -58,6 +61,9 @@ GROUPS = (1, 2, 4, 8, 32)
 # another (32 runs) stays within a minute or two here.
 STEPS = {1: 100, 2: 60, 4: 60, 8: 50, 32: 25}
 WARMUP = 5
+# Group steps per turn (and G times as many single steps). The first step of each turn is not timed: it pays
+# for the other party's run (its data out of the caches), which neither would in a run of its own.
+TURN_STEPS = 5
 
 
 def member_configs(model: str, G: int, steps: int, device: str) -> list[TrainConfig]:
@@ -73,26 +79,44 @@ def member_configs(model: str, G: int, steps: int, device: str) -> list[TrainCon
 
 
 class Turns:
-    """Parties that run one at a time, in rotation; a party that has finished leaves the rotation."""
+    """Processes that run one at a time, in rotation; one that has finished leaves the rotation.
 
-    def __init__(self, names: list[str]):
-        self.order, self.current = list(names), names[0]
-        self.changed = threading.Condition()
+    The parties are processes, not threads of one process: torch's CPU ops
+    run on an OpenMP team per calling thread, and once a second thread of a
+    process has used torch, every parallel region in the process was measured
+    to run slower (a single member's step from 18.5 to 33.5 ms here), which
+    the one-after-another runs, with their many small ops, paid more than the
+    group. A party's process has one such thread.
+    """
+
+    def __init__(self, ctx, names: list[str]):
+        self.names = list(names)
+        self.alive = ctx.Array("b", [1] * len(names))
+        self.current = ctx.Value("i", 0, lock=False)
+        self.changed = ctx.Condition()
 
     def wait(self, name: str) -> None:
+        me = self.names.index(name)
         with self.changed:
-            self.changed.wait_for(lambda: self.current == name)
+            self.changed.wait_for(lambda: self.current.value == me)
+
+    def _next(self, me: int) -> int:
+        for k in range(1, len(self.names) + 1):
+            if self.alive[(me + k) % len(self.names)]:
+                return (me + k) % len(self.names)
+        return me
 
     def pass_on(self, name: str) -> None:
         with self.changed:
-            self.current = self.order[(self.order.index(name) + 1) % len(self.order)]
+            self.current.value = self._next(self.names.index(name))
             self.changed.notify_all()
 
     def leave(self, name: str) -> None:
+        me = self.names.index(name)
         with self.changed:
-            if len(self.order) > 1 and self.current == name:
-                self.current = self.order[(self.order.index(name) + 1) % len(self.order)]
-            self.order.remove(name)
+            self.alive[me] = 0
+            if self.current.value == me:
+                self.current.value = self._next(me)
             self.changed.notify_all()
 
 
@@ -104,7 +128,7 @@ class Party:
     members: int  # members per step: G for a group, 1 for one run of the trainer
     seconds: list[float] = field(default_factory=list)
     losses: dict[int, float] = field(default_factory=dict)
-    error: BaseException | None = None
+    error: str | None = None
 
     @property
     def tokens_per_sec(self) -> float:
@@ -117,13 +141,15 @@ class Clock:
     def __init__(self, party: Party, turns: Turns, sync):
         self.party, self.turns, self.sync = party, turns, sync
         self.last = time.perf_counter()
+        self.resumed = False  # whether the next step is the first of a turn
 
     def step(self, index: int, hand_over: bool) -> None:
         """Step `index` (1-based within its run) ended; hand_over passes the turn on after it."""
         self.sync()
         now = time.perf_counter()
-        if index > WARMUP:
+        if index > WARMUP and not self.resumed:
             self.party.seconds.append(now - self.last)
+        self.resumed = hand_over
         if hand_over:
             self.turns.pass_on(self.party.name)
             self.turns.wait(self.party.name)
@@ -137,7 +163,7 @@ def run_group(party: Party, turns: Turns, configs, text: str, batched: bool | No
     def should_stop(i: int) -> bool:
         if i == 0:
             steps[0] += 1
-            clock.step(steps[0], hand_over=True)
+            clock.step(steps[0], hand_over=steps[0] % TURN_STEPS == 0)
         return False
 
     def on_event(i: int, event) -> None:
@@ -156,8 +182,8 @@ def run_one_after_another(party: Party, turns: Turns, configs, text: str, sync) 
         def should_stop() -> bool:
             steps[0] += 1
             done[0] += 1
-            # One group step costs about G single steps: hand over after every G of them.
-            clock.step(steps[0], hand_over=done[0] % len(configs) == 0)
+            # One group step costs about G single steps: hand over after every TURN_STEPS x G of them.
+            clock.step(steps[0], hand_over=done[0] % (TURN_STEPS * len(configs)) == 0)
             return False
 
         def on_event(event, i=i) -> None:
@@ -167,42 +193,56 @@ def run_one_after_another(party: Party, turns: Turns, configs, text: str, sync) 
         train(config, text, on_event, should_stop=should_stop)
 
 
-def measure(model: str, G: int, steps: int, device: str, text: str) -> list[dict]:
-    """One row per group path: its throughput against the members one after another, measured together."""
+def _party(name: str, turns: Turns, ready, results, model: str, G: int, steps: int, device: str,
+           threads: int) -> None:
+    """One party's process: its runs, its turns, and its Party put on `results`."""
+    torch.set_num_threads(threads)
+    party = Party(name, 1 if name == "one after another" else G)
     configs = member_configs(model, G, steps, device)
+    text = CORPUS.read_text(encoding="utf-8")
     sync = torch.cuda.synchronize if device == "cuda" else lambda: None
-    parties = {"group": Party("group", G)} if model != "lstm" else {
-        "group, stacked cells": Party("group, stacked cells", G),
-        "group, own layers in turn": Party("group, own layers in turn", G),
-    }
-    parties["one after another"] = Party("one after another", 1)
-    turns = Turns(list(parties))
-    targets = {
-        "group": lambda p: run_group(p, turns, configs, text, True, sync),
-        "group, stacked cells": lambda p: run_group(p, turns, configs, text, True, sync),
-        "group, own layers in turn": lambda p: run_group(p, turns, configs, text, False, sync),
-        "one after another": lambda p: run_one_after_another(p, turns, configs, text, sync),
-    }
+    ready.wait()  # every party has started (imported torch): none starts while another still loads
+    turns.wait(name)
+    try:
+        if name == "one after another":
+            run_one_after_another(party, turns, configs, text, sync)
+        else:
+            # The lstm group runs both its paths: stacked cells, and the members' own layers in turn.
+            run_group(party, turns, configs, text, name != "group, own layers in turn", sync)
+    except BaseException:  # reported by the parent
+        party.error = traceback.format_exc()
+    finally:
+        turns.leave(name)
+        results.put(party)
 
-    def body(party: Party) -> None:
-        turns.wait(party.name)
-        try:
-            targets[party.name](party)
-        except BaseException as e:  # reported by the main thread
-            party.error = e
-        finally:
-            turns.leave(party.name)
 
+def measure(model: str, G: int, steps: int, device: str) -> list[dict]:
+    """One row per group path: its throughput against the members one after another, measured together."""
+    names = ["group"] if model != "lstm" else ["group, stacked cells", "group, own layers in turn"]
+    names.append("one after another")
+    ctx = multiprocessing.get_context("spawn")  # a fresh process each: none inherits a torch (or CUDA) state
+    turns, ready, results = Turns(ctx, names), ctx.Barrier(len(names)), ctx.Queue()
     load_before = os.getloadavg()[0]
-    threads = [threading.Thread(target=body, args=(p,)) for p in parties.values()]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    procs = [ctx.Process(target=_party, args=(name, turns, ready, results, model, G, steps, device,
+                                              torch.get_num_threads())) for name in names]
+    for proc in procs:
+        proc.start()
+    parties: dict[str, Party] = {}
+    while len(parties) < len(procs):
+        try:
+            party = results.get(timeout=5)
+            parties[party.name] = party
+        except queue.Empty:
+            dead = [f"{name} (exit {proc.exitcode})" for name, proc in zip(names, procs)
+                    if proc.exitcode and name not in parties]
+            if dead:
+                raise RuntimeError(f"died without a result: {', '.join(dead)}")
+    for proc in procs:
+        proc.join()
     load_after = os.getloadavg()[0]
     for p in parties.values():
         if p.error is not None:
-            raise RuntimeError(f"{p.name} failed") from p.error
+            raise RuntimeError(f"{p.name} failed: {p.error}")
     alone = parties.pop("one after another")
     rows = []
     for p in parties.values():
@@ -225,8 +265,9 @@ def render(rows: list[dict], env: dict) -> str:
         f"`bench/sweep.py` ({env['date']}; {env['cores']} cores, torch {env['torch']}, {env['threads']} torch "
         f"threads, Python {env['python']}; GPU: {env['gpu']}). The d2l configuration (batch 32, num_steps 35, SGD, "
         "clip 1; rnn_scratch H=512, lstm H=256); a group of G members differs only in lr. Group and the same "
-        "members one after another by `train()` run interleaved step by step in one process; aggregate tokens/s "
-        f"over each run's steps after the first {WARMUP}. Load: the 1-minute load average as each row's "
+        "members one after another by `train()` run interleaved, in a process each, taking turns of "
+        f"{TURN_STEPS} group steps and {TURN_STEPS} x G single steps; aggregate tokens/s over each run's steps "
+        f"after the first {WARMUP}, less the first step of each turn. Load: the 1-minute load average as each row's "
         "measurement started → ended (this machine is shared).",
         "",
         "| model | H | device | G | group path | steps | group tokens/s | one after another tokens/s | ratio "
@@ -261,7 +302,6 @@ def main(argv: list[str] | None = None) -> None:
     if "cuda" in devices and not torch.cuda.is_available():
         p.error("--device cuda: torch sees no CUDA GPU here")
     torch.set_num_threads(args.threads)
-    text = CORPUS.read_text(encoding="utf-8")
     env = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "cores": os.cpu_count(),
@@ -275,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
         for model in models:
             for G in groups:
                 steps = args.steps or STEPS.get(G, statistics.median(STEPS.values()))
-                for row in measure(model, G, int(steps), device, text):
+                for row in measure(model, G, int(steps), device):
                     rows.append(row)
                     print(f"{model} G={G} {device} {row['path']}: {row['group'] / 1e3:.1f}k vs "
                           f"{row['alone'] / 1e3:.1f}k tokens/s, ratio {row['ratio']:.2f}, load "

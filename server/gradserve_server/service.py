@@ -435,7 +435,8 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
         queues = {m[2] for m in members}
         slots = sum(w.concurrency or 1 for w in workers if queues & set(w.queues))
         parts = sweeps.groups([m[1] for m in members], member_bytes=estimates,
-                              budget=min(_budget(q, workers) for q in queues), slots=slots)
+                              budget=min(_budget(q, workers) for q in queues), slots=slots,
+                              on_cpu=queues == {CPU_QUEUE})
         for part in parts:
             ids = [members[i][0] for i in part]
             if len(ids) == 1:

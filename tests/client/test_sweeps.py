@@ -67,3 +67,23 @@ def test_halving_keeps_the_best_third_of_those_at_the_rung():
     assert sweeps.halving_verdict(0.5, [1.0, 2.0], eta=3) is None
     assert sweeps.halving_verdict(3.0, [1.0, 2.0, 4.0, 5.0, 6.0], eta=3) == 2.0
     assert sweeps.halving_verdict(2.0, [1.0, 3.0, 4.0, 5.0, 6.0], eta=3) is None
+
+
+def test_groups_split_by_memory_slots_and_the_cpu_cap():
+    from gradserve import spec as specs
+
+    def member(lr: float, model: str = "rnn_scratch") -> jobs_pb2.JobSpec:
+        return specs.complete(jobs_pb2.JobSpec(dataset="builtin:pydocs", model=model, lr=lr))
+
+    members = [member(0.1 * (i + 1)) for i in range(20)] + [member(1.0, "lstm")]
+    small = [specs.PROCESS_BYTES + 2**20] * len(members)
+    roomy = dict(member_bytes=small, budget=2**40, slots=1)
+    # One group per shape, whole where nothing limits it.
+    assert sweeps.groups(members, **roomy) == [list(range(20)), [20]]
+    # On a CPU at most MAX_CPU_GROUP members train as one.
+    assert sweeps.groups(members, **roomy, on_cpu=True) == [list(range(0, 8)), list(range(8, 16)),
+                                                             list(range(16, 20)), [20]]
+    # Spread over the workers' slots, and within what one worker's memory holds.
+    assert [len(g) for g in sweeps.groups(members, member_bytes=small, budget=2**40, slots=5)] == [4] * 5 + [1]
+    tight = specs.PROCESS_BYTES + 3 * 2**20
+    assert [len(g) for g in sweeps.groups(members, member_bytes=small, budget=tight, slots=1)] == [3] * 6 + [2, 1]

@@ -229,18 +229,22 @@ class StackedRecurrence(torch.autograd.Function):
     name. Output: hs (G, T, B, H). The backward is the same recursion with
     batched products; ∂W_hh is one batched product over the window,
     [h_0; …; h_{T−1}]^T [∂L/∂z_1; …; ∂L/∂z_T] per member. Step t of every
-    member is a strided slice, which the batched products read and write in
-    place: the layout is the output layer's and the input lookup's, so no
-    window-sized tensor is ever transposed.
+    member is a strided slice, which the batched products read: the layout is
+    the output layer's and the input lookup's, so no window-sized tensor is
+    ever transposed.
     """
 
     @staticmethod
     def forward(ctx, xw: torch.Tensor, h0: torch.Tensor, W_hh: torch.Tensor, nonlinearity: str) -> torch.Tensor:
-        hs = xw.clone()  # one copy of the window, then each step's product accumulates into its slice
+        hs = torch.empty_like(xw)
+        # Each step's product goes to a contiguous buffer of two, then into its strided slice of hs: a product
+        # written in place into the slice runs as G separate ones, measured 12-18 % slower over a window.
+        buffers = tuple(torch.empty_like(h0, memory_format=torch.contiguous_format) for _ in range(2))
         h = h0
         activation_ = ACTIVATIONS_[nonlinearity]
         for t in range(xw.shape[1]):
-            h = activation_(hs[:, t].baddbmm_(h, W_hh))
+            h = activation_(torch.baddbmm(xw[:, t], h, W_hh, out=buffers[t % 2]))
+            hs[:, t].copy_(h)
         ctx.nonlinearity = nonlinearity
         ctx.save_for_backward(h0, W_hh, hs)
         return hs
