@@ -12,7 +12,7 @@ of ended ones are kept).
     gradserve_queue_wait_seconds                 QUEUED -> RUNNING, for jobs started since this process began
     gradserve_workers_alive{queue,device}        advertised workers
     gradserve_submit_seconds                     SubmitJob's latency, as this server served it
-    gradserve_events_relayed_total               events handed to watchers (rate() gives events/s)
+    gradserve_events_relayed_total               events handed to watchers, history replays included (rate(): events/s)
     gradserve_watchers                           event streams open now (gRPC and the dashboard's)
     gradserve_redis_errors_total                 calls and reads that found Redis unreachable
     gradserve_job_tokens_per_second{job_id}      each RUNNING job's latest throughput
@@ -152,7 +152,8 @@ class _Snapshot:
         m = self.metrics
         if m.relay is None:
             return
-        relayed = CounterMetricFamily("gradserve_events_relayed", "Events this process handed to watchers")
+        relayed = CounterMetricFamily("gradserve_events_relayed",
+                                      "Events this process handed to watchers, replayed history included")
         relayed.add_metric([], m.relay.relayed)
         yield relayed
         watchers = GaugeMetricFamily("gradserve_watchers", "Event streams this process serves now")
