@@ -682,7 +682,8 @@ def _delete_job_or_sweep(client: Client, item: str) -> jobs_pb2.Job | jobs_pb2.S
 def _deleted(record: jobs_pb2.Job | jobs_pb2.Sweep) -> str:
     if isinstance(record, jobs_pb2.Sweep):
         members = [m.job_id for m in record.members]
-        return (f"deleted {record.id} and its {len(members)} member(s), {', '.join(members)}: their records, events, "
+        named = ", ".join(members[:5]) + (f" and {len(members) - 5} more" if len(members) > 5 else "")
+        return (f"deleted {record.id} and its {len(members)} member(s), {named}: their records, events, "
                 "checkpoints and logs are gone")
     return (f"deleted {record.id} ({state_name(record.state)} at step {record.last_step}): its record, events, "
             "checkpoints and log are gone")

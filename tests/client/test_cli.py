@@ -788,3 +788,9 @@ def test_a_window_change_reads_as_one_line():
     event = jobs_pb2.Event(window_change=jobs_pb2.WindowChange(step=300, from_window=5, to_window=10, suggested=37))
     assert cli.event_line(event, 1000) == ("window  step 300  num_steps 5 -> 10 steps "
                                            "(the probes since the last checkpoint suggest 37)")
+
+
+def test_a_deleted_sweep_names_its_first_members_and_counts_the_rest():
+    sweep = jobs_pb2.Sweep(id="sweep-1", members=[jobs_pb2.Sweep.Member(job_id=f"job-{i}") for i in range(7)])
+    assert cli._deleted(sweep) == ("deleted sweep-1 and its 7 member(s), job-0, job-1, job-2, job-3, job-4 and 2 more: "
+                                   "their records, events, checkpoints and logs are gone")
