@@ -110,7 +110,7 @@ class Board:
     def lines(self, width: int) -> list[str]:
         cells = [{
             "member": r.label, "state": r.state, "step": f"{r.step}/{r.max_steps}",
-            "train loss": _num(r.train_loss), "train ppl": _num(r.train_ppl), "val loss": _num(r.val_loss),
+            "train loss": _loss(r.train_loss), "train ppl": _num(r.train_ppl), "val loss": _loss(r.val_loss),
             "val ppl": _num(r.val_ppl), "val metric": r.val_metric or "-", "grad norm": _num(r.grad_norm),
             "clip %": "-" if r.clip_fraction is None else f"{100 * r.clip_fraction:.0f}", "job": r.job_id,
         } for r in self.ranked()]
@@ -132,6 +132,13 @@ def _num(x: float | None) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
     return f"{x:.4g}"
+
+
+def _loss(x: float | None) -> str:
+    # Nats to three places, as the metrics lines print them, so that a column of losses lines up digit by digit.
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:.3f}"
 
 
 def render_board(console: Console, board: Board) -> None:
