@@ -82,6 +82,7 @@ def groups(specs_: list[jobs_pb2.JobSpec], *, member_bytes: list[int], budget: i
         fits = max(1, (budget - specs.PROCESS_BYTES) // max(largest, 1))
         share = max(1, round(max(slots, 1) * len(members) / len(specs_)))
         size = min(fits, math.ceil(len(members) / share), MAX_CPU_GROUP if on_cpu else len(members))
+        size = math.ceil(len(members) / math.ceil(len(members) / size))  # the parts as even as their count allows
         out += [members[i:i + size] for i in range(0, len(members), size)]
     return sorted(out)
 

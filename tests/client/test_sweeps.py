@@ -80,9 +80,10 @@ def test_groups_split_by_memory_slots_and_the_cpu_cap():
     roomy = dict(member_bytes=small, budget=2**40, slots=1)
     # One group per shape, whole where nothing limits it.
     assert sweeps.groups(members, **roomy) == [list(range(20)), [20]]
-    # On a CPU at most MAX_CPU_GROUP members train as one.
-    assert sweeps.groups(members, **roomy, on_cpu=True) == [list(range(0, 8)), list(range(8, 16)),
-                                                             list(range(16, 20)), [20]]
+    # On a CPU at most MAX_CPU_GROUP members train as one, in parts as even as their count allows.
+    assert sweeps.MAX_CPU_GROUP == 8
+    assert sweeps.groups(members, **roomy, on_cpu=True) == [list(range(0, 7)), list(range(7, 14)),
+                                                             list(range(14, 20)), [20]]
     # Spread over the workers' slots, and within what one worker's memory holds.
     assert [len(g) for g in sweeps.groups(members, member_bytes=small, budget=2**40, slots=5)] == [4] * 5 + [1]
     tight = specs.PROCESS_BYTES + 3 * 2**20
