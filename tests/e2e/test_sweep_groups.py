@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from gradserve import sweeps
+
 SMALL = dict(model="rnn_scratch", hidden_size=16, batch_size=8, num_steps=10, preprocess="d2l", max_steps=30,
              log_every=10, eval_every=10, checkpoint_every=10, probe_every=10)
 
@@ -38,3 +40,17 @@ def test_members_that_differ_in_shape_train_apart(stack, timemachine):
         assert [j.state for j in sweep.jobs] == ["SUCCEEDED"] * 2, stack.logs()
         for job in sweep.jobs:
             assert not any("as one group" in line.message for line in job.logs())
+
+
+def test_a_cpu_group_larger_than_the_cap_trains_in_even_parts(stack, timemachine):
+    with stack.client() as c:
+        dataset = c.upload_bytes(timemachine)
+        lrs = [0.1 * (i + 1) for i in range(sweeps.MAX_CPU_GROUP + 1)]
+        quick = {**SMALL, "max_steps": 10, "eval_every": 10, "probe_every": 10}
+        sweep = c.submit_sweep(base=dict(dataset=dataset, **quick), grid={"lr": lrs}).wait(timeout=300)
+        assert [j.state for j in sweep.jobs] == ["SUCCEEDED"] * len(lrs), stack.logs()
+        sizes = []
+        for job in sweep.jobs:
+            said = [line.message for line in job.logs() if "as one group" in line.message]
+            sizes.append(int(said[0].split()[1]))
+        assert sorted(sizes) == [4] * 4 + [5] * 5, "9 members on a CPU: one part of 5 and one of 4"
