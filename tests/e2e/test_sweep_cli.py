@@ -1,4 +1,5 @@
-"""`gradserve sweep`, `sweeps`, `cancel SWEEP` and `delete SWEEP` as a user runs them: real processes against the real stack."""
+"""`gradserve sweep`, `sweeps`, `cancel SWEEP` and `delete SWEEP` as a user runs them: real processes against the
+real stack."""
 
 from __future__ import annotations
 

@@ -44,7 +44,8 @@ def test_a_tenant_sees_only_its_own_jobs_and_datasets(secured):
         for call in (lambda: bob.get_job(job.id), lambda: next(iter(gradserve.Job(bob, job.info).events()))):
             with pytest.raises(gradserve.NotFound) as err:
                 call()
-            assert str(err.value) == f"{job.id} not found (`gradserve list` lists yours)", "another tenant's job must look exactly like a missing one"
+            assert str(err.value) == f"{job.id} not found (`gradserve list` lists yours)", \
+                "another tenant's job must look exactly like a missing one"
         with pytest.raises(gradserve.NotFound):
             gradserve.Job(bob, job.info).cancel()
         with pytest.raises(gradserve.NotFound):
