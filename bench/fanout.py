@@ -104,11 +104,7 @@ class Stack:
 
     def cpu_s(self) -> list[float]:
         """Each server process's CPU seconds so far (user + system)."""
-        out = []
-        for proc in self.procs:
-            fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            out.append((int(fields[11]) + int(fields[12])) / CLK_TCK)
-        return out
+        return [_cpu_s(proc.pid) for proc in self.procs]
 
     def redis_cpu_s(self) -> float:
         info = self.redis_client.info("cpu")
@@ -133,6 +129,12 @@ class Stack:
                 proc.kill()
         self.redis.terminate()
         self.redis.wait(timeout=15)
+
+
+def _cpu_s(pid: int) -> float:
+    """A process's CPU seconds so far (user + system)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def _wait_serving(address: str, proc: subprocess.Popen, folder: Path) -> None:
@@ -354,8 +356,7 @@ async def _floor_serve(port: int) -> None:
         "gradserve.v1.JobService", {"StreamEventBatches": grpc.unary_stream_rpc_method_handler(stream)})])
     server.add_insecure_port(f"127.0.0.1:{port}")
     # The collector as gradserve-server sets it, so that the two differ only in what stands behind the streams.
-    gc.freeze()
-    gc.set_threshold(serving.GC_GEN0_THRESHOLD, *gc.get_threshold()[1:])
+    serving.tune_collector()
     await server.start()
     print("serving", flush=True)
     loop = asyncio.get_running_loop()
@@ -388,8 +389,7 @@ class Floor:
             raise RuntimeError("the bare grpc.aio server did not start")
 
     def cpu_s(self) -> float:
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        return _cpu_s(self.proc.pid)
 
     def paced(self, events: int) -> float:
         start = time.monotonic()

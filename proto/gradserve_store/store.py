@@ -26,6 +26,7 @@ Keys (all under ``gradserve:``):
                             {field: value}], ...] in the spec's order); written with every member's job at once
     sweeps:{tenant} zset    sweep id -> creation time, for listing a tenant's sweeps newest first
     sweep:{id}:loss:{at}  hash  member job id -> its held-out loss at step (or halving rung) `at`, for early stopping
+    sweep:{id}:losses     set   the sweep's loss:{at} keys, which go with the sweep
     leases          zset    job id -> the moment (Redis clock, ms) its running attempt's lease expires
     dispatch        zset    job id -> the moment (ms) after which any server may (re)send its train task
     events:{id}     stream  one entry per Event (field "e", Event bytes; the entry id is the cursor)
@@ -46,6 +47,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import functools
 import hashlib
 import json
@@ -688,6 +690,26 @@ class JobStore:
 
         Raises Refused for a job still QUEUED or RUNNING, NotFound when there is none.
         """
+        job = self._delete_ended(job_id)
+        if job.sweep:
+            self._forget_sweep_without_members(job.sweep, job.tenant)
+        return job
+
+    def delete_sweep(self, sweep_id: str) -> None:
+        """Remove every member of the sweep, each as delete_job does, and then the sweep.
+
+        Raises Refused for a member still QUEUED or RUNNING (those before it
+        are gone by then), NotFound when there is no such sweep.
+        """
+        members, tenant = self.r.hmget(sweep_key(sweep_id), "members", "tenant")
+        if members is None:
+            raise NotFound(sweep_id)
+        for job_id, _ in json.loads(members):
+            with contextlib.suppress(NotFound):  # deleted already
+                self._delete_ended(job_id)
+        self._forget_sweep_without_members(sweep_id, (tenant or b"").decode())
+
+    def _delete_ended(self, job_id: str) -> jobs_pb2.Job:
         job = self.get_job(job_id)
         result = self._delete(
             keys=[job_key(job_id), events_key(job_id), checkpoint_key(job_id), best_checkpoint_key(job_id),
@@ -701,8 +723,6 @@ class JobStore:
             raise NotFound(job_id)
         if result[0] == 0:
             raise Refused(job_id, int(result[1]))
-        if job.sweep:
-            self._forget_sweep_without_members(job.sweep, job.tenant)
         return job
 
     def _forget_sweep_without_members(self, sweep_id: str, tenant: str) -> None:
@@ -715,9 +735,9 @@ class JobStore:
         ids = [job_id for job_id, _ in json.loads(members)]
         if self.r.exists(*map(job_key, ids)):
             return
-        losses = list(self.r.scan_iter(match=f"{sweep_key(sweep_id)}:loss:*", count=500))
+        losses = _losses_key(sweep_id)
         with self.r.pipeline(transaction=True) as p:
-            p.delete(sweep_key(sweep_id), *losses)
+            p.delete(sweep_key(sweep_id), losses, *self.r.smembers(losses))
             p.zrem(tenant_sweeps_key(tenant), sweep_id)
             p.execute()
 
@@ -1091,6 +1111,7 @@ class JobStore:
         with self.r.pipeline(transaction=True) as p:
             (p.hsetnx if first else p.hset)(key, job_id, repr(loss))
             p.hgetall(key)
+            p.sadd(_losses_key(sweep_id), key)  # so that the sweep's deletion finds it without a scan
             losses = p.execute()[1]
         return {k.decode(): float(v) for k, v in losses.items()}
 
@@ -1371,6 +1392,10 @@ def _log_line(entry_id: bytes, fields: dict) -> jobs_pb2.LogLine:
     g = {k.decode(): v.decode(errors="replace") for k, v in fields.items()}
     return jobs_pb2.LogLine(cursor=_text(entry_id), time=timestamp(float(g["t"])), level=g["l"], logger=g["n"],
                             attempt=int(g["a"]), message=g["m"])
+
+
+def _losses_key(sweep_id: str) -> str:
+    return f"{sweep_key(sweep_id)}:losses"
 
 
 def _checkpoint_keys(job_id: str) -> list[str]:

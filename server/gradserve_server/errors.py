@@ -98,7 +98,8 @@ _LISTINGS = {"job-": "`gradserve list` lists yours", "sweep-": "`gradserve sweep
              "ds-": "`gradserve datasets` lists yours"}
 
 
-def _listed_by(name: str) -> str:
+def listed_by(name: str) -> str:
+    """What follows "not found" for an id of a kind a command lists, " (`gradserve list` lists yours)"; else ""."""
     return next((f" ({listing})" for prefix, listing in _LISTINGS.items() if name.startswith(prefix)), "")
 
 
@@ -106,7 +107,7 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
     if isinstance(exc, ServiceError):
         await context.abort(exc.code, exc.message, trailing_metadata=_trailer(exc))
     if isinstance(exc, store.NotFound):
-        await context.abort(grpc.StatusCode.NOT_FOUND, f"{exc.args[0]} not found{_listed_by(exc.args[0])}")
+        await context.abort(grpc.StatusCode.NOT_FOUND, f"{exc.args[0]} not found{listed_by(exc.args[0])}")
     global redis_failures
     redis_failures += 1
     log.warning("redis unreachable: %s", exc)

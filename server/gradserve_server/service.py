@@ -63,6 +63,11 @@ _GENERATE_MIN_WAIT_S = 0.05
 GENERATE_WORKER_HINT = "gradserve-worker --redis-url URL --queues generate (`gradserve-server dev` starts one)"
 
 
+def _some(ids: list[str]) -> str:
+    """The first few of `ids` for a message, "..." standing for the rest."""
+    return ", ".join(ids[:5]) + (", ..." if len(ids) > 5 else "")
+
+
 # Stream ids are two unsigned 64-bit integers, milliseconds and a sequence number.
 _CURSOR_PART_MAX = 2**64 - 1
 
@@ -482,22 +487,20 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
         active = [m.job_id for m in sweep.members if m.job.state not in store.TERMINAL]
         if active:
             raise errors.Precondition(
-                f"sweep {sweep.id} has {len(active)} member(s) QUEUED or RUNNING ({', '.join(active[:5])}"
-                f"{', ...' if len(active) > 5 else ''}): only a sweep whose members have all ended can be deleted; "
-                f"cancel it first (`gradserve cancel {sweep.id}`)")
+                f"sweep {sweep.id} has {len(active)} member(s) QUEUED or RUNNING ({_some(active)}): only a sweep "
+                f"whose members have all ended can be deleted; cancel it first (`gradserve cancel {sweep.id}`)")
         # A job that has ended stays ended, so no member can refuse now.
-        for member in sweep.members:
-            try:
-                await self._call(self.store.delete_job, member.job_id)
-            except store.NotFound:
-                pass  # deleted meanwhile
+        try:
+            await self._call(self.store.delete_sweep, sweep.id)
+        except store.NotFound:
+            pass  # deleted meanwhile, with its last member
         return sweep
 
     async def _owned_sweep(self, sweep_id: str) -> jobs_pb2.Sweep:
         try:
             sweep = await self._call(self.store.get_sweep, sweep_id, auth.current_tenant.get())
         except store.NotFound:
-            raise errors.NotFound(f"sweep {sweep_id} not found (`gradserve sweeps` lists yours)") from None
+            raise errors.NotFound(f"sweep {sweep_id} not found{errors.listed_by(sweep_id)}") from None
         await self._explain_waits([m.job for m in sweep.members])
         return sweep
 
@@ -609,7 +612,7 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
         _require_id(request.dataset_id, "dataset_id", "ds-")
         tenant = auth.current_tenant.get()
         if not await self._call(self.store.owns_dataset, tenant, request.dataset_id):
-            raise errors.NotFound(f"dataset {request.dataset_id} not found (`gradserve datasets` lists yours)")
+            raise errors.NotFound(f"dataset {request.dataset_id} not found{errors.listed_by(request.dataset_id)}")
         for name in corpus.BUILTINS:
             if await self._call(self.store.builtin_dataset_id, name) == request.dataset_id:
                 raise errors.Precondition(f"dataset {request.dataset_id} is the built-in corpus {name}, which "
@@ -618,12 +621,11 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
         if users:
             raise errors.Precondition(
                 f"dataset {request.dataset_id} is in use by {len(users)} QUEUED or RUNNING job(s): "
-                f"{', '.join(users[:5])}{', ...' if len(users) > 5 else ''}; wait for them to end, or cancel them "
-                "(`gradserve cancel JOB`)")
+                f"{_some(users)}; wait for them to end, or cancel them (`gradserve cancel JOB`)")
         try:
             return await self._call(self.store.delete_dataset, tenant, request.dataset_id)
         except store.NotFound:  # deleted by a call racing this one
-            raise errors.NotFound(f"dataset {request.dataset_id} not found (`gradserve datasets` lists yours)") from None
+            raise errors.NotFound(f"dataset {request.dataset_id} not found{errors.listed_by(request.dataset_id)}") from None
 
     @errors.rpc
     async def UploadDataset(self, request_iterator, context):

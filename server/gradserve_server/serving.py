@@ -44,6 +44,13 @@ def wait_for_redis(url: str, timeout: float = REDIS_WAIT_S) -> None:
         sys.exit(f"gradserve-server: cannot reach Redis at {url} ({e}); check --redis-url and that Redis is running")
 
 
+def tune_collector() -> None:
+    """Set the garbage collector up for relaying: call once the process has loaded what it serves with."""
+    # What is loaded by now lives as long as the process: frozen, the collector's full runs no longer walk it.
+    gc.freeze()
+    gc.set_threshold(GC_GEN0_THRESHOLD, *gc.get_threshold()[1:])
+
+
 async def serve(redis_url: str, listen: str, *, shared: Shared, max_dataset_bytes: int, on_ready=None,
                 max_attempts: int = DEFAULT_MAX_ATTEMPTS, reap_interval: float = DEFAULT_INTERVAL_S,
                 retain_s: float = 0.0, http_listen: str = "", **server_options) -> None:
@@ -71,10 +78,7 @@ async def serve(redis_url: str, listen: str, *, shared: Shared, max_dataset_byte
             await service.close()
             raise ListenError(http_listen, "--http-listen") from None
         log.info("dashboard, /metrics and /healthz on %s", dashboard_url)
-    # What is loaded by now lives as long as the process: frozen, the collector's full runs no longer
-    # walk it.
-    gc.freeze()
-    gc.set_threshold(GC_GEN0_THRESHOLD, *gc.get_threshold()[1:])
+    tune_collector()
     await server.start()
     await mark_serving(health_servicer, True)
     reaper = Reaper(redis_url, shared=shared, max_attempts=max_attempts, interval=reap_interval, retain_s=retain_s)

@@ -8,6 +8,7 @@ import pytest
 
 import gradserve
 from gradserve.v1 import jobs_pb2
+from gradserve_store import store
 
 BASE = dict(dataset="builtin:adding", model="rnn", hidden_size=8, batch_size=4, seq_len=8, max_steps=20,
             log_every=5, eval_every=10, checkpoint_every=10, probe_every=10)
@@ -148,8 +149,14 @@ def test_a_sweep_is_deleted_whole_once_every_member_has_ended(idle_stack):
             sweep.delete()
         assert [j.id for j in c.get_sweep(sweep.id).jobs] == ids, "a refused delete deletes nothing"
         sweep.cancel()
+        # Held-out losses as early stopping records them, which go with the sweep.
+        job_store = store.JobStore.from_url(idle_stack.redis_url)
+        for at in ("10", "20"):
+            job_store.sweep_losses(sweep.id, at, ids[0], 1.5)
         deleted = sweep.delete()
         assert [m.job_id for m in deleted.info.members] == ids and deleted.info.cancelled == 2, "the sweep as it was"
+        left = [k for k in job_store.r.scan_iter(count=1000) if sweep.id.encode() in k or ids[0].encode() in k]
+        assert not left, f"keys of the deleted sweep are left: {left}"
         for job_id in ids:
             with pytest.raises(gradserve.NotFound):
                 c.get_job(job_id)
